@@ -114,6 +114,10 @@ def _converted(gguf: Path, name: str) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantised to fp32; only the GGUF quantizer marker blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "fuseflow_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
@@ -266,3 +270,50 @@ def make_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trunk / head split: scoring and the fusion loss apply the lm_head themselves, in chunks, so that a
+# [B, T, V] fp32 logits tensor never exists.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadSpec:
+    trunk: torch.nn.Module  # input_ids, attention_mask → last_hidden_state [B, T, H] (final norm applied)
+    weight: torch.nn.Parameter  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    logit_softcap: float | None  # Gemma-2 style final logit soft-capping, if the config has one
+
+
+def split_head(model: torch.nn.Module) -> HeadSpec:
+    """Trunk and output head of a transformers causal LM (Llama, Gemma-3, Qwen2, Mistral, …)."""
+    head = model.get_output_embeddings()
+    trunk = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if trunk is None:
+        trunk = getattr(model, "model", None)
+    if head is None or trunk is None or not hasattr(head, "weight"):
+        raise ModelLoadError(
+            f"{type(model).__name__}: cannot find its decoder trunk and lm_head; fuseflow supports decoder-only "
+            "causal LMs from transformers"
+        )
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return HeadSpec(trunk=trunk, weight=head.weight, bias=getattr(head, "bias", None), logit_softcap=cap or None)
+
+
+@dataclass
+class Encoded:
+    """A text in one tokenizer: ids with the tokenizer's own special tokens, and character spans."""
+
+    ids: "np.ndarray"  # [L] int32  # noqa: F821
+    offsets: "np.ndarray"  # [L, 2] int32  # noqa: F821
+
+
+def encode(tokenizer, text: str) -> Encoded:
+    """Tokenize ``text`` the one way every stage does (teacher side and trainer side must agree)."""
+    import numpy as np
+
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)  # [L]
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)  # [L, 2]
+    return Encoded(ids=ids, offsets=offsets)

@@ -1,0 +1,190 @@
+"""Typed run configs: YAML in, validated at load (pydantic, as mergekit's ``config.py``), with
+``key=value`` command-line overrides (as torchtune's ``config/_parse.py``). Errors name the field.
+
+Every default lives here and is written out in ``examples/``; ``fuseflow config show CONFIG`` prints the
+resolved config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fuseflow.corpus import CorpusConfig
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists each offending field."""
+
+
+class _Strict(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    model: str = Field(description="short name (smollm2-135m, gemma3-270m), HF model dir, or .gguf file")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SourceConfig(ModelConfig):
+    name: str | None = Field(None, description="teacher name in logs and on the wire; default: model")
+    engine: Literal["hf", "vllm"] = "hf"
+    batch_tokens: int = Field(8192, gt=0, description="padded tokens per scoring forward")
+    max_length: int | None = Field(None, gt=1, description="longest text in this teacher's tokens")
+    head_chunk_tokens: int = Field(1024, gt=0, description="tokens per lm_head chunk (bounds [chunk, V])")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.model
+
+
+class AlignConfig(_Strict):
+    vocab_map: Literal["exact", "mined", "stats"] = "mined"
+    sequence: Literal["offsets", "mined-dp"] = "offsets"
+    stats_documents: int = Field(200, gt=0, description="documents counted for the 'stats' vocab map")
+
+
+class FusionConfig(_Strict):
+    function: str = Field("min_ce", description="a name in fuseflow.fuse.fusion.FUSIONS")
+    top_k: int = Field(10, gt=0, le=256)
+    temperature: float = Field(1.0, gt=0)
+    lam: float = Field(0.9, ge=0, le=1, description="weight of the CLM loss; 1 - lam weighs the fusion KL")
+
+    @field_validator("function")
+    @classmethod
+    def _known_fusion(cls, v: str) -> str:
+        from fuseflow.fuse.fusion import FUSIONS
+
+        if v not in FUSIONS:
+            raise ValueError(f"unknown fusion function {v!r}; choose one of {sorted(FUSIONS)}")
+        return v
+
+
+class TrainConfig(_Strict):
+    """FuseLLM paper defaults (arXiv 2401.10491 §4.1): AdamW β=(0.9, 0.95), wd 0.1, clip 1.0, cosine,
+    warmup 0.008, one epoch."""
+
+    max_length: int = Field(512, gt=8, description="target tokens per training sample")
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    warmup_ratio: float = Field(0.008, ge=0, lt=1)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the chunked lm_head loss")
+    checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+
+
+class EvalConfig(_Strict):
+    max_length: int = Field(512, gt=8)
+    batch_tokens: int = Field(8192, gt=0)
+    before: bool = Field(True, description="evaluate sources and the target before training")
+
+
+class FuseConfig(_Strict):
+    """``fuseflow fuse CONFIG``: knowledge fusion of ``sources`` into ``target`` (FuseLLM)."""
+
+    run_dir: Path = Path("runs/fuse")
+    seed: int = 0
+    device: str = "cpu"
+    target: ModelConfig
+    sources: list[SourceConfig] = Field(min_length=1)
+    corpus: CorpusConfig = CorpusConfig()
+    align: AlignConfig = AlignConfig()
+    fusion: FusionConfig = FusionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    baseline: Literal["none", "clm"] = Field("clm", description="also train a CLM-only copy on the same tokens")
+    pairwise: bool = Field(False, description="FuseChat: one fused copy of the target per source")
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "FuseConfig":
+        keys = [s.key for s in self.sources]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"sources: names must be unique, {sorted(dup)} repeated (set sources[i].name)")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-5`` → (["train", "lr"], 3e-5); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-5" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
+        if isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid field(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read YAML ``path`` (or start empty), apply ``overrides``, validate as ``cls``."""
+    data: dict = {}
+    source = str(path) if path else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of fields, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

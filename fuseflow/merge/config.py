@@ -1,0 +1,97 @@
+"""The ``fuseflow merge`` config: one pydantic model, validated at load, every error naming its field.
+
+A method's ``parameters`` are checked against the keyword-only arguments of its registered function
+(names, types, defaults): the function's signature is the single statement of what a method accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from .methods import MERGE_METHODS, MergeMethod, get_method
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as ``"5GB"``, ``"500MB"`` or ``"2GiB"`` (as HF ``max_shard_size``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 5GB or 500MB, got {value!r}")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 5GB, 500MB or 2GiB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def method_parameters(method: MergeMethod) -> dict[str, tuple[Any, Any]]:
+    """``{name: (type, default)}`` of a method's parameters (``...`` for a required one), from its signature."""
+    hints = typing.get_type_hints(method.fn, include_extras=True)
+    out = {}
+    for name, p in inspect.signature(method.fn).parameters.items():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            out[name] = (hints[name], ... if p.default is inspect.Parameter.empty else p.default)
+    return out
+
+
+def _is_per_model(tp: Any) -> bool:
+    return any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
+
+
+def validate_parameters(method_name: str, params: dict[str, Any], n_models: int) -> dict[str, Any]:
+    """``params`` checked against the method's signature, defaults filled in."""
+    method = get_method(method_name)
+    spec = method_parameters(method)
+    model = create_model(f"{method_name}_parameters", __config__=ConfigDict(extra="forbid"), **spec)  # type: ignore[call-overload]
+    try:
+        values = model.model_validate(params).model_dump()
+    except ValidationError as e:
+        allowed = ", ".join(spec) or "none"
+        raise ValueError(
+            "; ".join(f"parameters.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            + f" (method {method_name!r} takes: {allowed})"
+        ) from None
+    for name, (tp, _) in spec.items():
+        if _is_per_model(tp) and values[name] is not None and len(values[name]) != n_models:
+            raise ValueError(f"parameters.{name}: {len(values[name])} values for {n_models} models (one per model)")
+    return values
+
+
+class MergeConfig(BaseModel):
+    """See examples/merge.yaml for every field with its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
+    base: str
+    models: list[str] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    output: str
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 5 * 10**9
+    vocab_mismatch: Literal["error", "merge_common"] = "error"
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check_parameters(self) -> "MergeConfig":
+        self.parameters = validate_parameters(self.method, self.parameters, len(self.models))
+        return self
+
+
+class ConfigError(ValueError):
+    """An invalid merge config; the message names the field."""
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith("parameters.") or not loc else f"{loc}: {msg}")
+    return "; ".join(lines)

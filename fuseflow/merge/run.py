@@ -1,0 +1,193 @@
+"""``fuseflow merge CONFIG [key=value ...]``: load the YAML config, plan, merge, write an HF model directory.
+
+The output directory holds the merged safetensors shards (with ``model.safetensors.index.json`` when there
+are several), the base's config and tokenizer files, and ``fuseflow_merge.yaml``: the resolved config
+that produced it. It is written to a temporary sibling directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from fuseflow.models import ModelLoadError, resolve
+
+from .config import ConfigError, MergeConfig, format_validation_error, method_parameters
+from .execute import execute_plan
+from .methods import MERGE_METHODS, get_method
+from .plan import MergeCheckError, MergePlan, build_plan
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config loading.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``key.sub=value`` pairs on the raw config (values parsed as YAML: ``0.1``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. parameters.select_topk=0.1")
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> MergeConfig:
+    """Read and validate a merge config; :class:`ConfigError` names the field at fault."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields (method, base, models, ...), got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return MergeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve(ref: str, field: str) -> Path:
+    try:
+        return resolve(ref)
+    except ModelLoadError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ConfigError(f"output: {out} is one of the input models; choose another directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output: {out} exists and is not empty; choose another directory or set overwrite: true")
+        if not (out / "config.json").exists():
+            raise ConfigError(f"output: {out} is not a model directory (no config.json); refusing to replace it")
+
+
+def copy_base_files(base: Path, out: Path, dtype: str | None) -> None:
+    """Copy the base's config, generation config and tokenizer files (everything but weights)."""
+    for f in sorted(base.iterdir()):
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json"):
+            shutil.copy2(f, out / f.name)
+    if dtype is not None:
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = dtype
+        if cfg.get("torch_dtype") is not None:
+            cfg["torch_dtype"] = dtype
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def plan_merge(config: MergeConfig) -> MergePlan:
+    base = _resolve(config.base, "base")
+    models = [_resolve(m, f"models[{i}]") for i, m in enumerate(config.models)]
+    return build_plan(
+        base,
+        models,
+        dtype=TORCH_DTYPES[config.dtype] if config.dtype else None,
+        shard_size=config.shard_size,
+        vocab_mismatch=config.vocab_mismatch,
+    )
+
+
+def run_merge(config: MergeConfig, *, progress: bool = True) -> Path:
+    """Plan and execute ``config``; returns the output directory (an HF model directory)."""
+    plan = plan_merge(config)
+    out = Path(config.output)
+    _check_output(out, [plan.base.path, *(m.path for m in plan.models)], config.overwrite)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        execute_plan(plan, get_method(config.method), config.parameters, tmp, progress=progress)
+        copy_base_files(plan.base.path, tmp, config.dtype)
+        (tmp / "fuseflow_merge.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _methods_help() -> str:
+    lines = ["methods and their parameters (defaults):"]
+    for name, method in sorted(MERGE_METHODS.items()):
+        params = ", ".join(f"{p}={d!r}" for p, (_, d) in method_parameters(method).items()) or "none"
+        lines.append(f"  {name:16s} {params}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuseflow merge",
+        description="Merge fine-tuned copies of one base model in parameter space, one tensor at a time "
+        "(FuseChat: the fused target models, onto the pivot). Config reference: examples/merge.yaml.",
+        epilog=_methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML merge config")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. parameters.select_topk=0.1 output=out/"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="check the models and print the plan; write nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(plan_merge(config).summary())
+            return 0
+        out = run_merge(config, progress=not args.no_progress)
+    except (ConfigError, MergeCheckError) as e:
+        print(f"fuseflow merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(config.models)} models with {config.method} into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""``Transport`` over Redis streams with consumer groups (Redis >= 7 or Valkey >= 7.2: XAUTOCLAIM with the
+deleted-ids reply, XINFO lag).
+
+Keys of a run (``{run}`` is a literal hash tag, so a run's keys share one Redis Cluster slot and the Lua
+scripts below may touch them all):
+
+- ``work:{run}``      stream, one entry per submitted sample (id, text, loss spans); one consumer group per
+                      teacher, named after the teacher, so every teacher sees every sample.
+- ``dist:{run}:<id>`` hash per in-flight sample: the sample itself, its work entry id, the count of teachers
+                      that answered and each teacher's encoded ``AlignedDist`` (``<teacher>/ids`` …).
+                      Created by ``submit``, deleted when the trainer acks the sample or it is dead-lettered;
+                      its existence is what deduplicates by sample id.
+- ``ready:{run}``     stream of samples every teacher answered; one group, ``trainer``, shared by all ranks.
+- ``dead:{run}``      stream of dead letters (sample id, teacher, reason, text head), capped (``dead_maxlen``).
+- ``state:{run}``     hash of counters: submitted, done (trained or dead), dead, finished.
+
+Where the assembler runs: in the teacher's ``complete_work``. One Lua script acks the work entry, stores the
+teacher's fields unless that (sample, teacher) already answered, increments the answer count and, on the
+answer that completes the set, XADDs the sample to ``ready:{run}`` — atomically, so no extra process, no race
+between two teachers finishing together, and no duplicate ready entry under redelivery.
+
+Memory stays bounded by the window: ``submit`` (a Lua script, so several dispatchers cannot overshoot) only
+adds while ``submitted - done < window``; the trainer's ack deletes the sample's hash and its work and ready
+entries (XDEL), a dead letter deletes the hash and the work entry, and the dead-letter stream is capped.
+So at most ``window`` samples' distributions are held: ``window * teachers * T * ~64 B`` at k = 10.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+
+import redis
+
+from fuseflow.sparse import AlignedDist, Sample
+from fuseflow.wire.codec import decode_aligned, encode_aligned
+from fuseflow.wire.transport import (
+    ReadySample,
+    Transport,
+    WorkItem,
+    check_result,
+    spans_from_json,
+    spans_to_json,
+)
+
+TRAINER_GROUP = "trainer"
+DEAD_TEXT_CHARS = 1000  # bytes of the sample text kept with a dead letter, for inspection
+_SUBMIT_CHUNK = 256  # samples per submit script call
+
+# KEYS: state, work, dist hash per sample. ARGV: window, then (id, text, spans) per sample.
+# Returns how many samples it consumed (added or skipped as already in flight), stopping at a full window.
+_SUBMIT_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'submitted', 'done')
+local room = tonumber(ARGV[1]) - (tonumber(st[1] or 0) - tonumber(st[2] or 0))
+local consumed, added = 0, 0
+for i = 3, #KEYS do
+  local a = 2 + (i - 3) * 3
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    if room <= 0 then break end
+    local wid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[a], 'text', ARGV[a + 1], 'spans', ARGV[a + 2])
+    redis.call('HSET', KEYS[i], '_id', ARGV[a], '_text', ARGV[a + 1], '_spans', ARGV[a + 2], '_work', wid, '_n', 0)
+    redis.call('HINCRBY', KEYS[1], 'submitted', 1)
+    room = room - 1
+    added = added + 1
+  end
+  consumed = consumed + 1
+end
+if added > 0 then redis.call('HSET', KEYS[1], 'finished', 0) end
+return consumed
+"""
+
+# KEYS: work, dist hash, ready, dead, state.
+# ARGV: teacher (= group), work entry id, number of teachers, 'ok' | 'error', reason, dead maxlen,
+#       then field/value pairs of the encoded AlignedDist (already prefixed with '<teacher>/').
+# Returns 0 ignored (duplicate, stale or finished sample), 1 stored, 2 dead-lettered, 3 stored and ready.
+_COMPLETE_LUA = f"""
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('HGET', KEYS[2], '_work') ~= ARGV[2] then return 0 end
+local marker = '@' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[2], marker) == 1 then return 0 end
+if ARGV[4] == 'error' then
+  local h = redis.call('HMGET', KEYS[2], '_id', '_text')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'sample_id', h[1], 'teacher', ARGV[1],
+             'reason', ARGV[5], 'text', string.sub(h[2], 1, {DEAD_TEXT_CHARS}))
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[5], 'done', 1)
+  redis.call('HINCRBY', KEYS[5], 'dead', 1)
+  return 2
+end
+redis.call('HSET', KEYS[2], marker, 1, unpack(ARGV, 7))
+local n = redis.call('HINCRBY', KEYS[2], '_n', 1)
+if n == tonumber(ARGV[3]) then
+  local rid = redis.call('XADD', KEYS[3], '*', 'id', redis.call('HGET', KEYS[2], '_id'))
+  redis.call('HSET', KEYS[2], '_ready', rid)
+  return 3
+end
+return 1
+"""
+
+# KEYS: ready, dist hash, work, state. ARGV: trainer group, ready entry id.
+# Returns 1 if this call freed the sample, 0 if it was already acked.
+_ACK_LUA = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('HGET', KEYS[2], '_ready') == ARGV[2] then
+  local wid = redis.call('HGET', KEYS[2], '_work')
+  if wid then redis.call('XDEL', KEYS[3], wid) end
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[4], 'done', 1)
+end
+return 1
+"""
+
+
+def _s(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_entries(reply) -> list[tuple[bytes, dict]]:
+    """Entries of a one-stream XREAD/XREADGROUP reply, in RESP2 (list) or RESP3 (dict) shape."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [e for entries in reply.values() for e in entries]
+    return [e for _, entries in reply for e in entries]
+
+
+class RedisTransport(Transport):
+    """Redis-streams ``Transport`` of one run (see the module docstring for the keys and scripts).
+
+    ``redis_url``: e.g. ``redis://:password@host:6379/0``. ``window``: samples in flight at most.
+    ``poll_s``: the longest ``submit`` sleeps between checks of a full window.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        run: str,
+        teachers: Sequence[str],
+        window: int = 256,
+        dead_maxlen: int = 100_000,
+        poll_s: float = 0.05,
+        client: redis.Redis | None = None,
+    ) -> None:
+        super().__init__(run, teachers, window)
+        self.redis_url = redis_url
+        self.dead_maxlen = int(dead_maxlen)
+        self.poll_s = poll_s
+        self.r = client if client is not None else redis.Redis.from_url(redis_url, decode_responses=False)
+        tag = "{" + run + "}"
+        self.k_work, self.k_ready, self.k_dead, self.k_state = (
+            f"{name}:{tag}" for name in ("work", "ready", "dead", "state")
+        )
+        self._k_dist_prefix = f"dist:{tag}:"
+        self._submit = self.r.register_script(_SUBMIT_LUA)
+        self._complete = self.r.register_script(_COMPLETE_LUA)
+        self._ack = self.r.register_script(_ACK_LUA)
+        self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
+        self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
+        try:
+            self._create_groups()
+        except redis.ConnectionError as e:
+            raise redis.ConnectionError(f"cannot reach Redis at {redis_url} (redis_url): {e}") from e
+
+    def _create_groups(self) -> None:
+        for group, stream in [*((t, self.k_work) for t in self.teachers), (TRAINER_GROUP, self.k_ready)]:
+            try:
+                # From id 0: a group created after submissions (a teacher added on resume) still sees them.
+                self.r.xgroup_create(stream, group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def dist_key(self, sample_id: str) -> str:
+        return self._k_dist_prefix + sample_id
+
+    # -- dispatcher -------------------------------------------------------------------------------------------
+
+    def submit(self, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = list(samples)
+        sleep = 0.001
+        while pending:
+            chunk = pending[:_SUBMIT_CHUNK]
+            keys = [self.k_state, self.k_work, *(self.dist_key(s.id) for s in chunk)]
+            args: list = [self.window]
+            for s in chunk:
+                args += [s.id, s.text, spans_to_json(s.loss_spans)]
+            consumed = int(self._submit(keys=keys, args=args))
+            pending = pending[consumed:]
+            if consumed == len(chunk):
+                sleep = 0.001
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"submit: dispatch window of {self.window} samples still full after {timeout_s} s "
+                    f"({len(pending)} samples not queued, first {pending[0].id!r}); is the trainer acking?"
+                )
+            time.sleep(sleep)
+            sleep = min(sleep * 2, self.poll_s)
+
+    def finish_submissions(self) -> None:
+        self.r.hset(self.k_state, "finished", 1)
+
+    # -- teacher worker ---------------------------------------------------------------------------------------
+
+    def _work_items(self, entries) -> list[WorkItem]:
+        items = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted since delivery (sample trained or dead-lettered)
+                continue
+            sample = Sample(fields[b"id"].decode(), fields[b"text"].decode(), spans_from_json(fields[b"spans"]))
+            items.append(WorkItem(_s(entry_id), sample))
+        return items
+
+    def claim_work(self, teacher: str, consumer: str, count: int, block_ms: int) -> list[WorkItem]:
+        self._check_teacher(teacher)
+        reply = self.r.xreadgroup(
+            teacher, consumer, {self.k_work: ">"}, count=count, block=block_ms if block_ms > 0 else None
+        )
+        return self._work_items(_stream_entries(reply))
+
+    def complete_work(
+        self, teacher: str, item: WorkItem, dist: AlignedDist | None = None, error: str | None = None
+    ) -> None:
+        self.complete_many(teacher, [(item, dist, error)])
+
+    def complete_many(self, teacher: str, results: Sequence[tuple[WorkItem, AlignedDist | None, str | None]]) -> None:
+        self._check_teacher(teacher)
+        for item, dist, error in results:
+            check_result(item, dist, error)
+        prefix = f"{teacher}/".encode()
+        calls = []
+        for item, dist, error in results:
+            args: list = [
+                teacher,
+                item.entry_id,
+                len(self.teachers),
+                "ok" if error is None else "error",
+                error or "",
+                self.dead_maxlen,
+            ]
+            if dist is not None:
+                for name, value in encode_aligned(dist).items():
+                    args += [prefix + name, value]
+            calls.append(([self.k_work, self.dist_key(item.sample.id), self.k_ready, self.k_dead, self.k_state], args))
+        self._eval_many(self._complete, calls)
+
+    def _eval_many(self, script, calls: list[tuple[list, list]]) -> list:
+        """Run ``script`` once per (keys, args) in one pipelined round trip. redis-py's own pipelined
+        scripts add a SCRIPT EXISTS round trip per pipeline; here a missing script (a restarted server)
+        is loaded only when EVALSHA reports it."""
+        if not calls:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results = pipe.execute(raise_on_error=False)
+        for i, res in enumerate(results):
+            if isinstance(res, redis.exceptions.NoScriptError):
+                results[i] = script(keys=calls[i][0], args=calls[i][1])  # loads it, then runs
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return results
+
+    def reclaim_stale(self, teacher: str, consumer: str, min_idle_ms: int, count: int) -> list[WorkItem]:
+        self._check_teacher(teacher)
+        return self._work_items(self._autoclaim(self.k_work, teacher, consumer, min_idle_ms, count))
+
+    def _autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list:
+        claimed: list = []
+        start = "0-0"
+        # XAUTOCLAIM scans at most 10 * COUNT pending entries per call: follow its cursor to the end.
+        while len(claimed) < count:
+            reply = self.r.xautoclaim(stream, group, consumer, min_idle_ms, start_id=start, count=count - len(claimed))
+            start, entries = _s(reply[0]), reply[1]
+            claimed += [e for e in entries if e[0] is not None]
+            if start == "0-0":
+                break
+        return claimed
+
+    # -- trainer ----------------------------------------------------------------------------------------------
+
+    def next_ready(self, consumer: str, count: int, block_ms: int) -> list[ReadySample]:
+        if consumer not in self._history_done:
+            # After a restart: what this consumer read but never acked comes first, paged by a cursor.
+            cursor = self._history_cursor.get(consumer, "0")
+            entries = _stream_entries(self.r.xreadgroup(TRAINER_GROUP, consumer, {self.k_ready: cursor}, count=count))
+            if len(entries) < count:
+                self._history_done.add(consumer)
+            if entries:
+                self._history_cursor[consumer] = _s(entries[-1][0])
+                return self._ready_samples(entries)
+        reply = self.r.xreadgroup(
+            TRAINER_GROUP, consumer, {self.k_ready: ">"}, count=count, block=block_ms if block_ms > 0 else None
+        )
+        return self._ready_samples(_stream_entries(reply))
+
+    def reclaim_ready(self, consumer: str, min_idle_ms: int, count: int) -> list[ReadySample]:
+        return self._ready_samples(self._autoclaim(self.k_ready, TRAINER_GROUP, consumer, min_idle_ms, count))
+
+    def _ready_samples(self, entries) -> list[ReadySample]:
+        entries = [(_s(eid), fields) for eid, fields in entries if fields]
+        if not entries:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for _, fields in entries:
+            pipe.hgetall(self.dist_key(fields[b"id"].decode()))
+        hashes = pipe.execute()
+        out, orphans = [], []
+        for (entry_id, _), h in zip(entries, hashes, strict=True):
+            if not h or _s(h.get(b"_ready")) != entry_id:
+                orphans.append(entry_id)  # freed by an ack that raced this read; nothing to train on
+                continue
+            sample = Sample(h[b"_id"].decode(), h[b"_text"].decode(), spans_from_json(h[b"_spans"]))
+            per_teacher: dict[str, dict[bytes, bytes]] = {t: {} for t in self.teachers}
+            for key, value in h.items():
+                teacher, sep, name = key.partition(b"/")
+                if sep:
+                    per_teacher.setdefault(teacher.decode(), {})[name] = value
+            dists = {t: decode_aligned(f) for t, f in per_teacher.items() if f}
+            out.append(ReadySample(entry_id, sample, dists))
+        if orphans:
+            self.r.xack(self.k_ready, TRAINER_GROUP, *orphans)
+        return out
+
+    def ack_ready(self, items: Sequence[ReadySample]) -> None:
+        if not items:
+            return
+        calls = [
+            ([self.k_ready, self.dist_key(it.sample.id), self.k_work, self.k_state], [TRAINER_GROUP, it.entry_id])
+            for it in items
+        ]
+        self._eval_many(self._ack, calls)
+
+    # -- monitoring -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self.k_state, "submitted", "done", "dead", "finished")
+        pipe.xlen(self.k_work)
+        pipe.xlen(self.k_ready)
+        pipe.xinfo_groups(self.k_work)
+        pipe.xinfo_groups(self.k_ready)
+        (submitted, done, dead, finished), n_work, n_ready, work_groups, ready_groups = pipe.execute()
+        submitted, done = int(submitted or 0), int(done or 0)
+
+        def group(g: dict) -> dict:
+            return {"pending": int(g["pending"]), "lag": None if g.get("lag") is None else int(g["lag"])}
+
+        by_name = {_s(g["name"]): group(g) for g in work_groups}
+        trainer = next((group(g) for g in ready_groups if _s(g["name"]) == TRAINER_GROUP), None)
+        return {
+            "submitted": submitted,
+            "done": done,
+            "in_flight": submitted - done,
+            "window": self.window,
+            "finished": bool(int(finished or 0)),
+            "work": int(n_work),
+            "ready": int(n_ready),
+            "dead_letters": int(dead or 0),
+            "teachers": {t: by_name.get(t, {"pending": 0, "lag": None}) for t in self.teachers},
+            "trainer": trainer or {"pending": 0, "lag": None},
+        }
+
+    def dead_letters(self, count: int = 100) -> list[dict]:
+        return [
+            {
+                "sample_id": _s(f[b"sample_id"]),
+                "teacher": _s(f[b"teacher"]),
+                "reason": _s(f[b"reason"]),
+                "text": f[b"text"].decode(errors="replace"),
+            }
+            for _, f in self.r.xrange(self.k_dead, count=count)
+        ]
+
+    def is_finished(self) -> bool:
+        submitted, done, finished = self.r.hmget(self.k_state, "submitted", "done", "finished")
+        return bool(int(finished or 0)) and int(submitted or 0) == int(done or 0)
+
+    def reset(self) -> int:
+        """Delete every key of this run and recreate the consumer groups: a fresh start under the same run
+        name (otherwise a run name resumes where it was). Returns the number of keys deleted."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._k_dist_prefix) + "*"  # run names may hold glob syntax
+        keys = [self.k_work, self.k_ready, self.k_dead, self.k_state, *self.r.scan_iter(match=pattern, count=1000)]
+        deleted = int(self.r.delete(*keys))
+        self._history_done.clear()
+        self._history_cursor.clear()
+        self._create_groups()
+        return deleted
+
+    def close(self) -> None:
+        self.r.close()

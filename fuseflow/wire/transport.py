@@ -1,0 +1,180 @@
+"""The ``Transport`` interface between dispatcher, teacher workers and trainer ranks.
+
+Two implementations satisfy it with the same semantics: ``RedisTransport`` (Redis streams, several
+processes and hosts) and ``InProcessTransport`` (one process, thread-safe queues). The dispatcher, teacher
+worker and trainer code take a ``Transport`` and never know which one they have.
+
+Semantics both keep (``tests/wire/test_transport.py`` checks them on both):
+- A sample is *in flight* from ``submit`` until the trainer acks it or it is dead-lettered. ``submit`` blocks
+  while ``window`` samples are in flight (backpressure: memory bounded whatever the corpus size).
+- Submitting a sample id that is already in flight is a no-op (deduplicated by sample id).
+- Every teacher gets every sample (one consumer group per teacher); within a teacher, replicas share the
+  work (each entry goes to one consumer of the group).
+- A teacher's first answer for a sample wins; later answers for the same (sample, teacher) — a redelivery
+  after a reclaim — are acked and ignored. An error dead-letters the whole sample with the reason (the
+  trainer can never get every teacher's answer for it); answers that arrive afterwards are ignored.
+- A sample becomes *ready* exactly once, when every teacher has answered. The trainer acks it once the step
+  that used it is durable; acking frees everything the sample held.
+- At-least-once everywhere: work claimed by a consumer that died stays pending until ``reclaim_stale``
+  hands it to another; ready samples read by a trainer rank that died are returned again to the same
+  consumer name on its first ``next_ready`` after a restart, or to any rank by ``reclaim_ready``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fuseflow.sparse import AlignedDist, Sample
+
+# Teacher names become consumer-group names and Redis field prefixes.
+_TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sample handed to one teacher; ``entry_id`` identifies the delivery for ``complete_work``."""
+
+    entry_id: str
+    sample: Sample
+
+
+@dataclass(frozen=True)
+class ReadySample:
+    """A sample every teacher has answered, with each teacher's distributions by teacher name."""
+
+    entry_id: str
+    sample: Sample
+    dists: dict[str, AlignedDist]
+
+
+class Transport(ABC):
+    """Moves samples to teachers and aligned distributions to the trainer (see the module docstring)."""
+
+    def __init__(self, run: str, teachers: Sequence[str], window: int) -> None:
+        self.run = validate_run(run)
+        self.teachers = validate_teachers(teachers)
+        if window < 1:
+            raise ValueError(f"transport window must be >= 1 sample, got {window}")
+        self.window = int(window)
+
+    # -- dispatcher (trainer rank 0) ------------------------------------------------------------------------
+
+    @abstractmethod
+    def submit(self, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
+        """Queue ``samples`` for every teacher, blocking while the dispatch window is full.
+        Raises ``TimeoutError`` if ``timeout_s`` passes first (samples queued so far stay queued)."""
+
+    @abstractmethod
+    def finish_submissions(self) -> None:
+        """End of the epoch: no more samples until the next ``submit``."""
+
+    # -- teacher worker ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def claim_work(self, teacher: str, consumer: str, count: int, block_ms: int) -> list[WorkItem]:
+        """Up to ``count`` new samples for ``teacher``, delivered to ``consumer`` (a replica's unique name);
+        waits up to ``block_ms`` for the first one (``<= 0``: no wait), returns ``[]`` if none came."""
+
+    @abstractmethod
+    def complete_work(
+        self, teacher: str, item: WorkItem, dist: AlignedDist | None = None, error: str | None = None
+    ) -> None:
+        """Store ``teacher``'s result for ``item`` (idempotent per sample and teacher) or, with ``error``,
+        dead-letter the sample with that reason; either way ack the delivery."""
+
+    def complete_many(self, teacher: str, results: Sequence[tuple[WorkItem, AlignedDist | None, str | None]]) -> None:
+        """``complete_work(teacher, item, dist, error)`` for each ``(item, dist, error)``, batched where the
+        implementation can (one pipelined round trip on Redis)."""
+        for item, dist, error in results:
+            self.complete_work(teacher, item, dist=dist, error=error)
+
+    @abstractmethod
+    def reclaim_stale(self, teacher: str, consumer: str, min_idle_ms: int, count: int) -> list[WorkItem]:
+        """Take over up to ``count`` of ``teacher``'s deliveries that have been pending (claimed, not
+        completed) for longer than ``min_idle_ms`` — a replica that died — and return them to ``consumer``."""
+
+    # -- trainer ----------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def next_ready(self, consumer: str, count: int, block_ms: int) -> list[ReadySample]:
+        """Up to ``count`` samples every teacher has answered, delivered to trainer rank ``consumer``.
+        The first call for a consumer name first returns what it had read but not acked (restart)."""
+
+    @abstractmethod
+    def ack_ready(self, items: Sequence[ReadySample]) -> None:
+        """The step that used ``items`` is durable: free them (idempotent)."""
+
+    @abstractmethod
+    def reclaim_ready(self, consumer: str, min_idle_ms: int, count: int) -> list[ReadySample]:
+        """Take over ready samples read by a trainer rank that has not acked them for ``min_idle_ms``."""
+
+    # -- monitoring -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters and queue depths; the same keys in every implementation:
+        ``submitted``, ``done`` (trained or dead-lettered), ``in_flight``, ``window``, ``finished``,
+        ``work`` (work entries alive), ``ready`` (ready entries not yet acked), ``dead_letters`` (total),
+        ``teachers``: {name: {``pending``, ``lag``}} and ``trainer``: {``pending``, ``lag``} where
+        ``pending`` is delivered-not-acked and ``lag`` is not yet delivered (``None`` if unknown)."""
+
+    @abstractmethod
+    def dead_letters(self, count: int = 100) -> list[dict]:
+        """The oldest ``count`` dead letters kept: ``{"sample_id", "teacher", "reason", "text"}``."""
+
+    @abstractmethod
+    def is_finished(self) -> bool:
+        """Submissions are finished and every submitted sample was trained or dead-lettered."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the run's data stays where it is."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_teacher(self, teacher: str) -> None:
+        if teacher not in self.teachers:
+            raise ValueError(f"teacher {teacher!r} is not one of this run's teachers {self.teachers}")
+
+
+def validate_run(run: str) -> str:
+    if not run or any(c in run for c in "{}") or any(c.isspace() for c in run):
+        raise ValueError(f"run name {run!r} must be non-empty, without braces or whitespace")
+    return run
+
+
+def validate_teachers(teachers: Sequence[str]) -> list[str]:
+    names = list(teachers)
+    if not names:
+        raise ValueError("a transport needs at least one teacher name")
+    bad = [t for t in names if not _TEACHER_NAME_RE.match(t)]
+    if bad:
+        raise ValueError(f"teacher names {bad} must match {_TEACHER_NAME_RE.pattern}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher names must be unique, got {names}")
+    return names
+
+
+def check_result(item: WorkItem, dist: AlignedDist | None, error: str | None) -> None:
+    """Exactly one of ``dist`` and ``error``; ``dist`` well-formed."""
+    if (dist is None) == (error is None):
+        raise ValueError(f"complete_work for sample {item.sample.id!r}: pass exactly one of dist and error")
+    if dist is not None:
+        dist.validate()
+
+
+def spans_to_json(spans: tuple[tuple[int, int], ...] | None) -> str:
+    return "" if spans is None else json.dumps([list(s) for s in spans])
+
+
+def spans_from_json(text: str | bytes) -> tuple[tuple[int, int], ...] | None:
+    if not text:
+        return None
+    return tuple((int(a), int(b)) for a, b in json.loads(text))

@@ -1,0 +1,253 @@
+"""The scoring engine interface every teacher backend implements, and the registry that builds one by name.
+
+The engine knows nothing of gRPC or Redis (as vLLM's ``LLMEngine`` knows nothing of its HTTP and gRPC
+entrypoints): the gRPC server, the Redis worker and the in-process pipeline all call the same methods.
+
+Scoring follows the conventions of :mod:`fuseflow.sparse`: position ``t`` predicts token ``t + 1``; a
+text of ``L`` tokens (special tokens included) gets ``L - 1`` rows of top-k ids and logprobs plus the
+logprob of the actual next token. The teacher temperature divides the logits before the log-softmax
+(FuseLLM / Hinton et al. distillation temperature).
+
+Validation lives here, once, so every backend rejects the same inputs with the same messages; a backend
+implements :meth:`Engine._score` (validated ids in, top-k arrays out) and :meth:`Engine.generate`.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+
+from fuseflow.sparse import ScoredText
+
+
+class ScoreError(ValueError):
+    """A request the engine rejects; the message names the request index and the limit to change.
+
+    ``index`` is the position of the offending text in the request (``None`` when the whole request is
+    at fault, e.g. ``top_k``). Servers map this to INVALID_ARGUMENT and workers to the dead-letter stream.
+    """
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class NextTokenScores(NamedTuple):
+    """A backend's raw answer for one sequence of ``L`` tokens."""
+
+    topk_ids: np.ndarray  # [L-1, k] int32, row t predicts token t+1
+    topk_logprobs: np.ndarray  # [L-1, k] float32, descending
+    gold_logprobs: np.ndarray  # [L-1] float32
+
+
+@dataclass
+class Generated:
+    """A continuation sampled by :meth:`Engine.generate`.
+
+    ``logprobs`` are the model's raw next-token logprobs of the chosen tokens (temperature 1, before top-p),
+    as vLLM's default ``logprobs_mode="raw_logprobs"``: Cool-Fusion reranks segments by the models' own
+    likelihood, not by the sampling distribution.
+    """
+
+    token_ids: np.ndarray  # [N] int32, the stop token included when one ended the sequence
+    logprobs: np.ndarray  # [N] float32
+    finish_reason: str  # "stop" (a stop token was produced) or "length" (max_new_tokens reached)
+
+
+class Engine(abc.ABC):
+    """A teacher model that scores texts (top-k next-token logprobs) and samples continuations."""
+
+    kind: ClassVar[str] = ""  # registry key, set by @register_engine
+
+    name: str
+    tokenizer: "transformers.PreTrainedTokenizerFast"  # noqa: F821
+    max_length: int  # longest sequence (special tokens included) the engine accepts
+    max_top_k: int | None  # largest k the engine accepts (None: the vocabulary size)
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of logits the model produces per position (may exceed ``len(tokenizer)``)."""
+
+    # ------------------------------------------------------------------------------------------------------
+    # Scoring.
+    # ------------------------------------------------------------------------------------------------------
+
+    def score_texts(self, texts: list[str], top_k: int, temperature: float = 1.0) -> list[ScoredText]:
+        """Tokenize each text with the tokenizer's own special tokens (BOS where it adds one) and score it.
+
+        Returns one :class:`ScoredText` per text, in request order, with offsets and token strings.
+        """
+        self._check_top_k(top_k)
+        self._check_temperature(temperature)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise ScoreError(f"text {i} is empty" if isinstance(text, str) else f"text {i} is not a string", i)
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]  # each [L_i]
+        self._check_lengths(ids)
+        scores = self._score(ids, top_k, temperature)
+        return [
+            ScoredText(
+                token_ids=ids[i],
+                offsets=np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2),  # [L_i, 2]
+                tokens=enc.tokens(i),
+                topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs,
+                gold_logprobs=s.gold_logprobs,
+            )
+            for i, s in enumerate(scores)
+        ]
+
+    def score_ids(self, ids: list[np.ndarray], top_k: int, temperature: float = 1.0) -> list[ScoredText]:
+        """Score sequences that are already token ids (special tokens as the caller placed them).
+
+        Offsets are ``None`` (there is no text); token strings come from the tokenizer.
+        """
+        self._check_top_k(top_k)
+        self._check_temperature(temperature)
+        arrays = []
+        for i, x in enumerate(ids):
+            a = np.asarray(x)
+            if a.ndim != 1 or a.size == 0:
+                raise ScoreError(f"token ids {i} must be a non-empty 1-D array, got shape {a.shape}", i)
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ScoreError(f"token ids {i} must be integers, got dtype {a.dtype}", i)
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ScoreError(f"token ids {i} holds id {bad}, outside the vocabulary [0, {self.vocab_size})", i)
+            arrays.append(a.astype(np.int32, copy=False))
+        self._check_lengths(arrays)
+        if not arrays:
+            return []
+        scores = self._score(arrays, top_k, temperature)
+        return [
+            ScoredText(
+                token_ids=a,
+                offsets=None,
+                tokens=self.tokenizer.convert_ids_to_tokens(a.tolist()),
+                topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs,
+                gold_logprobs=s.gold_logprobs,
+            )
+            for a, s in zip(arrays, scores)
+        ]
+
+    @abc.abstractmethod
+    def _score(self, ids: list[np.ndarray], top_k: int, temperature: float) -> list[NextTokenScores]:
+        """Score validated sequences (each 1-D int32, non-empty, within ``max_length`` and the vocabulary).
+
+        Must return one :class:`NextTokenScores` per sequence, in the order given.
+        """
+
+    # ------------------------------------------------------------------------------------------------------
+    # Generation (Cool-Fusion).
+    # ------------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompt_ids: np.ndarray,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+    ) -> Generated:
+        """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens; greedy at ``temperature == 0``.
+
+        Stops after the first token in ``stop_token_ids`` (included in the result). EOS is not implied:
+        pass ``tokenizer.eos_token_id`` to stop on it.
+        """
+
+    def _check_generate_args(
+        self, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float, top_p: float
+    ) -> np.ndarray:
+        """Validate :meth:`generate` arguments; return the prompt as a 1-D int64 array."""
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ScoreError(f"prompt_ids must be a non-empty 1-D integer array, got shape {prompt.shape}")
+        if prompt.min() < 0 or prompt.max() >= self.vocab_size:
+            raise ScoreError(f"prompt_ids holds ids outside the vocabulary [0, {self.vocab_size})")
+        if max_new_tokens < 0:
+            raise ScoreError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt.size + max_new_tokens > self.max_length:
+            raise ScoreError(
+                f"prompt of {prompt.size} tokens + max_new_tokens {max_new_tokens} exceeds max_length "
+                f"{self.max_length}; shorten the prompt or lower max_new_tokens"
+            )
+        if not temperature >= 0.0:
+            raise ScoreError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ScoreError(f"top_p must be in (0, 1], got {top_p}")
+        return prompt.astype(np.int64)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Validation shared by every backend.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _check_top_k(self, top_k: int) -> None:
+        if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ScoreError(f"top_k must be a positive integer, got {top_k!r}")
+        if top_k > self.vocab_size:
+            raise ScoreError(f"top_k {top_k} exceeds the vocabulary size {self.vocab_size} of {self.name}")
+        if self.max_top_k is not None and top_k > self.max_top_k:
+            raise ScoreError(f"top_k {top_k} exceeds the engine's max_top_k {self.max_top_k}; raise max_top_k")
+
+    @staticmethod
+    def _check_temperature(temperature: float) -> None:
+        if not temperature > 0.0:
+            raise ScoreError(f"temperature must be > 0 for scoring, got {temperature}")
+
+    def _check_lengths(self, ids: list[np.ndarray]) -> None:
+        for i, a in enumerate(ids):
+            if len(a) > self.max_length:
+                raise ScoreError(
+                    f"text {i} has {len(a)} tokens, more than max_length {self.max_length} of {self.name}; "
+                    "split the text or raise max_length",
+                    i,
+                )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------------------------------------
+
+ENGINES: dict[str, type[Engine]] = {}
+
+# Engines shipped with fuseflow, imported on first use so that `vllm` is only imported when asked for.
+_BUILTIN_MODULES = {"hf": "fuseflow.teacher.hf_engine", "vllm": "fuseflow.teacher.vllm_engine"}
+
+
+def register_engine(kind: str) -> Callable[[type[Engine]], type[Engine]]:
+    """Class decorator: make ``cls`` available to :func:`create_engine` as ``kind``."""
+
+    def wrap(cls: type[Engine]) -> type[Engine]:
+        if kind in ENGINES and ENGINES[kind] is not cls:
+            raise ValueError(f"engine kind {kind!r} is already registered by {ENGINES[kind].__qualname__}")
+        cls.kind = kind
+        ENGINES[kind] = cls
+        return cls
+
+    return wrap
+
+
+def create_engine(kind: str, model: str, **options) -> Engine:
+    """Build the engine ``kind`` (``hf``, ``vllm``, …) for ``model`` (see :func:`fuseflow.models.resolve`).
+
+    ``options`` are the engine's keyword arguments (device, dtype, max_length, batching limits, …).
+    """
+    if kind not in ENGINES and kind in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[kind])
+    if kind not in ENGINES:
+        known = sorted(set(ENGINES) | set(_BUILTIN_MODULES))
+        raise ValueError(f"unknown engine kind {kind!r}; choose one of {', '.join(known)}")
+    return ENGINES[kind](model, **options)

@@ -1,0 +1,353 @@
+"""The ``hf`` engine: a transformers causal LM scored in padded, length-sorted batches with a chunked head.
+
+Memory: the decoder trunk gives ``[B, T, H]`` hidden states; only the positions that predict a real token
+are kept (``[N, H]``) and the lm_head runs on ``head_chunk_tokens`` of them at a time, so at most
+``[chunk, V]`` fp32 logits are alive. Gemma-3's 262k vocabulary at 8k tokens would otherwise need
+8 GiB of fp32 logits per sequence (the ``[prompt_tokens, vocab]`` OOMs reported against vLLM's prompt
+logprobs). Top-k and the gold-token gather run on the device; only ``[N, k]`` crosses to the host.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fuseflow.models import LoadedModel, load
+from fuseflow.teacher.batching import plan_batches
+from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# fp32 bytes of one [chunk, V] logits block when head_chunk_tokens is left to the engine.
+_AUTO_HEAD_CHUNK_BYTES = 256 << 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure tensor functions.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chunked_topk_logprobs(
+    hidden: torch.Tensor,
+    gold_ids: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k next-token logprobs and the gold token's logprob, ``chunk_tokens`` rows of logits at a time.
+
+    ``hidden`` [N, H] final hidden states, ``gold_ids`` [N] the actual next tokens, ``head`` the lm_head.
+    Logits are cast to fp32, soft-capped as the model does (Gemma-2/3: ``cap·tanh(z / cap)``), divided by
+    the temperature, then normalised with a logsumexp: ``logprob = z - logsumexp(z)``, which is the
+    log-softmax without allocating a second ``[chunk, V]`` block.
+    Returns ids [N, k] int64, logprobs [N, k] float32 (descending), gold logprobs [N] float32.
+    """
+    n = hidden.shape[0]
+    topk_ids = torch.empty((n, top_k), dtype=torch.int64, device=hidden.device)  # [N, k]
+    topk_lp = torch.empty((n, top_k), dtype=torch.float32, device=hidden.device)  # [N, k]
+    gold_lp = torch.empty((n,), dtype=torch.float32, device=hidden.device)  # [N]
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        logits = head(hidden[s:e]).float()  # [c, V]
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        lse = torch.logsumexp(logits, dim=-1)  # [c]
+        values, ids = torch.topk(logits, top_k, dim=-1, largest=True, sorted=True)  # [c, k]
+        topk_ids[s:e] = ids
+        topk_lp[s:e] = values - lse[:, None]
+        gold_lp[s:e] = logits.gather(1, gold_ids[s:e, None]).squeeze(1) - lse
+        del logits
+    return topk_ids, topk_lp, gold_lp
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token from ``logits`` [V] (fp32): argmax at temperature 0, else nucleus sampling
+    (Holtzman et al. 2020: the smallest set of tokens whose probability reaches ``top_p``)."""
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)  # [V]
+        # Keep a token if the mass before it is still short of top_p: the first token is always kept.
+        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < top_p  # [V]
+        sorted_probs = sorted_probs * keep
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"engine option dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@register_engine("hf")
+class HFEngine(Engine):
+    """transformers + torch on CPU or CUDA.
+
+    Options: ``device`` ("cpu", "cuda", "cuda:1"), ``dtype`` ("auto": bf16 on CUDA, fp32 on CPU),
+    ``max_length`` (default: the model's ``max_position_embeddings``, capped by the tokenizer's
+    ``model_max_length``), ``max_top_k`` (default: no cap below the vocabulary), ``max_batch_tokens``
+    (padded tokens per forward), ``max_batch_size``, ``head_chunk_tokens`` (rows of logits per lm_head call;
+    default: as many as fit in 256 MiB of fp32), ``name``. ``model`` is a reference for
+    :func:`fuseflow.models.load` or a :class:`~fuseflow.models.LoadedModel` already in memory (then
+    ``device`` and ``dtype`` are the model's own).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | LoadedModel,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        max_length: int | None = None,
+        max_top_k: int | None = None,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 64,
+        head_chunk_tokens: int | None = None,
+        name: str | None = None,
+    ):
+        if isinstance(model, LoadedModel):
+            # Already in memory (the in-process pipeline, tests): keep its device and dtype.
+            loaded = model
+            self.device = next(loaded.model.parameters()).device
+        else:
+            self.device = torch.device(device)
+            loaded = load(model, dtype=_parse_dtype(dtype, self.device), device=self.device)
+        self.model = loaded.model.eval()
+        # One forward at a time: a forward already uses every core / the whole GPU, and callers (gRPC
+        # threads, the Redis worker) may share one engine.
+        self._lock = threading.Lock()
+        self.tokenizer = loaded.tokenizer
+        self.name = name or loaded.name
+        self.dtype = next(self.model.parameters()).dtype
+
+        self._head = self.model.get_output_embeddings()
+        if self._head is None:
+            raise ValueError(f"model {self.name!r} has no output embeddings (lm_head); it is not a causal LM")
+        text_config = self.model.config.get_text_config()
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._vocab_size = int(self._head.weight.shape[0])
+
+        model_limit = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
+        tok_limit = getattr(self.tokenizer, "model_max_length", None)
+        tok_limit = int(tok_limit) if tok_limit and tok_limit < 10**7 else None
+        limits = [x for x in (model_limit, tok_limit) if x]
+        default_max = min(limits) if limits else 2048
+        if max_length is None:
+            max_length = default_max
+        elif not 1 <= max_length <= (model_limit or max_length):
+            raise ValueError(
+                f"engine option max_length {max_length} must be in [1, {model_limit}] "
+                f"(max_position_embeddings of {self.name})"
+            )
+        self.max_length = int(max_length)
+        if max_top_k is not None and max_top_k < 1:
+            raise ValueError(f"engine option max_top_k must be >= 1, got {max_top_k}")
+        self.max_top_k = max_top_k
+        if max_batch_tokens < 1 or max_batch_size < 1:
+            raise ValueError(
+                f"engine options max_batch_tokens ({max_batch_tokens}) and max_batch_size ({max_batch_size}) "
+                "must be >= 1"
+            )
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_batch_size = int(max_batch_size)
+        if head_chunk_tokens is None:
+            head_chunk_tokens = max(16, min(4096, _AUTO_HEAD_CHUNK_BYTES // (4 * self._vocab_size)))
+        elif head_chunk_tokens < 1:
+            raise ValueError(f"engine option head_chunk_tokens must be >= 1, got {head_chunk_tokens}")
+        self.head_chunk_tokens = int(head_chunk_tokens)
+
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None and 0 <= pad < self._vocab_size else 0
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._hidden = self._pick_hidden_states()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    # ------------------------------------------------------------------------------------------------------
+    # Final hidden states without the head.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _trunk_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._trunk(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def _output_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Costs one [B, 1, V] logits row and every layer's hidden states: only used when the trunk is not
+        # reachable on its own.
+        kw = {"logits_to_keep": 1} if self._keeps_logits else {}
+        return self.model(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw).hidden_states[-1]
+
+    @torch.inference_mode()
+    def _pick_hidden_states(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Choose how to get final hidden states, checked against the model's own logits on a probe.
+
+        The decoder trunk (``get_decoder()``) is the cheap way; the probe catches architectures whose
+        head does more than ``lm_head`` + soft-capping (a logit scale, say) before they give wrong scores.
+        """
+        n = min(8, self.max_length)
+        probe = (torch.arange(n, device=self.device) * 7919 % self._vocab_size)[None]  # [1, n]
+        reference = self.model(input_ids=probe, use_cache=False).logits.float()  # [1, n, V]
+        tol = 1e-3 if self.dtype == torch.float32 else 3e-2
+        scale = reference.abs().max().clamp_min(1e-6)
+
+        candidates: list[tuple[str, Callable]] = []
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if decoder is not None and decoder is not self.model:
+            self._trunk = decoder
+            candidates.append(("decoder trunk", self._trunk_hidden))
+        candidates.append(("output_hidden_states", self._output_hidden))
+        for label, fn in candidates:
+            try:
+                logits = self._head(fn(probe)).float()  # [1, n, V]
+            except Exception as e:  # an architecture whose trunk wants other inputs: try the next way
+                log.debug("%s: %s failed on the probe: %s", self.name, label, e)
+                continue
+            if self._softcap is not None:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            if float((logits - reference).abs().max() / scale) < tol:
+                log.debug("%s: final hidden states from the %s", self.name, label)
+                return fn
+        raise ValueError(
+            f"model {self.name!r} ({type(self.model).__name__}): lm_head applied to its final hidden states does "
+            "not reproduce its logits (an unsupported logit transform); use another engine kind"
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Scoring.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _score(self, ids: list[np.ndarray], top_k: int, temperature: float) -> list[NextTokenScores]:
+        with self._lock, torch.inference_mode():
+            return self._score_unlocked(ids, top_k, temperature)
+
+    def _score_unlocked(self, ids: list[np.ndarray], top_k: int, temperature: float) -> list[NextTokenScores]:
+        # The last token of a sequence predicts nothing: the forward runs on L-1 tokens per sequence.
+        n_pred = np.array([len(a) - 1 for a in ids], dtype=np.int64)  # [R]
+        out: list[NextTokenScores | None] = [None] * len(ids)
+        for batch in plan_batches(n_pred, self.max_batch_tokens, self.max_batch_size):
+            counts = n_pred[batch]  # [b]
+            if counts.max() == 0:
+                for i in batch:
+                    out[i] = _empty_scores(top_k)
+                continue
+            topk_ids, topk_lp, gold_lp = self._score_batch([ids[i] for i in batch], counts, top_k, temperature)
+            bounds = np.cumsum(counts)[:-1]
+            for i, a, b, c in zip(
+                batch, np.split(topk_ids, bounds), np.split(topk_lp, bounds), np.split(gold_lp, bounds)
+            ):
+                out[i] = NextTokenScores(a, b, c)
+        return out  # type: ignore[return-value]
+
+    def _score_batch(
+        self, seqs: list[np.ndarray], counts: np.ndarray, top_k: int, temperature: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score one padded batch; rows come back concatenated in batch order, ``counts[b]`` per sequence."""
+        b, t = len(seqs), int(counts.max())
+        inputs = np.full((b, t), self._pad_id, dtype=np.int64)  # [B, T] every token but the last, right-padded
+        targets = np.zeros((b, t), dtype=np.int64)  # [B, T] the token each position predicts
+        for row, seq in enumerate(seqs):
+            inputs[row, : len(seq) - 1] = seq[:-1]
+            targets[row, : len(seq) - 1] = seq[1:]
+        real = np.arange(t)[None, :] < counts[:, None]  # [B, T]
+        inputs_t = torch.from_numpy(inputs).to(self.device)
+        real_t = torch.from_numpy(real).to(self.device)
+        # No attention mask: with right padding and causal attention a real position only ever attends to
+        # real positions, and an absent mask lets SDPA / flash kernels take their causal fast path.
+        hidden = self._hidden(inputs_t)  # [B, T, H]
+        hidden = hidden[real_t]  # [N, H]
+        gold = torch.from_numpy(targets).to(self.device)[real_t]  # [N]
+        topk_ids, topk_lp, gold_lp = chunked_topk_logprobs(
+            hidden, gold, self._head, top_k, temperature, self.head_chunk_tokens, self._softcap
+        )
+        return (
+            topk_ids.to(torch.int32).cpu().numpy(),
+            topk_lp.cpu().numpy(),
+            gold_lp.cpu().numpy(),
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Generation.
+    # ------------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: np.ndarray,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+    ) -> Generated:
+        """Sample with the model's own forward and a KV cache, one token per step (batch of one)."""
+        prompt = self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_p)
+        with self._lock, torch.inference_mode():
+            return self._generate_unlocked(prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed)
+
+    def _generate_unlocked(self, prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed) -> Generated:
+        stops = {int(s) for s in stop_token_ids}
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        kw = {"logits_to_keep": 1} if self._keeps_logits else {}
+
+        step_input = torch.from_numpy(prompt)[None].to(self.device)  # [1, P], then [1, 1]
+        cache = None
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        finish = "length"
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, **kw)
+            cache = out.past_key_values
+            logits = out.logits[0, -1].float()  # [V], the model's own head (soft-capping included)
+            token = sample_next_token(logits, temperature, top_p, generator)
+            tokens.append(token)
+            logprobs.append(float(logits[token] - torch.logsumexp(logits, dim=-1)))
+            if token in stops:
+                finish = "stop"
+                break
+            step_input = torch.tensor([[token]], dtype=torch.int64, device=self.device)  # [1, 1]
+        return Generated(
+            token_ids=np.asarray(tokens, dtype=np.int32),
+            logprobs=np.asarray(logprobs, dtype=np.float32),
+            finish_reason=finish,
+        )
+
+
+def _empty_scores(top_k: int) -> NextTokenScores:
+    return NextTokenScores(
+        np.zeros((0, top_k), dtype=np.int32), np.zeros((0, top_k), dtype=np.float32), np.zeros((0,), dtype=np.float32)
+    )

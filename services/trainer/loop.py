@@ -1,0 +1,347 @@
+"""The training recipe: setup → train → save_checkpoint → cleanup, on DeepSpeed.
+
+One code path on CPU (gloo) and GPU (nccl). Loss = ``λ·CLM + (1−λ)·KL(fused ‖ target)`` on the aligned
+sparse top-k (FuseLLM, arXiv 2401.10491 eq. 4); with no teachers it is plain CLM (the baseline).
+
+The loop consumes *groups* of ready samples (a sample plus every teacher's aligned distribution) from
+any iterator — the in-process pipeline or the Redis transport — and calls ``on_durable`` with the sample
+ids whose training a checkpoint has made durable (the Redis trainer XACKs them then).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from fuseflow.config import FusionConfig, TrainConfig
+from fuseflow.fuse.fusion import FUSIONS
+from fuseflow.fuse.loss import LossParts, fusion_loss, per_teacher_ce
+from fuseflow.models import split_head
+from fuseflow.sparse import AlignedDist, Sample
+
+from .batches import FusionBatch, collate
+
+log = logging.getLogger(__name__)
+
+ReadyGroup = Sequence[tuple[Sample, Mapping[str, AlignedDist] | None]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world).
+
+    Under a launcher (deepspeed, torchrun, a k8s indexed Job) the env vars are set; a plain single process
+    gets world size 1 on a free local port.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """Linear warmup then cosine decay to ``min_lr_ratio`` (FuseLLM: warmup 0.008 of the steps, cosine)."""
+    warm = max(1, round(warmup_ratio * total_steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (as HF Trainer, which FuseLLM trains with)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+class FusionObjective(torch.nn.Module):
+    """The target model and its objective as one module, so DeepSpeed wraps a forward that returns the loss.
+
+    The head is applied by :func:`fusion_loss` in token chunks, so ``[B, T, V]`` fp32 logits never exist.
+    """
+
+    def __init__(self, model: torch.nn.Module, fusion: FusionConfig, chunk_tokens: int, zero_stage: int):
+        super().__init__()
+        self.model = model
+        self.fusion = fusion
+        self.chunk_tokens = chunk_tokens
+        head = split_head(model)
+        self._trunk, self._softcap = head.trunk, head.logit_softcap
+        self._head = model.get_output_embeddings()
+        if zero_stage == 3:
+            import deepspeed
+
+            # The head weight is used outside its module's forward: tell ZeRO-3 to gather it for us.
+            deepspeed.zero.register_external_parameter(self, self._head.weight)
+
+    def forward(self, batch: FusionBatch) -> tuple[LossParts, torch.Tensor | None]:
+        hidden = self._trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = hidden[:, :-1]  # [B, L-1, H]: position t predicts token t+1
+        lam = self.fusion.lam
+        fused_ids = fused_lp = teacher_ce = None
+        if batch.teacher_ids is not None:
+            with torch.no_grad():
+                fused_ids, fused_lp = FUSIONS[self.fusion.function](
+                    batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
+                    batch.loss_mask,
+                    top_k=self.fusion.top_k,
+                )  # [B, L-1, k] each
+                teacher_ce = per_teacher_ce(batch.teacher_gold, batch.loss_mask, batch.teacher_aligned)  # [N]
+        else:
+            lam = 1.0
+        parts = fusion_loss(
+            hidden,
+            self._head.weight,
+            batch.labels,
+            fused_ids,
+            fused_lp,
+            batch.loss_mask,
+            lam=lam,
+            temperature=self.fusion.temperature,
+            chunk_tokens=self.chunk_tokens,
+            logit_softcap=self._softcap,
+            lm_head_bias=getattr(self._head, "bias", None),
+        )
+        return parts, teacher_ce
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    samples: int
+    tokens: int
+    seconds: float
+    final_loss: float | None
+    model_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def _batches(groups: Iterable[ReadyGroup], skip_samples: int) -> Iterator[ReadyGroup]:
+    """Drop the first ``skip_samples`` (already trained before a resume), regrouping the rest."""
+    for group in groups:
+        if skip_samples >= len(group):
+            skip_samples -= len(group)
+            continue
+        yield group[skip_samples:]
+        skip_samples = 0
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    groups: Iterable[ReadyGroup],
+    *,
+    teachers: Sequence[str],
+    train_cfg: TrainConfig,
+    fusion_cfg: FusionConfig,
+    total_steps: int,
+    run_dir: Path,
+    on_durable: Callable[[list[str]], None] | None = None,
+    progress: bool = True,
+    skip_consumed: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``groups`` (each a micro-batch of ready samples), checkpointing into ``run_dir``.
+
+    Resumes from ``run_dir/checkpoints`` if one exists. With ``skip_consumed`` (deterministic in-process
+    streams) the samples a checkpoint already covers are skipped; a Redis stream redelivers instead.
+    """
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world = init_distributed()
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    model.train()
+    if train_cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    objective = FusionObjective(model, fusion_cfg, train_cfg.loss_chunk_tokens, train_cfg.zero_stage)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=tuple(train_cfg.betas)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train_cfg, world)
+    )
+
+    state = {"step": 0, "samples": 0, "tokens": 0, "log_lines": 0}
+    ids_log = run_dir / "trained_samples.log"
+    metrics_path = run_dir / "metrics.jsonl"
+    if (ckpt_dir / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        state.update({k: client[k] for k in state if k in client})
+        _truncate_lines(ids_log, state["log_lines"])
+        log.info("resumed from %s at step %d (%d samples)", ckpt_dir, state["step"], state["samples"])
+    elif rank == 0:
+        ids_log.unlink(missing_ok=True)
+        metrics_path.unlink(missing_ok=True)
+
+    history: list[dict] = []
+    pending_ids: list[str] = []
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    t0, tokens0 = time.perf_counter(), state["tokens"]
+    window: dict[str, float] = {}
+    last: LossParts | None = None
+    stream = _batches(groups, state["samples"] if skip_consumed else 0)
+    try:
+        for group in stream:
+            if state["step"] >= total_steps:
+                break
+            samples = [s for s, _ in group]
+            dists = [d for _, d in group] if teachers else None
+            batch = collate(samples, tokenizer, dists, teachers, fusion_cfg.top_k)
+            parts, teacher_ce = engine(batch)
+            engine.backward(parts.loss)
+            boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances it
+            engine.step()
+            last = parts
+            state["samples"] += len(samples)
+            state["tokens"] += batch.num_tokens
+            pending_ids.extend(batch.sample_ids)
+            _accumulate(window, parts, teacher_ce, teachers)
+            if not boundary:
+                continue
+            state["step"] += 1
+            with ids_log.open("a") as f:
+                f.write("".join(f"{i}\n" for i in pending_ids))
+            state["log_lines"] += len(pending_ids)
+            if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
+                elapsed = time.perf_counter() - t0
+                row = _metrics_row(window, state, scheduler.get_last_lr()[0], (state["tokens"] - tokens0) / max(elapsed, 1e-9))
+                window.clear()
+                history.append(row)
+                if rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if state["step"] % train_cfg.checkpoint_every == 0 and state["step"] < total_steps:
+                _save_checkpoint(engine, ckpt_dir, state, train_cfg.keep_checkpoints)
+                if on_durable:
+                    on_durable(pending_ids)
+                pending_ids = []
+    finally:
+        bar.close()
+    _save_checkpoint(engine, ckpt_dir, state, train_cfg.keep_checkpoints)
+    if on_durable and pending_ids:
+        on_durable(pending_ids)
+    model_dir = run_dir / "model"
+    if rank == 0:
+        save_hf(engine, model, tokenizer, model_dir, train_cfg.zero_stage)
+    return TrainResult(
+        steps=state["step"],
+        samples=state["samples"],
+        tokens=state["tokens"],
+        seconds=time.perf_counter() - t0,
+        final_loss=float(last.loss.detach()) if last is not None else None,
+        model_dir=model_dir,
+        history=history,
+    )
+
+
+def _accumulate(window: dict, parts: LossParts, teacher_ce, teachers) -> None:
+    n = float(parts.n_tokens)
+    for key in ("loss", "clm", "kl"):
+        window[key] = window.get(key, 0.0) + float(getattr(parts, key).detach()) * n
+    window["n"] = window.get("n", 0.0) + n
+    if teacher_ce is not None:
+        for name, ce in zip(teachers, teacher_ce.tolist()):
+            window[f"ce/{name}"] = window.get(f"ce/{name}", 0.0) + ce * n
+
+
+def _metrics_row(window: dict, state: dict, lr: float, tokens_per_s: float) -> dict:
+    n = max(window.get("n", 0.0), 1.0)
+    row = {"step": state["step"], "samples": state["samples"], "tokens": state["tokens"], "lr": lr}
+    row.update({k: v / n for k, v in window.items() if k != "n"})
+    row["tokens_per_s"] = tokens_per_s
+    row["time"] = time.time()
+    return row
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Drop lines written after the checkpoint a resume starts from (those samples are trained again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:n]))
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int) -> None:
+    tag = f"step{state['step']:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
+    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def save_hf(engine, model: torch.nn.Module, tokenizer, out: Path, zero_stage: int) -> None:
+    """Write an HF model directory (safetensors + config + tokenizer) loadable with ``from_pretrained``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

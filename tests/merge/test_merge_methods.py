@@ -1,0 +1,334 @@
+"""Merge methods against slow, element-by-element float64 references and hand-computed examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuseflow.merge.methods import MERGE_METHODS, get_method, merge_method, varm_weights
+
+# ----------------------------------------------------------------------------------------------------------
+# Slow references: plain Python loops over entries, float64, straight from the papers' formulas.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _np(tensors, base):
+    thetas = [t.double().numpy().ravel() for t in tensors]
+    b = base.double().numpy().ravel()
+    return thetas, b, [t - b for t in thetas]
+
+
+def _sign(x):
+    return int(x > 0) - int(x < 0)
+
+
+def ref_linear(tensors, base, weights=None, normalize=True):
+    thetas, _, _ = _np(tensors, tensors[0] if base is None else base)
+    w = weights or [1.0] * len(thetas)
+    out = sum(wj * t for wj, t in zip(w, thetas))
+    return out / sum(w) if normalize else out
+
+
+def ref_task_arithmetic(tensors, base, weights=None, normalize=False, scaling=1.0):
+    _, b, deltas = _np(tensors, base)
+    w = weights or [1.0] * len(deltas)
+    acc = sum(wj * d for wj, d in zip(w, deltas))
+    if normalize:
+        acc = acc / sum(w)
+    return b + scaling * acc
+
+
+def ref_trim(delta, density):
+    if density >= 1:
+        return delta.copy()
+    k = int(density * delta.size)
+    order = sorted(range(delta.size), key=lambda i: -abs(delta[i]))
+    out = np.zeros_like(delta)
+    for i in order[:k]:
+        out[i] = delta[i]
+    return out
+
+
+def ref_disjoint(deltas, w, b, normalize, scaling, weighted_election=True):
+    out = np.empty_like(b)
+    for i in range(b.size):
+        votes = w if weighted_election else [1.0] * len(w)
+        elected = 1 if sum(vj * d[i] for vj, d in zip(votes, deltas)) >= 0 else -1
+        num = den = 0.0
+        for wj, d in zip(w, deltas):
+            if _sign(wj * d[i]) == elected:
+                num += wj * d[i]
+                den += wj
+        out[i] = b[i] + scaling * (num / (den if den != 0 else 1.0) if normalize else num)
+    return out
+
+
+def ref_ties(tensors, base, density=0.2, weights=None, normalize=True, scaling=1.0):
+    _, b, deltas = _np(tensors, base)
+    w = weights or [1.0] * len(deltas)
+    return ref_disjoint([ref_trim(d, density) for d in deltas], w, b, normalize, scaling)
+
+
+def ref_varm(tensors, base):
+    thetas, _, deltas = _np(tensors, base)
+    sq = [sum(x * x for x in d) / d.size for d in deltas]
+    w = [s / sum(sq) for s in sq] if sum(sq) > 0 else [1 / len(sq)] * len(sq)
+    return sum(wj * t for wj, t in zip(w, thetas))
+
+
+def ref_sce(tensors, base, select_topk=1.0):
+    _, b, deltas = _np(tensors, base)
+    n = len(deltas)
+    if select_topk < 1:
+        var = []
+        for i in range(b.size):
+            mean = sum(d[i] for d in deltas) / n
+            var.append(sum((d[i] - mean) ** 2 for d in deltas) / n)
+        nonzero = [i for i in range(b.size) if var[i] != 0]
+        k = int(select_topk * len(nonzero))
+        keep = set(sorted(nonzero, key=lambda i: -var[i])[:k])
+        deltas = [np.array([d[i] if i in keep else 0.0 for i in range(b.size)]) for d in deltas]
+    sq = [sum(x * x for x in d) / d.size for d in deltas]
+    w = [s / sum(sq) for s in sq] if sum(sq) > 0 else [1 / n] * n
+    # Erase elects sign(Σ_j Δ_j): the weights do not vote.
+    return ref_disjoint(deltas, w, b, normalize=True, scaling=1.0, weighted_election=False)
+
+
+def ref_dare(tensors, base, density=0.5, weights=None, normalize=False, consensus=False, scaling=1.0, seed=0):
+    """DARE's masks are the contract's draws: one ``torch.rand(shape) < density`` per model, in order."""
+    _, b, deltas = _np(tensors, base)
+    w = weights or [1.0] * len(deltas)
+    if density < 1:
+        gen = torch.Generator().manual_seed(seed)
+        masks = [(torch.rand(base.shape, generator=gen) < density).numpy().ravel() for _ in deltas]
+        deltas = [np.where(m, d / density, 0.0) for m, d in zip(masks, deltas)]
+    if consensus:
+        return ref_disjoint(deltas, w, b, normalize, scaling)
+    acc = sum(wj * d for wj, d in zip(w, deltas))
+    return b + scaling * (acc / sum(w) if normalize else acc)
+
+
+REFERENCES = {
+    "linear": ref_linear,
+    "task_arithmetic": ref_task_arithmetic,
+    "ties": ref_ties,
+    "dare": ref_dare,
+    "varm": ref_varm,
+    "sce": ref_sce,
+}
+
+
+def _models(seed: int, n: int, shape=(6, 5), scale: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    tensors = [base + scale * (j + 1) * torch.randn(shape, generator=g) for j in range(n)]
+    return tensors, base
+
+
+CASES = [
+    ("linear", {}),
+    ("linear", {"weights": [0.2, 0.5, 0.3], "normalize": False}),
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"weights": [1.0, 2.0, 0.5], "normalize": True, "scaling": 0.7}),
+    ("ties", {}),
+    ("ties", {"density": 0.5, "weights": [1.0, 0.3, 2.0], "scaling": 0.9}),
+    ("ties", {"density": 1.0, "normalize": False}),
+    ("dare", {"density": 0.3, "seed": 7}),
+    ("dare", {"density": 0.6, "consensus": True, "normalize": True, "weights": [0.5, 1.0, 1.5], "seed": 3}),
+    ("varm", {}),
+    ("sce", {}),
+    ("sce", {"select_topk": 0.1}),
+    ("sce", {"select_topk": 0.5}),
+]
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_method_matches_reference(name, params):
+    tensors, base = _models(seed=11, n=3)
+    got = MERGE_METHODS[name].fn(tensors, base, **params)
+    want = REFERENCES[name](tensors, base, **params)
+    assert got.dtype == torch.float32 and got.shape == base.shape
+    np.testing.assert_allclose(got.double().numpy().ravel(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_method_does_not_modify_inputs(name, params):
+    tensors, base = _models(seed=5, n=3)
+    before = [t.clone() for t in tensors], base.clone()
+    MERGE_METHODS[name].fn(tensors, base, **params)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before[0])) and torch.equal(base, before[1])
+
+
+def test_bf16_inputs_are_merged_in_float32():
+    tensors, base = _models(seed=2, n=2)
+    got = MERGE_METHODS["sce"].fn([t.bfloat16() for t in tensors], base.bfloat16(), select_topk=0.5)
+    want = ref_sce([t.bfloat16() for t in tensors], base.bfloat16(), select_topk=0.5)
+    np.testing.assert_allclose(got.double().numpy().ravel(), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hand-computed examples.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_varm_hand_computed():
+    # mean Δ²: [1,1] → 1, [2,0] → 2; W = [1/3, 2/3]; Σ W θ = [1/3 + 4/3, 1/3].
+    base = torch.zeros(2)
+    got = get_method("varm").fn([torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0])], base)
+    torch.testing.assert_close(got, torch.tensor([5 / 3, 1 / 3]))
+
+
+def test_sce_hand_computed():
+    base = torch.zeros(4)
+    d1, d2 = torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, -2.0, 0.0])
+    # τ = 1: w ∝ mean Δ² = [6/4, 14/4] → [0.3, 0.7]; elected signs of Σ = [4, 0, 0, 0] are all +.
+    # entry 0: both agree → 0.3·1 + 0.7·3 = 2.4; entry 1: only Δ2 (+1) → 1; entry 2: only Δ1 (+2) → 2;
+    # entry 3: nothing agrees → base.
+    torch.testing.assert_close(get_method("sce").fn([d1, d2], base), torch.tensor([2.4, 1.0, 2.0, 0.0]))
+    # τ = 0.5: variances [1, 1, 4, 0], 3 non-zero → k = 1 → only entry 2; weights equal; Σ = 0 elects +.
+    torch.testing.assert_close(get_method("sce").fn([d1, d2], base, select_topk=0.5), torch.tensor([0.0, 0.0, 2.0, 0.0]))
+
+
+def test_ties_hand_computed():
+    base = torch.zeros(4)
+    d1, d2 = torch.tensor([4.0, -1.0, 0.5, -3.0]), torch.tensor([-1.0, 2.0, 1.0, -2.0])
+    # density 0.5 keeps 2 per model: Δ̂1 = [4, 0, 0, -3], Δ̂2 = [0, 2, 0, -2]; Σ = [4, 2, 0, -5] → + + + −;
+    # disjoint means: [4, 2, 0 (no agreement), (−3 − 2)/2].
+    got = get_method("ties").fn([d1, d2], base, density=0.5)
+    torch.testing.assert_close(got, torch.tensor([4.0, 2.0, 0.0, -2.5]))
+
+
+def test_varm_weights_follow_the_size_of_the_updates():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 40, generator=g)
+    u = torch.randn(50, 40, generator=g)
+    small, large = base + 0.01 * u, base + 0.03 * torch.randn(50, 40, generator=g)
+    w = varm_weights([small, large], base)
+    assert w[1] > 5 * w[0] and float(w.sum()) == pytest.approx(1.0)
+    # Updates of equal size in different directions weigh the same.
+    w_eq = varm_weights([base + 0.02 * u, base - 0.02 * u], base)
+    torch.testing.assert_close(w_eq, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # A model that left the matrix unchanged gets no weight; none changed it → uniform.
+    torch.testing.assert_close(varm_weights([base, large], base), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(varm_weights([base, base, base], base), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_sce_mask_applies_to_the_deltas_not_only_the_weights():
+    # FuseChat's copy would merge the unselected entries too; mergekit's (and ours) keeps the base there.
+    base = torch.zeros(10)
+    d1 = torch.tensor([5.0, 3.0] + [1.0] * 8)
+    d2 = torch.tensor([-5.0, 1.0] + [1.0] * 8)
+    got = get_method("sce").fn([d1, d2], base, select_topk=0.5)
+    # Variances [25, 1, 0, …]: 2 non-zero → k = 1 → entry 0 only; its Σ = 0 elects + → 5; the rest,
+    # where both models agree on +1, stay at the base's 0.
+    torch.testing.assert_close(got, torch.tensor([5.0] + [0.0] * 9))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DARE: seeded, unbiased.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_dare_is_reproducible_per_seed_and_drops_the_right_fraction():
+    tensors, base = _models(seed=1, n=2, shape=(100, 100))
+    a = get_method("dare").fn(tensors, base, density=0.3, seed=4)
+    assert torch.equal(a, get_method("dare").fn(tensors, base, density=0.3, seed=4))
+    assert not torch.equal(a, get_method("dare").fn(tensors, base, density=0.3, seed=5))
+    kept = get_method("dare").fn(tensors[:1], base, density=0.3, seed=4) != base
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+
+
+def test_dare_rescaling_is_unbiased():
+    tensors, base = _models(seed=3, n=2, shape=(8,))
+    runs = torch.stack([get_method("dare").fn(tensors, base, density=0.5, seed=s) for s in range(2000)])
+    expected = get_method("task_arithmetic").fn(tensors, base)
+    # Each entry's mean over seeds converges to task arithmetic's (std of the mean ≈ |Δ|/√2000).
+    torch.testing.assert_close(runs.mean(0), expected, atol=0.05, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Properties.
+# ----------------------------------------------------------------------------------------------------------
+
+params_for = {
+    "linear": st.fixed_dictionaries({"normalize": st.just(True)}),
+    "task_arithmetic": st.fixed_dictionaries({"scaling": st.floats(0.1, 2.0)}),
+    "ties": st.fixed_dictionaries({"density": st.floats(0.0, 1.0), "normalize": st.booleans()}),
+    "dare": st.fixed_dictionaries(
+        {"density": st.floats(0.05, 1.0), "consensus": st.booleans(), "seed": st.integers(0, 2**31)}
+    ),
+    "varm": st.just({}),
+    "sce": st.fixed_dictionaries({"select_topk": st.floats(0.01, 1.0)}),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(REFERENCES)),
+    data=st.data(),
+    n=st.integers(1, 4),
+    seed=st.integers(0, 2**31),
+    shape=st.sampled_from([(7,), (3, 4), (2, 3, 2)]),
+)
+def test_merging_copies_of_the_base_returns_it(name, data, n, seed, shape):
+    theta = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    params = data.draw(params_for[name])
+    got = MERGE_METHODS[name].fn([theta.clone() for _ in range(n)], theta, **params)
+    torch.testing.assert_close(got, theta, rtol=1e-6, atol=1e-6)
+
+
+# Without sparsification every method returns θ for N copies of θ whatever the base.
+DENSE = {
+    "linear": {},
+    "task_arithmetic": {"normalize": True},
+    "ties": {"density": 1.0},
+    "dare": {"density": 1.0, "normalize": True},
+    "varm": {},
+    "sce": {"select_topk": 1.0},
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(DENSE)), n=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_merging_copies_of_a_model_returns_it(name, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    base, theta = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    got = MERGE_METHODS[name].fn([theta.clone() for _ in range(n)], base, **DENSE[name])
+    torch.testing.assert_close(got, theta, rtol=1e-5, atol=1e-5)
+
+
+def test_sce_with_selection_merges_identical_models_to_the_base():
+    # Documented consequence of Select (as mergekit): zero variance everywhere selects nothing.
+    g = torch.Generator().manual_seed(0)
+    base, theta = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    torch.testing.assert_close(get_method("sce").fn([theta, theta], base, select_topk=0.5), base)
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(["linear", "task_arithmetic", "ties", "varm", "sce"]), seed=st.integers(0, 2**31))
+def test_model_order_does_not_matter(name, seed):
+    tensors, base = _models(seed=seed % 1000, n=3)
+    params = {"select_topk": 0.3} if name == "sce" else {"density": 0.4} if name == "ties" else {}
+    a = MERGE_METHODS[name].fn(tensors, base, **params)
+    b = MERGE_METHODS[name].fn(tensors[::-1], base, **params)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_registry_rejects_duplicates_and_names_known_methods():
+    with pytest.raises(ValueError, match="registered twice"):
+        merge_method("linear")(lambda tensors, base: base)
+    with pytest.raises(ValueError, match="method: unknown merge method 'slerp'.*linear"):
+        get_method("slerp")
+
+
+def test_every_method_cites_its_source():
+    for name, method in MERGE_METHODS.items():
+        assert "arXiv" in (method.fn.__doc__ or ""), name

@@ -1,0 +1,58 @@
+import pytest
+
+from fuseflow.config import ConfigError, FuseConfig, apply_overrides, load_config
+
+BASE = """
+target: {model: some/dir}
+sources:
+  - {model: a}
+  - {model: b, name: bee}
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    cfg = load_config(FuseConfig, _write(tmp_path, BASE))
+    assert cfg.fusion.lam == 0.9 and cfg.fusion.function == "min_ce"
+    assert cfg.train.betas == (0.9, 0.95) and cfg.train.weight_decay == 0.1 and cfg.train.grad_clip == 1.0
+    assert cfg.train.warmup_ratio == 0.008 and cfg.train.epochs == 1
+    assert [s.key for s in cfg.sources] == ["a", "bee"]
+
+
+def test_typo_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown field"):
+        load_config(FuseConfig, _write(tmp_path, BASE + "train: {lrr: 1}\n"))
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"fusion\.lam"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.lam=1.5"])
+
+
+def test_unknown_fusion_function(tmp_path):
+    with pytest.raises(ConfigError, match="unknown fusion function 'max_ce'"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.function=max_ce"])
+
+
+def test_duplicate_source_names(tmp_path):
+    with pytest.raises(ConfigError, match="repeated"):
+        load_config(FuseConfig, _write(tmp_path, "target: {model: x}\nsources: [{model: a}, {model: a}]\n"))
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    data = apply_overrides({"sources": [{"model": "a"}]}, ["train.lr=3e-5", "sources.0.model=z", "baseline=none"])
+    assert data == {"sources": [{"model": "z"}], "train": {"lr": 3e-5}, "baseline": "none"}
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(FuseConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(FuseConfig, _write(tmp_path, "a: [1,"))

@@ -1,0 +1,111 @@
+"""What only the Redis transport has: state that outlives the process, keys, and the server restarting."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from fuseflow.sparse import Sample
+from fuseflow.wire.redis_server import RedisServer
+from fuseflow.wire.redis_streams import RedisTransport
+
+pytestmark = pytest.mark.integration
+TEACHERS = ["llama", "gemma"]
+
+
+def samples(n: int) -> list[Sample]:
+    return [Sample(f"s{i}", f"text {i}") for i in range(n)]
+
+
+@pytest.fixture
+def run_name():
+    return f"r-{uuid.uuid4().hex[:8]}"
+
+
+def test_trainer_restart_rereads_its_unacked_samples_first(redis_server, run_name, make_dist):
+    tr = RedisTransport(redis_server.url, run_name, ["llama"])
+    tr.submit(samples(5))
+    for it in tr.claim_work("llama", "w0", count=5, block_ms=50):
+        tr.complete_work("llama", it, dist=make_dist(3, 2, seed=0))
+    before = tr.next_ready("rank0", count=3, block_ms=100)
+    tr.ack_ready(before[:1])
+    tr.close()  # rank0 dies with two samples read but not acked
+
+    restarted = RedisTransport(redis_server.url, run_name, ["llama"])
+    again = restarted.next_ready("rank0", count=1, block_ms=100)  # history is paged as well
+    again += restarted.next_ready("rank0", count=1, block_ms=100)
+    assert [r.entry_id for r in again] == [r.entry_id for r in before[1:]]
+    rest = restarted.next_ready("rank0", count=10, block_ms=100)
+    assert sorted(r.sample.id for r in rest) == ["s3", "s4"]
+    restarted.ack_ready(again + rest)
+    assert restarted.stats()["in_flight"] == 0
+    restarted.reset()
+    restarted.close()
+
+
+def test_keys_share_the_run_hash_tag_and_acks_return_memory(redis_server, run_name, make_dist):
+    r = redis_server.client()
+    tr = RedisTransport(redis_server.url, run_name, TEACHERS, window=4)
+    tr.submit(samples(4))
+    for t in TEACHERS:
+        for it in tr.claim_work(t, "w0", count=4, block_ms=50):
+            tr.complete_work(t, it, dist=make_dist(512, 10, seed=1))
+    keys = sorted(k.decode() for k in r.scan_iter(match=f"*{{{run_name}}}*"))
+    assert keys == sorted(
+        [f"dist:{{{run_name}}}:s{i}" for i in range(4)] + [f"{p}:{{{run_name}}}" for p in ("work", "ready", "state")]
+    )
+    held = sum(r.memory_usage(k, samples=0) for k in keys)
+    assert held > 4 * 2 * 512 * 64  # four samples' distributions of two teachers
+    tr.ack_ready(tr.next_ready("rank0", count=10, block_ms=100))
+    left = sorted(k.decode() for k in r.scan_iter(match=f"*{{{run_name}}}*"))
+    assert left == [f"{p}:{{{run_name}}}" for p in ("ready", "state", "work")]
+    assert r.xlen(tr.k_work) == 0 and r.xlen(tr.k_ready) == 0
+    assert sum(r.memory_usage(k, samples=0) for k in left) < 8192
+    assert tr.reset() == 3 and not list(r.scan_iter(match=f"*{{{run_name}}}*dist*"))
+    tr.close()
+
+
+@pytest.mark.parametrize("how,fsync", [("kill", "always"), ("stop", "everysec")])
+def test_streams_survive_a_server_restart_with_aof(tmp_path, run_name, make_dist, how, fsync):
+    """SIGKILL (a crash) with appendfsync always, and a graceful stop with everysec, then restart on the
+    same port and data dir: work, pending deliveries, partial answers and counters are all still there."""
+    with RedisServer(data_dir=tmp_path / "data", appendonly=True, appendfsync=fsync, password="s3cret") as server:
+        tr = RedisTransport(server.url, run_name, TEACHERS, window=8)
+        tr.submit(samples(3))
+        sent = {}
+        for it in tr.claim_work("llama", "llama-0", count=3, block_ms=50):
+            sent[it.sample.id] = make_dist(9, 4, seed=int(it.sample.id[1:]))
+            tr.complete_work("llama", it, dist=sent[it.sample.id])
+        held = tr.claim_work("gemma", "gemma-0", count=1, block_ms=50)  # pending when the server goes down
+        port = server.port
+        getattr(server, how)()
+        assert not server.running
+        server.restart()
+        assert server.port == port
+
+        tr2 = RedisTransport(server.url, run_name, TEACHERS, window=8)
+        st = tr2.stats()
+        assert (st["submitted"], st["work"], st["teachers"]["gemma"]["pending"]) == (3, 3, 1)
+        [stale] = tr2.reclaim_stale("gemma", "gemma-1", min_idle_ms=0, count=10)
+        assert stale.entry_id == held[0].entry_id
+        items = [stale, *tr2.claim_work("gemma", "gemma-1", count=10, block_ms=50)]
+        for it in items:
+            tr2.complete_work("gemma", it, dist=make_dist(9, 4, seed=99))
+        ready = tr2.next_ready("rank0", count=10, block_ms=200)
+        assert sorted(r.sample.id for r in ready) == ["s0", "s1", "s2"]
+        for r in ready:
+            np.testing.assert_array_equal(r.dists["llama"].ids, sent[r.sample.id].ids)
+        tr2.ack_ready(ready)
+        tr2.finish_submissions()
+        assert tr2.is_finished()
+        tr.close()
+        tr2.close()
+
+
+def test_unreachable_redis_names_the_url():
+    import redis
+
+    with pytest.raises(redis.ConnectionError, match="redis_url"):
+        RedisTransport("redis://127.0.0.1:1/0", "x", ["a"])
