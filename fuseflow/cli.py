@@ -11,6 +11,16 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Commands whose implementation owns its own argparse parser (and --help): argv is handed over as is.
+PASSTHROUGH = {
+    "teacher": ("fuseflow.teacher.serve", "serve a source model over gRPC (`fuseflow teacher serve --help`)"),
+    "query": ("fuseflow.query", "ad-hoc gRPC client for a teacher: info, tokenize, score, generate"),
+    "train": ("fuseflow.trainer.online", "online DeepSpeed trainer consuming aligned distributions from Redis"),
+    "stack": ("fuseflow.stack", "the local stack as processes: Redis, one teacher per source, the trainer"),
+    "serve-ensemble": ("fuseflow.ensemble.gateway", "Cool-Fusion OpenAI-compatible gateway over gRPC teachers"),
+    "eval-ensemble": ("fuseflow.ensemble.evaluate", "accuracy and latency of each source alone vs Cool-Fusion"),
+}
+
 EXAMPLES = {
     "fuse": "fuseflow fuse examples/quickstart.yaml train.max_steps=20 baseline=none",
     "merge": "fuseflow merge examples/merge.yaml method=sce",
@@ -48,13 +58,39 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "prepare"])
     models.add_argument("names", nargs="*", help="short names (default: all)")
 
+    for name, (_, help) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help, add_help=False)
+
     config = command("config", "print a run config with every default filled in, after validation")
     config.add_argument("config")
     config.add_argument("overrides", nargs="*")
     return p
 
 
+def _passthrough(argv: list[str]) -> int | None:
+    """Run a PASSTHROUGH command's own ``main`` on the rest of argv; None if argv names none."""
+    import importlib
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):
+            continue
+        if arg not in PASSTHROUGH:
+            return None
+        rest = argv[i + 1 :]
+        if arg == "teacher":
+            if not rest or rest[0] != "serve":
+                print("usage: fuseflow teacher serve [--help] …", file=sys.stderr)
+                return 2
+            rest = rest[1:]
+        return importlib.import_module(PASSTHROUGH[arg][0]).main(rest)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = _passthrough(argv)
+    if code is not None:
+        return code
     args = _parser().parse_args(argv)
     from fuseflow.logs import setup_logging
 

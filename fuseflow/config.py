@@ -36,6 +36,9 @@ class SourceConfig(ModelConfig):
     batch_tokens: int = Field(8192, gt=0, description="padded tokens per scoring forward")
     max_length: int | None = Field(None, gt=1, description="longest text in this teacher's tokens")
     head_chunk_tokens: int = Field(1024, gt=0, description="tokens per lm_head chunk (bounds [chunk, V])")
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra engine keyword arguments (vllm: tensor_parallel_size, …)"
+    )
 
     @property
     def key(self) -> str:
@@ -91,6 +94,9 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     max_length: int = Field(512, gt=8)
     batch_tokens: int = Field(8192, gt=0)
+    max_chars_per_document: int | None = Field(
+        None, gt=0, description="evaluate only the first N characters of each held-out document"
+    )
     before: bool = Field(True, description="evaluate sources and the target before training")
 
 

@@ -36,3 +36,5 @@ def setup_logging(fmt: str | None = None, level: str | None = None) -> None:
     # Third-party chatter that drowns the progress bar.
     for noisy in ("DeepSpeed", "deepspeed", "transformers", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars on every load
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")

@@ -14,6 +14,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +113,8 @@ def _converted(gguf: Path, name: str) -> Path:
     if (out / "config.json").exists():
         return out
     log.info("converting %s to an HF directory at %s (once)", gguf, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    # Unique per process and host: containers sharing a cache volume may all be pid 1.
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:12]}")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised to fp32; only the GGUF quantizer marker blocks save_pretrained.
@@ -121,7 +124,12 @@ def _converted(gguf: Path, name: str) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "fuseflow_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first: keep theirs
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

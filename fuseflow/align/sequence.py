@@ -116,6 +116,7 @@ def _offsets(*, src_offsets=None, tgt_offsets=None, **_) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 _INF = np.int64(1) << 40
+_WHITESPACE_BYTES = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
 _DIAG, _UP, _LEFT = 0, 1, 2
 
 
@@ -172,36 +173,40 @@ def dtw_path(cost_rows: list[np.ndarray], lo: np.ndarray, hi: np.ndarray) -> tup
     stored step choices (one step per path cell). Returns the path's ``(i, j)`` arrays in order.
     """
     n = len(cost_rows)
+    lo_l, hi_l = lo.tolist(), hi.tolist()
     steps = []
     prev = np.zeros(0, dtype=np.int64)
     prev_lo = prev_hi = 0
     for i in range(n):
-        j = np.arange(lo[i], hi[i])  # [w]
+        lo_i, hi_i = lo_l[i], hi_l[i]
         c = cost_rows[i].astype(np.int64)  # [w]
+        up = np.full(hi_i - lo_i, _INF)  # [w] D[i-1, j]
+        diag = np.full(hi_i - lo_i, _INF)  # [w] D[i-1, j-1]
         if i == 0:
-            up = np.full(len(j), _INF)
-            diag = np.where(j == 0, 0, _INF)
+            diag[0] = 0  # the path starts at (0, 0)
         else:
-            up_ok = (j >= prev_lo) & (j < prev_hi)
-            up = np.where(up_ok, prev[np.clip(j - prev_lo, 0, len(prev) - 1)], _INF)
-            dg_ok = (j - 1 >= prev_lo) & (j - 1 < prev_hi)
-            diag = np.where(dg_ok, prev[np.clip(j - 1 - prev_lo, 0, len(prev) - 1)], _INF)
+            a, b = max(lo_i, prev_lo), min(hi_i, prev_hi)
+            if b > a:
+                up[a - lo_i : b - lo_i] = prev[a - prev_lo : b - prev_lo]
+            a, b = max(lo_i, prev_lo + 1), min(hi_i, prev_hi + 1)
+            if b > a:
+                diag[a - lo_i : b - lo_i] = prev[a - 1 - prev_lo : b - 1 - prev_lo]
         from_up = up < diag
-        best_prev = np.minimum(np.minimum(up, diag), _INF)  # [w]
+        best_prev = np.minimum(up, diag)  # [w]
         s = np.cumsum(c)  # [w]
         row = s + np.minimum.accumulate(best_prev - (s - c))  # [w]
         step = np.where(row < c + best_prev, _LEFT, np.where(from_up, _UP, _DIAG)).astype(np.int8)
         steps.append(step)
-        prev, prev_lo, prev_hi = np.minimum(row, _INF), lo[i], hi[i]
+        prev, prev_lo, prev_hi = np.minimum(row, _INF), lo_i, hi_i
     # Backtrack: sequential by nature (each step depends on the last), one scalar step per path cell.
-    i, j = n - 1, int(hi[-1]) - 1
+    i, j = n - 1, hi_l[-1] - 1
     path_i, path_j = [], []
     while True:
         path_i.append(i)
         path_j.append(j)
         if i == 0 and j == 0:
             break
-        step = steps[i][j - lo[i]]
+        step = steps[i][j - lo_l[i]]
         if step == _DIAG:
             i, j = i - 1, j - 1
         elif step == _UP:
@@ -216,7 +221,7 @@ def align_mined_dp(
     tgt_tokens: Sequence[str],
     src_special: np.ndarray | None = None,
     tgt_special: np.ndarray | None = None,
-    band: int = 64,
+    band: int | None = None,
 ) -> np.ndarray:
     """``pos_map [Lt-1] int32`` from token strings alone (FuseLLM, arXiv 2401.10491 §3.3: DTW over the two
     token sequences with edit-distance cost, its ``transform_step_logits``).
@@ -224,10 +229,10 @@ def align_mined_dp(
     ``src_tokens`` / ``tgt_tokens`` are NORMALISED strings (:func:`fuseflow.align.tokens.token_strings`
     indexed by the ids). Tokens flagged in ``*_special`` (bool ``[L]``) are left out of the DP and never
     predicted targets. The cost of a cell is the edit distance with spaces removed (FuseLLM strips the
-    ``Ġ``/``▁`` markers); the band keeps cells whose byte positions are within ``band`` bytes of each other
-    (rescaled by the two total lengths), so the cost is O(L · band) instead of O(L²). The DP is exact inside
-    the band; a path that must leave the band (over ``band`` bytes of local drift, e.g. long runs of
-    ``<unk>``) is not found.
+    ``Ġ``/``▁`` markers). The band keeps the cells whose byte positions, rescaled by the two total lengths,
+    are within ``band`` bytes of each other (default: 1/128 of the text's bytes, clipped to [64, 512]), so
+    the cost is O(L · band) instead of O(L²). The DP is exact inside the band; a path that must leave it
+    (over ``band`` bytes of local drift, e.g. long runs of ``<unk>``) is not found.
 
     From the path: blocks of the path (1:1 matches, many-to-one groups) whose two sides spell the same text
     are anchors; inside anchors, and between anchors where both sides spell the same text, a target and a
@@ -248,6 +253,8 @@ def align_mined_dp(
     t_codes, t_len = code_points(tgt_full)  # [m, Wt], [m]
     s_bytes, s_blen = _utf8_table(src_full)  # [n, Bs], [n]
     t_bytes, t_blen = _utf8_table(tgt_full)  # [m, Bt], [m]
+    if band is None:  # local drift (from <unk> and the like) grows with the text; 64 bytes suffice for 8k chars
+        band = int(np.clip(s_blen.sum() // 128, 64, 512))
     lo, hi = _band(np.maximum(s_blen, 1), np.maximum(t_blen, 1), band)
     s_codes, s_len = _without_spaces(s_codes, s_len)
     t_codes, t_len = _without_spaces(t_codes, t_len)
@@ -290,7 +297,8 @@ def _co_starts(pi, pj, s_bytes, s_len, t_bytes, t_len) -> tuple[np.ndarray, np.n
     """Source / target token pairs ``(a, b)`` that begin at the same place of the text, from a DTW path.
 
     The path splits into blocks at its diagonal steps: a run of source tokens aligned with a run of target
-    tokens (1:1, many-to-one, many-to-many). A block whose two sides spell the same bytes is an anchor.
+    tokens (1:1, many-to-one, many-to-many). A block whose two sides spell the same bytes, not all of them
+    whitespace, is an anchor.
     Between consecutive anchors lies a gap (the blocks DTW grouped wrongly, typically around a long token:
     ``decorators`` against ``decor|ators`` with a tie broken the other way); a gap whose two sides also
     spell the same bytes is as good as an anchor. Inside an anchor or an equal gap both texts are the same
@@ -307,7 +315,12 @@ def _co_starts(pi, pj, s_bytes, s_len, t_bytes, t_len) -> tuple[np.ndarray, np.n
     t_flat, t_off = _flat_text(t_bytes, t_len)  # [Nt], [m+1]
     s_lo, s_hi = s_off[pi[first]], s_off[pi[last] + 1]  # [B] byte span of each block
     t_lo, t_hi = t_off[pj[first]], t_off[pj[last] + 1]
-    anchor = np.flatnonzero(_spans_equal(s_flat, s_lo, s_hi, t_flat, t_lo, t_hi))  # [A]
+    # Whitespace costs nothing once spaces are stripped, so DTW places whitespace-only blocks anywhere
+    # inside a run of spaces: they cannot anchor (an equal gap still links them).
+    ink = np.concatenate([[0], np.cumsum(~np.isin(s_flat, _WHITESPACE_BYTES))])  # [Ns+1] non-space bytes so far
+    anchor = np.flatnonzero(
+        _spans_equal(s_flat, s_lo, s_hi, t_flat, t_lo, t_hi) & (ink[s_hi] > ink[s_lo])
+    )  # [A]
     # Intervals in text order: gap 0, anchor 0, gap 1, …, anchor A-1, gap A (gaps may be empty).
     gs_lo, gs_hi = np.concatenate([[0], s_hi[anchor]]), np.concatenate([s_lo[anchor], [s_off[-1]]])  # [A+1]
     gt_lo, gt_hi = np.concatenate([[0], t_hi[anchor]]), np.concatenate([t_lo[anchor], [t_off[-1]]])

@@ -22,7 +22,6 @@ from functools import lru_cache
 
 import numpy as np
 
-SCHEMES = ("byte-level", "sentencepiece", "plain")
 _SPM_SPACE = "\u2581"  # ▁
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 ROLES = ("bos", "eos", "pad", "unk")

@@ -47,7 +47,8 @@ VOCAB_MAPS: dict[str, VocabMapFn] = {}
 
 
 def vocab_map(name: str):
-    """Register ``fn(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts) -> [V_src] int32``."""
+    """Register ``fn(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts, cache_dir)``
+    returning ``[V_src] int32`` (entries take ``**_`` for the arguments they do not use)."""
 
     def register(fn: VocabMapFn) -> VocabMapFn:
         if name in VOCAB_MAPS:
@@ -73,7 +74,10 @@ def role_map(src_roles: dict[str, int], tgt_roles: dict[str, int], src_size: int
 
 
 def exact_map(
-    src_strings: np.ndarray, tgt_strings: np.ndarray, src_skip: np.ndarray | None = None, tgt_skip: np.ndarray | None = None
+    src_strings: np.ndarray,
+    tgt_strings: np.ndarray,
+    src_skip: np.ndarray | None = None,
+    tgt_skip: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[V_src] int32``: the target id with the identical string, or -1.
 
@@ -216,7 +220,7 @@ def _mined(src: VocabInfo, tgt: VocabInfo, **_) -> np.ndarray:
 
 
 @vocab_map("stats")
-def _stats(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts, **_) -> np.ndarray:
+def _stats(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts, cache_dir=None, **_) -> np.ndarray:
     """Statistics-based (FuseChat, arXiv 2402.16107 §3.2): most frequent co-aligned target token over
     ``texts`` (offsets alignment), MinED for source tokens the texts never produce."""
     from fuseflow.align.sequence import align_offsets
@@ -235,7 +239,7 @@ def _stats(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, text
     src_ids = np.concatenate(pairs_s) if pairs_s else np.zeros(0, np.int32)
     tgt_ids = np.concatenate(pairs_t) if pairs_t else np.zeros(0, np.int32)
     keep = ~src.special[src_ids] & ~tgt.special[tgt_ids]
-    fallback = _mined(src, tgt)
+    fallback = build_vocab_map("mined", src_tokenizer, tgt_tokenizer, cache_dir=cache_dir)  # cached on disk too
     m = stats_map(src_ids[keep], tgt_ids[keep], src.size, tgt.size, fallback)
     return _with_roles(m, src, tgt)
 
@@ -283,7 +287,9 @@ def build_vocab_map(
         if m.shape == (src.size,) and m.dtype == np.int32:
             return m
         log.warning("ignoring vocab map %s: shape %s, expected (%d,)", path, m.shape, src.size)
-    m = VOCAB_MAPS[method](src, tgt, src_tokenizer=src_tokenizer, tgt_tokenizer=tgt_tokenizer, texts=texts)
+    m = VOCAB_MAPS[method](
+        src, tgt, src_tokenizer=src_tokenizer, tgt_tokenizer=tgt_tokenizer, texts=texts, cache_dir=cache_dir
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
     np.save(tmp, m)

@@ -11,7 +11,16 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .methods import MERGE_METHODS, MergeMethod, get_method
 
@@ -68,7 +77,7 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
+    method: str
     base: str
     models: list[str] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -77,6 +86,13 @@ class MergeConfig(BaseModel):
     shard_size: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 5 * 10**9
     vocab_mismatch: Literal["error", "merge_common"] = "error"
     overwrite: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(MERGE_METHODS))}")
+        return name
 
     @model_validator(mode="after")
     def _check_parameters(self) -> "MergeConfig":

@@ -2,18 +2,20 @@
 
 Every method has mergekit's shape (``@merge_method``, ``f(tensors, base, **params) -> Tensor``):
 ``tensors`` holds the same parameter from the N models being merged (in FuseChat, one fused copy of the
-pivot per source model), ``base`` holds it in the base model (FuseChat's pivot) and the result has
-``base``'s shape. Task vectors are ``Δ_j = θ_j − θ_base``.
+pivot per source model), ``base`` holds it in the base model (FuseChat's pivot) and the result, float32,
+has ``base``'s shape. Task vectors are ``Δ_j = θ_j − θ_base``.
 
-Methods compute in float32 and return float32 (the caller casts to the output dtype). They never modify
-their inputs: those may be read-only memory maps of the safetensors files. Loops run over the N models,
-never over elements, so the working set stays a few float32 copies of one tensor.
+Memory: inputs are typically read-only memory maps of bf16 safetensors (never modified here). Elementwise
+work runs over flat chunks of ``CHUNK`` entries, upcast to float32 one chunk at a time, so besides the
+float32 result a method holds only its per-tensor statistics (SCE's variance, TIES's keep masks) and
+chunk-sized temporaries, not N float32 copies of the tensor. Loops run over chunks and models, never over
+entries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterator
 
 import torch
 from pydantic import Field
@@ -22,6 +24,8 @@ MergeFn = Callable[..., torch.Tensor]
 # Parameter constraints live in the signatures, where the config validation (config.py) reads them.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+
+CHUNK = 1 << 22  # entries per elementwise step: 16 MB per float32 temporary
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,39 @@ def get_method(name: str) -> MergeMethod:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared pieces.
+# Chunked evaluation.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _slices(numel: int) -> Iterator[slice]:
+    for start in range(0, numel, CHUNK):
+        yield slice(start, min(start + CHUNK, numel))
+
+
+def map_chunks(fn: Callable[[slice, list[torch.Tensor]], torch.Tensor], inputs: list[torch.Tensor], shape) -> torch.Tensor:
+    """A float32 tensor of ``shape`` whose flat chunk ``c`` is ``fn(c, [x.flat[c] as float32 for x in inputs])``.
+
+    The float32 chunks of float32 inputs are views of them: ``fn`` must not modify its arguments.
+    """
+    flats = [x.reshape(-1) for x in inputs]
+    out = torch.empty(shape, dtype=torch.float32)  # [*S]
+    flat_out = out.view(-1)
+    for sl in _slices(flat_out.numel()):
+        flat_out[sl] = fn(sl, [f[sl].float() for f in flats])
+    return out
+
+
+def sum_chunks(fn: Callable[[slice, list[torch.Tensor]], torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_c fn(c, chunks)`` in float64, for per-tensor statistics (``fn`` returns a small tensor)."""
+    flats = [x.reshape(-1) for x in inputs]
+    total = torch.zeros((), dtype=torch.float64)
+    for sl in _slices(flats[0].numel()):
+        total = total + fn(sl, [f[sl].float() for f in flats]).double()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces (on chunks: ``xs`` are the N models' chunks, ``b`` the base's, all float32).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -69,81 +105,61 @@ def _check_inputs(tensors: list[torch.Tensor], base: torch.Tensor | None) -> Non
             raise ValueError(f"models[{j}]: tensor shape {tuple(t.shape)} differs from {tuple(shape)}")
 
 
-def model_weights(weights: list[float] | None, n: int) -> torch.Tensor:
-    """Per-model weights as a float64 vector ``[N]`` (all ones when not given)."""
+def model_weights(weights: list[float] | None, n: int) -> list[float]:
+    """Per-model weights (all ones when not given)."""
     if weights is None:
-        return torch.ones(n, dtype=torch.float64)
+        return [1.0] * n
     if len(weights) != n:
         raise ValueError(f"parameters.weights: {len(weights)} weights for {n} models")
-    return torch.tensor(weights, dtype=torch.float64)
+    return [float(w) for w in weights]
 
 
-def _weight_total(w: torch.Tensor) -> float:
-    total = float(w.sum())
+def _weight_total(w: list[float]) -> float:
+    total = sum(w)
     if total == 0.0:
         raise ValueError("parameters.weights: the weights sum to 0; set normalize: false or change them")
     return total
 
 
-def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """``Δ_j = θ_j − θ_base`` for every model, stacked in float32."""
-    base32 = base.float()  # [*S]
-    deltas = torch.empty((len(tensors), *base.shape), dtype=torch.float32)  # [N, *S]
-    for j, t in enumerate(tensors):
-        deltas[j].copy_(t).sub_(base32)
-    return deltas
+def weighted_sum(xs: list[torch.Tensor], w: list[float]) -> torch.Tensor:
+    """``Σ_j w_j·x_j`` of equally shaped chunks."""
+    acc = torch.zeros_like(xs[0])  # [C]
+    for wj, x in zip(w, xs):
+        acc.add_(x, alpha=wj)
+    return acc
 
 
-def magnitude_trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep, per model, the ``int(density·numel)`` entries of largest magnitude; zero the rest (in place).
+def disjoint_merge(deltas: list[torch.Tensor], w: list[float], normalize: bool, elect_w: list[float] | None = None) -> torch.Tensor:
+    """Sign election and disjoint mean on one chunk (TIES §3 "Elect" + "Disjoint merge"; SCE "Erase").
 
-    TIES §3 "Trim". With ``int(density·numel) == 0`` (a small tensor at a low density) nothing is kept.
+    The elected sign is that of ``Σ_j v_j·Δ_j`` (``v = elect_w``, default ``w``; a zero sum elects ``+``);
+    model j counts where ``v_j·Δ_j`` has that sign, so zero entries count nowhere (mergekit's
+    ``get_mask(method="sum")``). Returns ``Σ_j w_j·a_j·Δ_j / Σ_j w_j·a_j`` (divisor 1 where no model
+    counts), or the bare numerator.
     """
-    if density >= 1.0:
-        return deltas
-    flat = deltas.view(deltas.shape[0], -1)  # [N, numel]
-    k = int(density * flat.shape[1])
-    for row in flat:
-        keep = torch.zeros(row.shape, dtype=torch.bool)  # [numel]
-        if k > 0:
-            keep[row.abs().topk(k).indices] = True
-        row.mul_(keep)
-    return deltas
+    v = w if elect_w is None else elect_w
+    positive = weighted_sum(deltas, v) >= 0  # [C]
+    num = torch.zeros_like(deltas[0])  # [C]
+    den = torch.zeros_like(deltas[0])  # [C]
+    for wj, vj, d in zip(w, v, deltas):
+        if vj == 0:
+            continue
+        signed = d if vj > 0 else -d  # [C] has the sign of v_j·Δ_j
+        agree = torch.where(positive, signed > 0, signed < 0)  # [C]
+        num.add_(d * agree, alpha=wj)
+        den.add_(agree, alpha=wj)
+    if not normalize:
+        return num
+    den[den == 0] = 1.0
+    return num.div_(den)
 
 
-def sign_consensus(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``[N, *S]`` bool: where model j's weighted update ``w_j·Δ_j`` has the elected sign, the sign of
-    ``Σ_j w_j·Δ_j`` (a zero sum elects ``+``).
-
-    TIES §3 "Elect" and SCE "Erase", as mergekit's ``get_mask(method="sum")``: a zero entry agrees with
-    neither sign, so it counts neither in the sum nor in the divisor of a disjoint mean.
-    """
-    w = torch.ones(deltas.shape[0], dtype=torch.float64) if weights is None else weights
-    total = torch.zeros(deltas.shape[1:], dtype=torch.float32)  # [*S]
-    for j, wj in enumerate(w.tolist()):
-        total.add_(deltas[j], alpha=wj)
-    positive = total >= 0  # [*S]
-    del total
-    agree = torch.empty(deltas.shape, dtype=torch.bool)  # [N, *S]
-    for j, wj in enumerate(w.tolist()):
-        signed = deltas[j] if wj >= 0 else -deltas[j]  # [*S] has the sign of w_j·Δ_j
-        torch.where(positive, signed > 0, signed < 0, out=agree[j])
-    agree[w == 0] = False
-    return agree
-
-
-def disjoint_mean(deltas: torch.Tensor, weights: torch.Tensor, agree: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``Σ_j w_j·a_j·Δ_j / Σ_j w_j·a_j`` ``[*S]`` (divisor 1 where no model agrees), or the bare sum."""
-    merged = torch.zeros(deltas.shape[1:], dtype=torch.float32)  # [*S]
-    divisor = torch.zeros(deltas.shape[1:], dtype=torch.float32) if normalize else None  # [*S]
-    for j, wj in enumerate(weights.tolist()):
-        merged.add_(deltas[j] * agree[j], alpha=wj)
-        if divisor is not None:
-            divisor.add_(agree[j], alpha=wj)
-    if divisor is not None:
-        divisor[divisor == 0] = 1.0
-        merged.div_(divisor)
-    return merged
+def top_fraction_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of ``score`` (same shape)."""
+    mask = torch.zeros(score.shape, dtype=torch.bool)  # [*S]
+    if k > 0:
+        mask.view(-1)[score.reshape(-1).topk(k, sorted=False).indices] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,12 +180,8 @@ def linear(
     list it in ``models`` to include it. ``normalize: false`` leaves out the division."""
     _check_inputs(tensors, base)
     w = model_weights(weights, len(tensors))
-    out = torch.zeros(tensors[0].shape, dtype=torch.float32)  # [*S]
-    for wj, t in zip(w.tolist(), tensors):
-        out.add_(t, alpha=wj)
-    if normalize:
-        out.div_(_weight_total(w))
-    return out
+    scale = 1.0 / _weight_total(w) if normalize else 1.0
+    return map_chunks(lambda _, xs: weighted_sum(xs, w).mul_(scale), tensors, tensors[0].shape)
 
 
 @merge_method("task_arithmetic")
@@ -186,14 +198,13 @@ def task_arithmetic(
     ``scaling`` is λ."""
     _check_inputs(tensors, base)
     w = model_weights(weights, len(tensors))
-    # Σ_j w_j·Δ_j = Σ_j w_j·θ_j − (Σ_j w_j)·θ_base: no per-model delta tensor needed.
-    acc = torch.zeros(base.shape, dtype=torch.float32)  # [*S]
-    for wj, t in zip(w.tolist(), tensors):
-        acc.add_(t, alpha=wj)
-    acc.sub_(base, alpha=float(w.sum()))
-    if normalize:
-        acc.div_(_weight_total(w))
-    return acc.mul_(scaling).add_(base)
+    scale = scaling / _weight_total(w) if normalize else scaling
+
+    def merge(_, xs):
+        *thetas, b = xs
+        return weighted_sum([t - b for t in thetas], w).mul_(scale).add_(b)
+
+    return map_chunks(merge, [*tensors, base], base.shape)
 
 
 @merge_method("ties")
@@ -207,14 +218,40 @@ def ties(
     scaling: float = 1.0,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023, arXiv 2306.01708 §3): trim each Δ_j to its top ``density`` by
-    magnitude (the paper keeps 20%), elect the sign of ``Σ_j w_j·Δ̂_j`` per entry, then take the disjoint
-    (weighted) mean of the entries that agree with it: ``θ_base + λ·Σ_j w_j·a_j·Δ̂_j / Σ_j w_j·a_j``.
-    Weights enter the election as in mergekit's ``ties``."""
+    magnitude (the paper keeps 20%; ``int(density·numel)`` entries, so none of a tiny tensor at a low
+    density), elect the sign of ``Σ_j w_j·Δ̂_j`` per entry, then take the disjoint (weighted) mean of the
+    entries that agree with it: ``θ_base + λ·Σ_j w_j·a_j·Δ̂_j / Σ_j w_j·a_j``. Weights vote in the
+    election as in mergekit's ``ties``."""
     _check_inputs(tensors, base)
     w = model_weights(weights, len(tensors))
-    deltas = magnitude_trim(task_vectors(tensors, base), density)  # [N, *S]
-    merged = disjoint_mean(deltas, w, sign_consensus(deltas, w), normalize)  # [*S]
-    return merged.mul_(scaling).add_(base)
+    keep = None
+    if density < 1.0:
+        k = int(density * base.numel())
+        keep = [  # N x [numel] bool
+            top_fraction_mask(map_chunks(lambda _, xs: (xs[0] - xs[1]).abs_(), [t, base], base.shape), k).view(-1)
+            for t in tensors
+        ]
+
+    def merge(sl, xs):
+        *thetas, b = xs
+        deltas = [t - b for t in thetas]
+        if keep is not None:
+            deltas = [d.mul_(m[sl]) for d, m in zip(deltas, keep)]
+        return disjoint_merge(deltas, w, normalize).mul_(scaling).add_(b)
+
+    return map_chunks(merge, [*tensors, base], base.shape)
+
+
+def dare_masks(shape, n: int, density: float, seed: int) -> torch.Tensor:
+    """DARE's keep masks ``[N, *S]`` bool: entry kept with probability ``density``, drawn chunk by chunk
+    from one generator seeded with ``seed`` (model-major, then chunk order)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.empty((n, *shape), dtype=torch.bool)  # [N, *S]
+    flat = keep.view(n, -1)
+    for j in range(n):
+        for sl in _slices(flat.shape[1]):
+            flat[j, sl] = torch.rand(sl.stop - sl.start, generator=gen) < density
+    return keep
 
 
 @merge_method("dare", seeded=True)
@@ -232,33 +269,36 @@ def dare(
     """DARE (Yu et al. 2024, arXiv 2311.03099 §3): drop each entry of Δ_j with probability ``1 − density``
     and rescale the survivors by ``1 / density``, then combine as task arithmetic (mergekit's
     ``dare_linear``) or, with ``consensus: true``, with TIES's sign election and disjoint mean
-    (``dare_ties``). The masks come from ``seed``: the same seed gives the same merge."""
+    (``dare_ties``). The masks come from ``seed`` (see :func:`dare_masks`): same seed, same merge."""
     _check_inputs(tensors, base)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"parameters.density: must be in (0, 1], got {density}")
     w = model_weights(weights, len(tensors))
-    deltas = task_vectors(tensors, base)  # [N, *S]
-    if density < 1.0:
-        gen = torch.Generator().manual_seed(seed)
-        for j in range(deltas.shape[0]):
-            keep = torch.rand(deltas.shape[1:], generator=gen) < density  # [*S]
-            deltas[j].mul_(keep).div_(density)
-    if consensus:
-        merged = disjoint_mean(deltas, w, sign_consensus(deltas, w), normalize)  # [*S]
-    else:
-        merged = torch.zeros(base.shape, dtype=torch.float32)  # [*S]
-        for j, wj in enumerate(w.tolist()):
-            merged.add_(deltas[j], alpha=wj)
-        if normalize:
-            merged.div_(_weight_total(w))
-    return merged.mul_(scaling).add_(base)
+    keep = dare_masks(base.shape, len(tensors), density, seed).view(len(tensors), -1) if density < 1.0 else None
+
+    def merge(sl, xs):
+        *thetas, b = xs
+        deltas = [t - b for t in thetas]
+        if keep is not None:
+            deltas = [d.mul_(keep[j, sl]).div_(density) for j, d in enumerate(deltas)]
+        if consensus:
+            merged = disjoint_merge(deltas, w, normalize)
+        else:
+            merged = weighted_sum(deltas, w)
+            if normalize:
+                merged.div_(_weight_total(w))
+        return merged.mul_(scaling).add_(b)
+
+    return map_chunks(merge, [*tensors, base], base.shape)
 
 
 def varm_weights(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """VaRM merging weights for one parameter matrix m: ``W_j = mean(Δθ_j²) / Σ_j mean(Δθ_j²)`` ``[N]``,
-    uniform when no model changed the matrix."""
-    base32 = base.float()  # [*S]
-    sq = torch.tensor([(t - base32).square_().mean().item() for t in tensors], dtype=torch.float64)  # [N]
+    """VaRM merging weights for one parameter matrix m: ``W_j = mean(Δθ_j²) / Σ_j mean(Δθ_j²)`` ``[N]``
+    float64, uniform when no model changed the matrix."""
+    sq = sum_chunks(
+        lambda _, xs: torch.stack([(t - xs[-1]).square_().sum(dtype=torch.float64) for t in xs[:-1]]),
+        [*tensors, base],
+    ) / max(base.numel(), 1)  # [N]
     total = float(sq.sum())
     return sq / total if total > 0 else torch.full_like(sq, 1.0 / len(tensors))
 
@@ -275,23 +315,24 @@ def varm(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     when none changed it.
     """
     _check_inputs(tensors, base)
-    w = varm_weights(tensors, base)  # [N]
-    out = torch.zeros(base.shape, dtype=torch.float32)  # [*S]
-    for wj, t in zip(w.tolist(), tensors):
-        out.add_(t, alpha=wj)
-    return out
+    w = varm_weights(tensors, base).tolist()
+    return map_chunks(lambda _, xs: weighted_sum(xs, w), tensors, base.shape)
 
 
-def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
-    """SCE "Select": the top ``select_topk`` fraction of the entries whose variance across models is
-    non-zero, by that variance ``[*S]`` bool (mergekit's ``get_sce_mask``: entries where every model made
+def sce_select_mask(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """SCE "Select": ``[*S]`` bool, the top ``select_topk`` fraction, by variance of Δ across models, of the
+    entries where that variance is non-zero (mergekit's ``get_sce_mask``: entries where every model made
     the same update are never selected)."""
-    var = deltas.var(dim=0, unbiased=False)  # [*S]
-    k = int(select_topk * int(torch.count_nonzero(var)))
-    mask = torch.zeros(var.shape, dtype=torch.bool)  # [*S]
-    if k > 0:
-        mask.view(-1)[var.view(-1).topk(k).indices] = True
-    return mask
+
+    def variance(_, xs):
+        *thetas, b = xs
+        deltas = [t - b for t in thetas]
+        mean = weighted_sum(deltas, [1.0 / len(deltas)] * len(deltas))  # [C]
+        # Accumulated model by model: torch.var(dim=0) over a short leading dim is ~7x slower on CPU.
+        return weighted_sum([(d - mean).square_() for d in deltas], [1.0 / len(deltas)] * len(deltas))
+
+    var = map_chunks(variance, [*tensors, base], base.shape)  # [*S]
+    return top_fraction_mask(var, int(select_topk * int(torch.count_nonzero(var))))
 
 
 @merge_method("sce")
@@ -312,12 +353,23 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: Probabi
     _check_inputs(tensors, base)
     if not 0.0 < select_topk <= 1.0:
         raise ValueError(f"parameters.select_topk: must be in (0, 1], got {select_topk}")
-    deltas = task_vectors(tensors, base)  # [N, *S]
-    if select_topk < 1.0:
-        deltas.mul_(sce_select_mask(deltas, select_topk))
-    sq = torch.linalg.vector_norm(deltas.view(deltas.shape[0], -1), dim=1, dtype=torch.float64).square()  # [N]
-    sq = sq / max(base.numel(), 1)
+    n = len(tensors)
+    mask = sce_select_mask(tensors, base, select_topk).view(-1) if select_topk < 1.0 else None
+
+    def masked_deltas(sl, xs):
+        *thetas, b = xs
+        deltas = [t - b for t in thetas]
+        return deltas if mask is None else [d.mul_(mask[sl]) for d in deltas]
+
+    sq = sum_chunks(
+        lambda sl, xs: torch.stack([d.square_().sum(dtype=torch.float64) for d in masked_deltas(sl, xs)]),
+        [*tensors, base],
+    )  # [N] Σ (Δ_j·mask)²; the common 1/numel of the means cancels in the normalisation
     total = float(sq.sum())
-    w = sq / total if total > 0 else torch.full_like(sq, 1.0 / len(tensors))  # [N]
-    merged = disjoint_mean(deltas, w, sign_consensus(deltas), normalize=True)  # [*S]
-    return merged.add_(base)
+    w = (sq / total).tolist() if total > 0 else [1.0 / n] * n
+    ones = [1.0] * n  # Erase elects sign(Σ_j Δ_j): the weights do not vote
+    return map_chunks(
+        lambda sl, xs: disjoint_merge(masked_deltas(sl, xs), w, normalize=True, elect_w=ones).add_(xs[-1]),
+        [*tensors, base],
+        base.shape,
+    )

@@ -27,6 +27,8 @@ from .methods import MERGE_METHODS, get_method
 from .plan import MergeCheckError, MergePlan, build_plan
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+# Provenance files of the base itself (a converted GGUF, an earlier merge): they do not describe the output.
+NOT_COPIED = ("fuseflow_source.json", "fuseflow_merge.yaml")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -95,7 +97,7 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def copy_base_files(base: Path, out: Path, dtype: str | None) -> None:
     """Copy the base's config, generation config and tokenizer files (everything but weights)."""
     for f in sorted(base.iterdir()):
-        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json"):
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") and f.name not in NOT_COPIED:
             shutil.copy2(f, out / f.name)
     if dtype is not None:
         cfg_path = out / "config.json"

@@ -12,7 +12,8 @@ scripts below may touch them all):
                       its existence is what deduplicates by sample id.
 - ``ready:{run}``     stream of samples every teacher answered; one group, ``trainer``, shared by all ranks.
 - ``dead:{run}``      stream of dead letters (sample id, teacher, reason, text head), capped (``dead_maxlen``).
-- ``state:{run}``     hash of counters: submitted, done (trained or dead), dead, finished.
+- ``state:{run}``     hash of counters: submitted, done (trained or dead), dead, finished, and the dispatcher's
+                      position (``submit_at``).
 
 Where the assembler runs: in the teacher's ``complete_work``. One Lua script acks the work entry, stores the
 teacher's fields unless that (sample, teacher) already answered, increments the answer count and, on the
@@ -48,14 +49,16 @@ TRAINER_GROUP = "trainer"
 DEAD_TEXT_CHARS = 1000  # bytes of the sample text kept with a dead letter, for inspection
 _SUBMIT_CHUNK = 256  # samples per submit script call
 
-# KEYS: state, work, dist hash per sample. ARGV: window, then (id, text, spans) per sample.
-# Returns how many samples it consumed (added or skipped as already in flight), stopping at a full window.
+# KEYS: state, work, dist hash per sample. ARGV: window, dispatch position of the first sample ('' for none),
+# then (id, text, spans) per sample.
+# Returns how many samples it consumed (added or skipped as already in flight), stopping at a full window; with a
+# position, records position + consumed as the state's 'position' in the same step (see ``submit_at``).
 _SUBMIT_LUA = """
 local st = redis.call('HMGET', KEYS[1], 'submitted', 'done')
 local room = tonumber(ARGV[1]) - (tonumber(st[1] or 0) - tonumber(st[2] or 0))
 local consumed, added = 0, 0
 for i = 3, #KEYS do
-  local a = 2 + (i - 3) * 3
+  local a = 3 + (i - 3) * 3
   if redis.call('EXISTS', KEYS[i]) == 0 then
     if room <= 0 then break end
     local wid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[a], 'text', ARGV[a + 1], 'spans', ARGV[a + 2])
@@ -67,6 +70,7 @@ for i = 3, #KEYS do
   consumed = consumed + 1
 end
 if added > 0 then redis.call('HSET', KEYS[1], 'finished', 0) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'position', tonumber(ARGV[2]) + consumed) end
 return consumed
 """
 
@@ -179,17 +183,28 @@ class RedisTransport(Transport):
     # -- dispatcher -------------------------------------------------------------------------------------------
 
     def submit(self, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
+        self._submit_samples(samples, timeout_s, None)
+
+    def submit_at(self, position: int, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
+        self._submit_samples(samples, timeout_s, int(position))
+
+    def dispatch_position(self) -> int:
+        return int(self.r.hget(self.k_state, "position") or 0)
+
+    def _submit_samples(self, samples: Sequence[Sample], timeout_s: float | None, position: int | None) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(samples)
         sleep = 0.001
         while pending:
             chunk = pending[:_SUBMIT_CHUNK]
             keys = [self.k_state, self.k_work, *(self.dist_key(s.id) for s in chunk)]
-            args: list = [self.window]
+            args: list = [self.window, "" if position is None else position]
             for s in chunk:
                 args += [s.id, s.text, spans_to_json(s.loss_spans)]
             consumed = int(self._submit(keys=keys, args=args))
             pending = pending[consumed:]
+            if position is not None:
+                position += consumed
             if consumed == len(chunk):
                 sleep = 0.001
                 continue

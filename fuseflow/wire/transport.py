@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,23 @@ class Transport(ABC):
     def submit(self, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
         """Queue ``samples`` for every teacher, blocking while the dispatch window is full.
         Raises ``TimeoutError`` if ``timeout_s`` passes first (samples queued so far stay queued)."""
+
+    def submit_at(self, position: int, samples: Sequence[Sample], timeout_s: float | None = None) -> None:
+        """``submit`` for a dispatcher that walks one fixed sequence of samples: ``samples`` are its items
+        ``position, position + 1, …``. Afterwards ``dispatch_position()`` says how far dispatch got, counting
+        every sample queued (or skipped as in flight) even when a ``TimeoutError`` or a lost connection cut the
+        call short, so a restarted dispatcher resumes exactly there: it neither queues again a sample that was
+        trained and freed meanwhile nor skips one. ``RedisTransport`` records the position in the script that
+        queues (atomic, durable with the queue); this default keeps it in memory, one sample at a time."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for i, sample in enumerate(samples):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.submit([sample], remaining)
+            self._dispatch_position = position + i + 1
+
+    def dispatch_position(self) -> int:
+        """Items of the dispatcher's sequence consumed so far by ``submit_at`` (0 before any)."""
+        return getattr(self, "_dispatch_position", 0)
 
     @abstractmethod
     def finish_submissions(self) -> None:

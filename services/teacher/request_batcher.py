@@ -68,6 +68,7 @@ class BatchObserver(Protocol):
 # Queued work.
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass(eq=False)
 class _ScoreJob:
     seqs: list[np.ndarray]  # each [L_i] int32, validated
@@ -124,11 +125,17 @@ class ScoreStream:
         if self._consumed:
             raise RuntimeError("a ScoreStream can be consumed once")
         self._consumed = True
-        for _ in range(len(self._job.seqs)):
-            item = self._job.out.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        complete = False
+        try:
+            for _ in range(len(self._job.seqs)):
+                item = self._job.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            complete = True
+        finally:
+            if not complete:  # the consumer stopped early (an RPC cancelled, an error): drop the rest
+                self.cancel()
 
     def result(self) -> list[ScoredText]:
         out: list[ScoredText | None] = [None] * len(self._job.seqs)

@@ -48,6 +48,7 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
         render_chat(d.messages, target_tokenizer, d.origin)[0] if d.is_chat else d.text
         for d in iter_documents(cfg.corpus, "held_out")
     ]
+    held = [t[: cfg.eval.max_chars_per_document] for t in held]
     if not samples:
         raise ValueError("corpus: no training samples (check corpus.source and corpus.held_out_*)")
     if not held:
@@ -69,6 +70,7 @@ def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_toke
             max_batch_tokens=src.batch_tokens,
             head_chunk_tokens=src.head_chunk_tokens,
             **({"max_length": src.max_length} if src.max_length else {}),
+            **src.engine_options,
         )
         teachers.append(
             TeacherAligner(
@@ -122,9 +124,11 @@ def total_steps(cfg: FuseConfig, n_samples: int, world: int = 1) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def _eval(name: str, model_ref, cfg: FuseConfig, texts: list[str]) -> dict:
+def _eval(name: str, model_ref, cfg: FuseConfig, texts: list[str], progress: bool) -> dict:
     lm = load(model_ref, device=cfg.device)
-    res = evaluate_lm(lm.model, lm.tokenizer, texts, max_length=cfg.eval.max_length, batch_tokens=cfg.eval.batch_tokens)
+    res = evaluate_lm(
+        lm.model, lm.tokenizer, texts, max_length=cfg.eval.max_length, batch_tokens=cfg.eval.batch_tokens, progress=progress
+    )
     del lm
     gc.collect()
     return {"model": name, **res}
@@ -173,8 +177,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     rows: list[dict] = []
     if cfg.eval.before:
         for src in cfg.sources:
-            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus.held_out))
-        rows.append(_eval("target before", cfg.target.model, cfg, corpus.held_out))
+            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus.held_out, progress))
+        rows.append(_eval("target before", cfg.target.model, cfg, corpus.held_out, progress))
 
     stats_texts = [s.text for s in corpus.train[: cfg.align.stats_documents]] if cfg.align.vocab_map == "stats" else None
     runs: dict[str, object] = {}
@@ -195,7 +199,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
         runs["baseline clm"] = _train_target(cfg, corpus, run_dir / "baseline-clm", [], progress)
 
     for name, res in runs.items():
-        rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus.held_out), "train_tokens": res.tokens,
+        rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus.held_out, progress), "train_tokens": res.tokens,
                      "train_seconds": round(res.seconds, 1)})
     report = {
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),

@@ -29,7 +29,7 @@ from fuseflow.fuse.loss import LossParts, fusion_loss, per_teacher_ce
 from fuseflow.models import split_head
 from fuseflow.sparse import AlignedDist, Sample
 
-from .batches import FusionBatch, collate
+from .batches import IGNORE, FusionBatch, collate
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,36 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def trained_ids_path(run_dir: Path, rank: int, world: int) -> Path:
+    """The log of sample ids this rank trained, one per line, up to the last optimizer step
+    (``trained_samples.log``; one file per rank when there are several, their union is the run's)."""
+    return Path(run_dir) / ("trained_samples.log" if world == 1 else f"trained_samples.rank{rank}.log")
+
+
+def empty_batch(tokenizer) -> FusionBatch:
+    """A batch with no counted position: a rank without a sample for this micro-step runs it (zero loss,
+    zero gradients) so that every rank takes part in each step's collectives (the online trainer)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return FusionBatch(
+        sample_ids=[],
+        teachers=[],
+        input_ids=torch.full((1, 2), pad, dtype=torch.int64),  # [1, 2]
+        attention_mask=torch.ones((1, 2), dtype=torch.int64),  # [1, 2]
+        labels=torch.full((1, 1), IGNORE, dtype=torch.int64),  # [1, 1]
+        loss_mask=torch.zeros((1, 1), dtype=torch.bool),  # [1, 1]
+        teacher_ids=None,
+        teacher_logprobs=None,
+        teacher_gold=None,
+        teacher_aligned=None,
+    )
+
+
 def _batches(groups: Iterable[ReadyGroup], skip_samples: int) -> Iterator[ReadyGroup]:
     """Drop the first ``skip_samples`` (already trained before a resume), regrouping the rest."""
     for group in groups:
+        if not group:  # a lockstep placeholder (see ``empty_batch``), not a sample
+            yield group
+            continue
         if skip_samples >= len(group):
             skip_samples -= len(group)
             continue
@@ -195,11 +222,14 @@ def train(
     on_durable: Callable[[list[str]], None] | None = None,
     progress: bool = True,
     skip_consumed: bool = True,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``groups`` (each a micro-batch of ready samples), checkpointing into ``run_dir``.
 
     Resumes from ``run_dir/checkpoints`` if one exists. With ``skip_consumed`` (deterministic in-process
     streams) the samples a checkpoint already covers are skipped; a Redis stream redelivers instead.
+    An empty group is a micro-step without a sample on this rank (``empty_batch``). ``on_log`` gets every
+    metrics row (each ``train.log_every`` steps, on every rank).
     """
     import deepspeed
     from tqdm import tqdm
@@ -225,19 +255,28 @@ def train(
     )
 
     state = {"step": 0, "samples": 0, "tokens": 0, "log_lines": 0}
-    ids_log = run_dir / "trained_samples.log"
+    ids_log = trained_ids_path(run_dir, rank, world)
     metrics_path = run_dir / "metrics.jsonl"
     if (ckpt_dir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckpt_dir))
-        state.update({k: client[k] for k in state if k in client})
+        # DeepSpeed stores the client state of rank 0 only: each rank's own counters travel in "ranks".
+        ranks = client.get("ranks") or [client]
+        if rank >= len(ranks):
+            raise ValueError(
+                f"checkpoint {ckpt_dir} was written by {len(ranks)} ranks, this run has {world}: resume with the "
+                "same number of ranks"
+            )
+        state.update({k: ranks[rank][k] for k in state if k in ranks[rank]})
         _truncate_lines(ids_log, state["log_lines"])
         log.info("resumed from %s at step %d (%d samples)", ckpt_dir, state["step"], state["samples"])
-    elif rank == 0:
+    else:
         ids_log.unlink(missing_ok=True)
-        metrics_path.unlink(missing_ok=True)
+        if rank == 0:
+            metrics_path.unlink(missing_ok=True)
 
     history: list[dict] = []
-    pending_ids: list[str] = []
+    pending_ids: list[str] = []  # trained since the last checkpoint
+    step_ids: list[str] = []  # trained since the last optimizer step
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), state["tokens"]
     window: dict[str, float] = {}
@@ -249,7 +288,7 @@ def train(
                 break
             samples = [s for s, _ in group]
             dists = [d for _, d in group] if teachers else None
-            batch = collate(samples, tokenizer, dists, teachers, fusion_cfg.top_k)
+            batch = collate(samples, tokenizer, dists, teachers, fusion_cfg.top_k) if samples else empty_batch(tokenizer)
             parts, teacher_ce = engine(batch)
             engine.backward(parts.loss)
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances it
@@ -258,13 +297,15 @@ def train(
             state["samples"] += len(samples)
             state["tokens"] += batch.num_tokens
             pending_ids.extend(batch.sample_ids)
+            step_ids.extend(batch.sample_ids)
             _accumulate(window, parts, teacher_ce, teachers)
             if not boundary:
                 continue
             state["step"] += 1
             with ids_log.open("a") as f:
-                f.write("".join(f"{i}\n" for i in pending_ids))
-            state["log_lines"] += len(pending_ids)
+                f.write("".join(f"{i}\n" for i in step_ids))
+            state["log_lines"] += len(step_ids)
+            step_ids = []
             if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
                 elapsed = time.perf_counter() - t0
                 row = _metrics_row(window, state, scheduler.get_last_lr()[0], (state["tokens"] - tokens0) / max(elapsed, 1e-9))
@@ -273,6 +314,8 @@ def train(
                 if rank == 0:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
+                if on_log:
+                    on_log(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if state["step"] % train_cfg.checkpoint_every == 0 and state["step"] < total_steps:
@@ -327,8 +370,14 @@ def _truncate_lines(path: Path, n: int) -> None:
 
 
 def _save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int) -> None:
+    import torch.distributed as dist
+
     tag = f"step{state['step']:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
+    ranks = [dict(state)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, dict(state))
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state, ranks=ranks))
     tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
     for old in tags[:-keep]:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuseflow.merge.methods import MERGE_METHODS, get_method, merge_method, varm_weights
+from fuseflow.merge import methods
+from fuseflow.merge.methods import MERGE_METHODS, dare_masks, get_method, merge_method, varm_weights
 
 # ----------------------------------------------------------------------------------------------------------
 # Slow references: plain Python loops over entries, float64, straight from the papers' formulas.
@@ -98,12 +99,11 @@ def ref_sce(tensors, base, select_topk=1.0):
 
 
 def ref_dare(tensors, base, density=0.5, weights=None, normalize=False, consensus=False, scaling=1.0, seed=0):
-    """DARE's masks are the contract's draws: one ``torch.rand(shape) < density`` per model, in order."""
+    """The random keep masks are dare_masks' (tested on their own below); the rest is the formula."""
     _, b, deltas = _np(tensors, base)
     w = weights or [1.0] * len(deltas)
     if density < 1:
-        gen = torch.Generator().manual_seed(seed)
-        masks = [(torch.rand(base.shape, generator=gen) < density).numpy().ravel() for _ in deltas]
+        masks = dare_masks(base.shape, len(deltas), density, seed).view(len(deltas), -1).numpy()
         deltas = [np.where(m, d / density, 0.0) for m, d in zip(masks, deltas)]
     if consensus:
         return ref_disjoint(deltas, w, b, normalize, scaling)
@@ -152,6 +152,15 @@ def test_method_matches_reference(name, params):
     want = REFERENCES[name](tensors, base, **params)
     assert got.dtype == torch.float32 and got.shape == base.shape
     np.testing.assert_allclose(got.double().numpy().ravel(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_chunked_evaluation_matches_the_reference(name, params, monkeypatch):
+    # 7-entry chunks: every chunk boundary falls inside a row of the [6, 5] tensors, the last chunk is short.
+    monkeypatch.setattr(methods, "CHUNK", 7)
+    tensors, base = _models(seed=12, n=3)
+    got = MERGE_METHODS[name].fn(tensors, base, **params)
+    np.testing.assert_allclose(got.double().numpy().ravel(), REFERENCES[name](tensors, base, **params), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,params", CASES)
@@ -230,6 +239,19 @@ def test_sce_mask_applies_to_the_deltas_not_only_the_weights():
 # ----------------------------------------------------------------------------------------------------------
 # DARE: seeded, unbiased.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_dare_masks_are_seeded_independent_per_model_and_chunk_size_free_of_gaps(monkeypatch):
+    a = dare_masks((300, 100), 3, 0.3, seed=4)
+    assert torch.equal(a, dare_masks((300, 100), 3, 0.3, seed=4))
+    assert not torch.equal(a, dare_masks((300, 100), 3, 0.3, seed=5))
+    assert not torch.equal(a[0], a[1])
+    assert abs(a.float().mean().item() - 0.3) < 0.01
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # 30 chunks per model: every chunk is drawn, fresh
+    b = dare_masks((300, 100), 2, 0.5, seed=1).view(2, -1).float()
+    chunk_means = b.view(2, 30, 1000).mean(-1)
+    assert chunk_means.min() > 0.4 and chunk_means.max() < 0.6
+    assert not torch.equal(b[0, :1000], b[0, 1000:2000])
 
 
 def test_dare_is_reproducible_per_seed_and_drops_the_right_fraction():

@@ -70,7 +70,7 @@ def test_overrides_set_nested_fields_with_yaml_values():
     [
         ({"models": []}, "models: List should have at least 1 item"),
         ({"modles": ["a"]}, "modles: Extra inputs are not permitted"),
-        ({"method": "slerp"}, "method: Input should be 'linear'"),
+        ({"method": "slerp"}, "method: unknown merge method 'slerp'; choose one of dare, linear, sce"),
         ({"dtype": "fp8"}, "dtype: Input should be 'float32'"),
         ({"shard_size": "lots"}, "shard_size: expected a size such as 5GB"),
         ({"shard_size": 0}, "shard_size: Input should be greater than 0"),

@@ -49,10 +49,11 @@ def test_port_from_environment_as_a_module(health_server, monkeypatch):
     servicer, port = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     env = {"FUSEFLOW_TEACHER_PORT": str(port), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "fuseflow.teacher.healthcheck"], env=env, capture_output=True, timeout=60)
+    cmd = [sys.executable, "-m", "fuseflow.teacher.healthcheck"]
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    done = subprocess.run([sys.executable, "-m", "fuseflow.teacher.healthcheck"], env=env, capture_output=True, timeout=60)
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
     assert done.returncode == 1
 
 

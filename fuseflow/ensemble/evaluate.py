@@ -1,0 +1,291 @@
+"""``fuseflow eval-ensemble ENSEMBLE.yaml``: each source alone vs Cool-Fusion, on three measures.
+
+1. **Accuracy** on a generated task set (:mod:`fuseflow.ensemble.tasks`, greedy decoding, few-shot prompt).
+2. **Latency per generated token**: decode wall time / completion tokens, each system in the tokens it
+   counts (a source alone: its own; Cool-Fusion: the first source's), plus milliseconds per generated
+   character, which compares across tokenizers.
+3. **Held-out bits per byte.** Cool-Fusion's reranking picks among candidates; it defines no probability
+   of a text, so it has no perplexity of its own. What is compared instead, on the same bytes: each
+   source's bits per byte; the **uniform mixture** of the sources (``-log2 mean_j p_j(chunk | context)``
+   per chunk, a proper density and the likelihood analogue of an ensemble); and the **best source per
+   chunk** (an oracle that chooses after seeing the text: not a density, a bound on what choosing among
+   the sources could gain). Chunks start and end on token boundaries common to every source (as
+   Cool-Fusion's segments do), so every source scores exactly the same bytes, each after the same
+   preceding context.
+
+Prints a markdown table; ``--out`` (or ``eval.out``) writes every number and every answer as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fuseflow.ensemble.boundaries import common_boundary_mask, token_boundary_mask
+from fuseflow.ensemble.config import EnsembleConfig, build_decoder, build_sources, load_ensemble_config
+from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single
+from fuseflow.ensemble.sources import EnsembleSource, completion_prompt
+from fuseflow.ensemble.tasks import Task, get_task
+
+log = logging.getLogger("fuseflow.ensemble.evaluate")
+
+# Held-out text: the built-in corpus past the part the tiny test tokenizers are trained on.
+HELDOUT_OFFSET = 300_000
+CONTEXT_CHARS = 256
+
+
+@dataclass
+class SystemResult:
+    system: str
+    mode: str  # "single" | "cool-fusion"
+    token_source: str  # whose tokenizer counts completion_tokens
+    n: int = 0
+    correct: int = 0
+    completion_tokens: int = 0
+    chars: int = 0
+    seconds: float = 0.0
+    segments: int = 0
+    wins: dict[str, int] = field(default_factory=dict)
+    answers: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.seconds / self.completion_tokens if self.completion_tokens else float("nan")
+
+    @property
+    def ms_per_char(self) -> float:
+        return 1e3 * self.seconds / self.chars if self.chars else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accuracy and latency.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_task(
+    decoder: CoolFusionDecoder, task: Task, num_problems: int, shots: int, seed: int, max_tokens: int,
+    systems: Sequence[str] | None = None,
+) -> list[SystemResult]:
+    """Each source alone, then Cool-Fusion, on the same problems with greedy decoding."""
+    sources = decoder.sources
+    problems, examples = task.problems(num_problems, seed), task.shots(shots, seed)
+    params = DecodeParams(max_tokens=max_tokens, temperature=0.0, stop=task.stop)
+    names = [s.name for s in sources] + ["cool-fusion"]
+    wanted = set(systems) if systems else set(names)
+    unknown = wanted - set(names)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose among {names}")
+    results = []
+    for name in names:
+        if name not in wanted:
+            continue
+        fused = name == "cool-fusion"
+        r = SystemResult(name, "cool-fusion" if fused else "single", sources[0].name if fused else name)
+        for problem in problems:
+            text = task.prompt(problem, examples)
+            if fused:
+                c = decoder.generate(completion_prompt(sources, text), params)
+            else:
+                c = generate_single(sources[names.index(name)], text, True, params)
+            ok = task.correct(c.text, problem)
+            r.n += 1
+            r.correct += int(ok)
+            r.completion_tokens += c.completion_tokens
+            r.chars += len(c.text)
+            r.seconds += c.seconds
+            r.segments += len(c.segments)
+            for s in c.segments:
+                r.wins[s.winner] = r.wins.get(s.winner, 0) + 1
+            r.answers.append({"id": problem.id, "answer": problem.answer, "output": c.text, "correct": ok,
+                              "finish_reason": c.finish_reason, "segments": [s.text for s in c.segments]})
+        log.info("%s: %d/%d correct, %.1f ms/token", name, r.correct, r.n, r.ms_per_token)
+        results.append(r)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Held-out bits per byte.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def common_cuts(sources: Sequence[EnsembleSource], text: str, every: int, start: int) -> np.ndarray:
+    """Positions near ``start``, ``start + every``, … that are token boundaries of every source on ``text``."""
+    masks = [token_boundary_mask(s.encode([text], True)[0].offsets, 0, len(text)) for s in sources]
+    common = np.flatnonzero(common_boundary_mask(np.stack(masks)))  # [P] positions
+    common = common[(common >= start) & (common < len(text))]
+    if common.size == 0:
+        return common
+    targets = np.arange(start, len(text), every)  # [T]
+    picks = np.searchsorted(common, targets)
+    picks = picks[picks < common.size]
+    return np.unique(np.append(common[picks], len(text)))
+
+
+def heldout_bits_per_byte(sources: Sequence[EnsembleSource], text: str, chunk_chars: int,
+                          context_chars: int = CONTEXT_CHARS) -> dict:
+    """Bits per byte of ``text`` under each source, their uniform mixture and the best source per chunk."""
+    cuts = common_cuts(sources, text, chunk_chars, start=context_chars)
+    if cuts.size < 2:
+        raise ValueError(f"held-out text of {len(text)} chars is too short for chunks of {chunk_chars} (eval.heldout_chars)")
+    contexts = [text[max(0, a - context_chars) : a] for a in cuts[:-1]]
+    chunks = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    nll = np.zeros((len(sources), len(chunks)))  # [S, N] nats, each chunk given its context
+    for j, source in enumerate(sources):
+        encs = source.encode([c + x for c, x in zip(contexts, chunks)], True)
+        firsts, seqs = [], []
+        for i, (ctx, enc) in enumerate(zip(contexts, encs)):
+            if enc.ids.size > source.max_length:
+                raise ValueError(
+                    f"held-out chunk {i} has {enc.ids.size} tokens of {source.name!r}, more than its max_length "
+                    f"{source.max_length}; lower eval.heldout_chunk_chars"
+                )
+            hits = np.flatnonzero(enc.offsets[:, 1] > len(ctx))
+            firsts.append(int(hits[0]) if hits.size else enc.ids.size)
+            seqs.append(enc.ids)
+        for i, (k, scored) in enumerate(zip(firsts, source.teacher.score_ids(seqs, top_k=1))):
+            nll[j, i] = -np.asarray(scored.gold_logprobs, dtype=np.float64)[max(k - 1, 0) :].sum()
+    nbytes = np.array([len(x.encode("utf-8")) for x in chunks], dtype=np.float64)  # [N]
+    total = nbytes.sum()
+    ln2 = np.log(2.0)
+    # log mean_j p_j = logsumexp_j(-nll_j) - log S, per chunk
+    top = (-nll).max(axis=0)  # [N]
+    mix = top + np.log(np.exp(-nll - top).sum(axis=0)) - np.log(len(sources))  # [N]
+    return {
+        "bytes": int(total),
+        "chunks": len(chunks),
+        "sources": {s.name: float(nll[j].sum() / ln2 / total) for j, s in enumerate(sources)},
+        "mixture": float(-mix.sum() / ln2 / total),
+        "best_source_per_chunk": float(nll.min(axis=0).sum() / ln2 / total),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def format_table(results: list[SystemResult], bpb: dict | None) -> str:
+    lines = [
+        "| system | accuracy | correct / n | ms / token | tokens of | ms / char | segments / answer | held-out bits / byte |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if bpb is None:
+            b = "—"
+        elif r.mode == "single":
+            b = f"{bpb['sources'][r.system]:.3f}"
+        else:
+            b = "n/a (no density)"
+        seg = f"{r.segments / r.n:.1f}" if r.mode == "cool-fusion" and r.n else "—"
+        lines.append(
+            f"| {r.system}{' alone' if r.mode == 'single' else ''} | {r.accuracy:.1%} | {r.correct} / {r.n} | "
+            f"{r.ms_per_token:.1f} | {r.token_source} | {r.ms_per_char:.1f} | {seg} | {b} |"
+        )
+    if bpb is not None:
+        lines.append(f"| uniform mixture of the sources | — | — | — | — | — | — | {bpb['mixture']:.3f} |")
+        lines.append(f"| best source per chunk (oracle, no density) | — | — | — | — | — | — | {bpb['best_source_per_chunk']:.3f} |")
+    for r in results:
+        if r.mode == "cool-fusion" and r.segments:
+            share = ", ".join(f"{k} {v / r.segments:.0%}" for k, v in sorted(r.wins.items()))
+            lines.append(f"\nCool-Fusion segments won: {share} ({r.segments} segments).")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Sequence[str] | None = None) -> dict:
+    e = cfg.eval
+    decoder = build_decoder(cfg, sources)
+    try:
+        task = get_task(e.task)
+        t0 = time.perf_counter()
+        results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems)
+        bpb = None
+        if e.heldout_chars:
+            from fuseflow.models import builtin_text
+
+            text = builtin_text(HELDOUT_OFFSET + e.heldout_chars)[HELDOUT_OFFSET:]
+            bpb = heldout_bits_per_byte(sources, text, e.heldout_chunk_chars)
+        return {
+            "task": e.task,
+            "num_problems": e.num_problems,
+            "shots": e.shots,
+            "seed": e.seed,
+            "max_tokens": e.max_tokens,
+            "rerank": cfg.decoding.rerank,
+            "segment_max_tokens": cfg.decoding.segment_max_tokens,
+            "sources": [s.name for s in sources],
+            "systems": [
+                {**asdict(r), "accuracy": r.accuracy, "ms_per_token": r.ms_per_token, "ms_per_char": r.ms_per_char}
+                for r in results
+            ],
+            "heldout_bits_per_byte": bpb,
+            "seconds": time.perf_counter() - t0,
+            "table": format_table(results, bpb),
+        }
+    finally:
+        decoder.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuseflow eval-ensemble",
+        description="Each source alone vs Cool-Fusion: task accuracy, latency per generated token, held-out "
+        "bits per byte. Prints a markdown table and writes JSON.",
+        epilog="example: fuseflow eval-ensemble examples/ensemble.yaml eval.num_problems=5 --out ensemble.json",
+    )
+    p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.num_problems=5 eval.task=arithmetic-1step")
+    p.add_argument("--out", default=None, help="JSON results file (default: eval.out)")
+    p.add_argument("--systems", nargs="+", default=None, help="evaluate only these: source names and/or cool-fusion")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-format", choices=["text", "json"], default=None)
+    p.add_argument("--log-level", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fuseflow.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_ensemble_config(args.config, args.overrides)
+        get_task(cfg.eval.task)
+        sources = build_sources(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fuseflow eval-ensemble: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(cfg, sources, args.systems)
+    except ValueError as e:
+        print(f"fuseflow eval-ensemble: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for s in sources:
+            s.close()
+    print(report["table"])
+    out = args.out or cfg.eval.out
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, default=float))
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""``fuseflow serve-ensemble ENSEMBLE.yaml``: Cool-Fusion behind an OpenAI-compatible HTTP API.
+
+    fuseflow serve-ensemble examples/ensemble.yaml --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "cool-fusion", "prompt": "2 + 3 =", "max_tokens": 8}'
+
+Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (OpenAI shapes, ``usage`` included, streaming
+as server-sent events ``data: {...}`` ending with ``data: [DONE]``), ``/v1/models``, ``/healthz``,
+``/metrics`` (Prometheus). The model id is the ensemble's ``name`` for Cool-Fusion, or a source's name for
+that source alone (the comparison baseline). Chat requests are rendered with each source's own chat
+template. Token counts (``max_tokens``, ``usage``) are in the first source's tokenizer.
+
+A thin shell (as vLLM's entrypoints): :class:`EnsembleService` holds the sources and the decoder and knows
+nothing of HTTP; :func:`create_app` maps requests to it and errors to OpenAI error JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from fuseflow.ensemble.config import EnsembleConfig, build_decoder, build_sources, load_ensemble_config
+from fuseflow.ensemble.decoder import Completion, DecodeParams, StreamEvent, stream_single
+from fuseflow.ensemble.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from fuseflow.ensemble.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    chat_choice,
+    chat_chunk_choice,
+    completion_choice,
+    error_body,
+    model_card,
+    new_id,
+    now,
+    response,
+    usage,
+)
+from fuseflow.ensemble.sources import EnsembleSource, Prompt, chat_prompt, completion_prompt
+
+log = logging.getLogger("fuseflow.ensemble.gateway")
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+@dataclass
+class Job:
+    """One choice to decode: which prompt, with which parameters."""
+
+    index: int  # the choice's index in the response
+    prompt: Prompt
+    params: DecodeParams
+
+
+class EnsembleService:
+    """The sources, the Cool-Fusion decoder and the admission control; no HTTP here."""
+
+    def __init__(self, cfg: EnsembleConfig, sources: Sequence[EnsembleSource], metrics: GatewayMetrics | None = None):
+        self.cfg = cfg
+        self.sources = list(sources)
+        self.decoder = build_decoder(cfg, self.sources)
+        self.metrics = metrics or GatewayMetrics()
+        self.created = now()
+        self._slots = threading.BoundedSemaphore(cfg.server.max_concurrent)
+
+    def close(self) -> None:
+        self.decoder.close()
+        for s in self.sources:
+            s.close()
+
+    # -- requests → jobs -----------------------------------------------------------------------------
+
+    def model_ids(self) -> list[str]:
+        return [self.cfg.name] + [s.name for s in self.sources]
+
+    def source_index(self, model: str) -> int | None:
+        """``None`` for the ensemble, else the index of the source served alone; 404 for anything else."""
+        if model == self.cfg.name:
+            return None
+        for i, s in enumerate(self.sources):
+            if s.name == model:
+                return i
+        raise RequestError(
+            f"model {model!r} does not exist; this gateway serves {self.model_ids()}", "model", 404, code="model_not_found"
+        )
+
+    def jobs(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Prompt], max_tokens: int | None) -> list[Job]:
+        req.unsupported()
+        if req.n > self.cfg.server.max_n:
+            raise RequestError(f"n must be <= {self.cfg.server.max_n} (server.max_n), got {req.n}", "n")
+        d = self.cfg.decoding
+        max_tokens = d.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > d.max_tokens_limit:
+            raise RequestError(
+                f"max_tokens {max_tokens} exceeds this gateway's limit {d.max_tokens_limit} (decoding.max_tokens_limit)",
+                "max_tokens",
+            )
+        jobs = []
+        for p, prompt in enumerate(prompts):
+            for i in range(req.n):
+                params = DecodeParams(
+                    max_tokens=max_tokens,
+                    temperature=1.0 if req.temperature is None else req.temperature,
+                    top_p=1.0 if req.top_p is None else req.top_p,
+                    seed=None if req.seed is None else req.seed + i,
+                    stop=tuple(req.stop or ()),
+                )
+                jobs.append(Job(p * req.n + i, prompt, params))
+        return jobs
+
+    def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        return [completion_prompt(self.sources, text) for text in req.prompts()]
+
+    def chat_prompts(self, req: ChatCompletionRequest, source: int | None) -> list[Prompt]:
+        messages = req.rendered_messages()
+        try:
+            if source is None:
+                return [chat_prompt(self.sources, messages)]
+            rendered = self.sources[source].render_chat(messages)
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+        except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
+            raise RequestError(f"the chat template rejected the messages: {e}", "messages") from None
+        return [Prompt(texts=tuple(rendered for _ in self.sources), add_special_tokens=False)]
+
+    def check(self, jobs: list[Job], source: int | None) -> None:
+        """Reject prompts that are empty or too long for a source before anything is decoded (a 400)."""
+        seen = set()
+        for job in jobs:
+            if id(job.prompt) in seen:
+                continue
+            seen.add(id(job.prompt))
+            targets = range(len(self.sources)) if source is None else [source]
+            for i in targets:
+                s = self.sources[i]
+                (enc,) = s.encode([job.prompt.texts[i]], job.prompt.add_special_tokens)
+                if enc.ids.size == 0:
+                    raise RequestError("the prompt is empty; give a non-empty prompt", "prompt")
+                if enc.ids.size >= s.max_length:
+                    raise RequestError(
+                        f"the prompt has {enc.ids.size} tokens of source {s.name!r}, not less than its max_length "
+                        f"{s.max_length}; shorten it",
+                        "prompt",
+                    )
+
+    # -- decoding ------------------------------------------------------------------------------------
+
+    def stream(self, job: Job, source: int | None) -> Iterator[StreamEvent]:
+        if source is None:
+            return self.decoder.stream(job.prompt, job.params)
+        return stream_single(self.sources[source], job.prompt.texts[source], job.prompt.add_special_tokens, job.params)
+
+    def run(self, jobs: list[Job], source: int | None, model: str) -> list[Completion]:
+        with self.slot():
+            out = []
+            for job in jobs:
+                completion = None
+                for event in self.stream(job, source):
+                    completion = event.completion or completion
+                self.metrics.observe_completion(model, completion)
+                out.append(completion)
+            return out
+
+    def slot(self):
+        """Admission: at most ``server.max_concurrent`` decodes at once; a 503 after ``queue_timeout_s``."""
+        service = self
+
+        class _Slot:
+            def __enter__(self):
+                service.metrics.waiting.inc()
+                try:
+                    ok = service._slots.acquire(timeout=service.cfg.server.queue_timeout_s)
+                finally:
+                    service.metrics.waiting.dec()
+                if not ok:
+                    raise RequestError(
+                        "the gateway is busy (server.max_concurrent requests decoding); retry later",
+                        None, 503, "server_error", "server_busy",
+                    )
+                service.metrics.in_flight.inc()
+
+            def __exit__(self, *exc):
+                service.metrics.in_flight.dec()
+                service._slots.release()
+
+        return _Slot()
+
+    def health(self) -> dict:
+        status = {}
+        for s in self.sources:
+            if not s.remote:
+                status[s.name] = "ok"
+                continue
+            try:
+                s.teacher.wait_ready(2.0)
+                status[s.name] = "ok"
+            except Exception as e:
+                status[s.name] = f"unreachable: {e}"
+        return status
+
+
+def as_request_error(error: Exception) -> RequestError:
+    """The HTTP answer to an error raised while decoding: 400 for a rejected input (a source's ``ScoreError``,
+    a prompt too long), 503 for an unreachable teacher, 500 for anything else (logged)."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, ConnectionError):  # TeacherUnavailable
+        return RequestError(f"a source is unreachable: {error}", None, 503, "server_error", "source_unavailable")
+    if isinstance(error, ValueError):
+        return RequestError(str(error), None)
+    log.error("decoding failed", exc_info=error)
+    return RequestError(f"internal error: {type(error).__name__}: {error}", None, 500, "server_error")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Server-sent events.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def sse_stream(service: EnsembleService, jobs: list[Job], source: int | None, model: str, chat: bool,
+               include_usage: bool, trace: bool, on_done) -> Iterator[str]:
+    """The events of a streamed response: one chunk per segment of text, a last chunk per choice with its
+    ``finish_reason``, a usage chunk when asked (``stream_options.include_usage``), then ``[DONE]``."""
+    rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list, usage_: dict | None = None, with_usage: bool = False) -> str:
+        return _sse(response(obj, rid, created, model, choices, usage_, with_usage or include_usage))
+
+    status = 200
+    prompt_tokens, completion_tokens = {}, 0
+    try:
+        with service.slot():
+            for job in jobs:
+                if chat:
+                    yield chunk([chat_chunk_choice(job.index, {"role": "assistant", "content": ""}, None)])
+                for event in service.stream(job, source):
+                    if event.delta:
+                        choice = (
+                            chat_chunk_choice(job.index, {"content": event.delta}, None)
+                            if chat
+                            else completion_choice(job.index, event.delta, None)
+                        )
+                        yield chunk([choice])
+                    c = event.completion
+                    if c is not None:
+                        service.metrics.observe_completion(model, c)
+                        prompt_tokens[id(job.prompt)] = c.prompt_tokens
+                        completion_tokens += c.completion_tokens
+                        extra = c.trace() if trace else None
+                        last = (
+                            chat_chunk_choice(job.index, {}, c.finish_reason)
+                            if chat
+                            else completion_choice(job.index, "", c.finish_reason)
+                        )
+                        if extra is not None:
+                            last["fuseflow_trace"] = extra
+                        yield chunk([last])
+        if include_usage:
+            yield chunk([], usage(sum(prompt_tokens.values()), completion_tokens), with_usage=True)
+    except Exception as e:  # mid-stream: the status line is gone, the error goes in the stream
+        error = as_request_error(e)
+        status = error.status
+        yield _sse(error_body(str(error), error.type, error.param, error.code))
+    finally:
+        on_done(status)
+    yield _sse("[DONE]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The app.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def create_app(service: EnsembleService):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="fuseflow Cool-Fusion gateway", version="1")
+    app.state.service = service
+    metrics = service.metrics
+
+    def failed(endpoint: str, model: str, status: int, body: dict) -> JSONResponse:
+        metrics.requests.labels(endpoint, model, str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return failed(request.url.path, "", 400, error_body(message, param=param))
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        return failed(request.url.path, "", exc.status, error_body(str(exc), exc.type, exc.param, exc.code))
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [model_card(service.cfg.name, service.created, "Cool-Fusion over " + ", ".join(s.name for s in service.sources))]
+        cards += [model_card(s.name, service.created, f"source {s.name} alone") for s in service.sources]
+        return {"object": "list", "data": cards}
+
+    @app.get("/healthz")
+    async def healthz():
+        status = await run_in_threadpool(service.health)
+        ok = all(v == "ok" for v in status.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "sources": status}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def serve(endpoint: str, req, chat: bool):
+        t0 = time.perf_counter()
+        source = service.source_index(req.model)
+        if chat:
+            prompts = service.chat_prompts(req, source)
+            jobs = service.jobs(req, prompts, req.token_limit)
+        else:
+            prompts = service.completion_prompts(req)
+            jobs = service.jobs(req, prompts, req.max_tokens)
+        await run_in_threadpool(service.check, jobs, source)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def done(status: int) -> None:
+                metrics.requests.labels(endpoint, req.model, str(status)).inc()
+                metrics.latency.labels(endpoint, req.model).observe(time.perf_counter() - t0)
+
+            events = sse_stream(service, jobs, source, req.model, chat, include_usage, req.fuseflow_trace, done)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        try:
+            completions = await run_in_threadpool(service.run, jobs, source, req.model)
+        except Exception as e:
+            raise as_request_error(e) from None
+        choose = chat_choice if chat else completion_choice
+        choices = [
+            choose(job.index, c.text, c.finish_reason, c.trace() if req.fuseflow_trace else None)
+            for job, c in zip(jobs, completions)
+        ]
+        prompt_tokens = sum({id(j.prompt): c.prompt_tokens for j, c in zip(jobs, completions)}.values())
+        body = response(
+            "chat.completion" if chat else "text_completion",
+            new_id("chatcmpl" if chat else "cmpl"),
+            now(),
+            req.model,
+            choices,
+            usage(prompt_tokens, sum(c.completion_tokens for c in completions)),
+        )
+        metrics.requests.labels(endpoint, req.model, "200").inc()
+        metrics.latency.labels(endpoint, req.model).observe(time.perf_counter() - t0)
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await serve("/v1/completions", req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await serve("/v1/chat/completions", req, chat=True)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuseflow serve-ensemble",
+        description="Serve a Cool-Fusion ensemble (training-free fusion at inference, arXiv 2407.19807) as an "
+        "OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics.",
+        epilog="example: fuseflow serve-ensemble examples/ensemble.yaml --port 8000 decoding.rerank=mean_logprob",
+    )
+    p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
+    p.add_argument("--host", default=None, help="address to bind (default: server.host, 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: server.port, 8000)")
+    p.add_argument("--log-format", choices=["text", "json"], default=None, help="log lines as text or JSON")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, …")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fuseflow.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    overrides = list(args.overrides)
+    if args.host is not None:
+        overrides.append(f"server.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    try:
+        cfg = load_ensemble_config(args.config, overrides)
+        sources = build_sources(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fuseflow serve-ensemble: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    service = EnsembleService(cfg, sources)
+    try:
+        import uvicorn
+
+        log.info("Cool-Fusion gateway %r over %s on %s:%d", cfg.name, [s.name for s in sources],
+                 cfg.server.host, cfg.server.port)
+        uvicorn.run(create_app(service), host=cfg.server.host, port=cfg.server.port, log_config=None)
+    finally:
+        service.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

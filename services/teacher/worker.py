@@ -1,0 +1,206 @@
+"""The teacher's Redis worker (DESIGN.md, "Data flow"): take samples from the run's work stream, score and
+align them with this teacher, hand the aligned distributions back — until told to stop.
+
+``fuseflow teacher serve --redis URL`` runs :func:`run_worker` in a thread next to its gRPC server, with an
+aligner whose engine goes through the server's request batcher; tests run it in-process on any ``Transport``.
+
+At-least-once, never lost: a delivery is acked only by ``complete_work`` (result or dead letter). Work a dead
+replica had claimed is taken over after ``reclaim_idle_ms`` by whichever replica reclaims first; a result
+computed while Redis is unreachable is kept and handed back once it answers (the transport deduplicates per
+sample and teacher, so a retried or redelivered answer is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from fuseflow.sparse import AlignedDist
+from fuseflow.wire.transport import Transport, WorkItem
+
+log = logging.getLogger(__name__)
+
+# What a lost or restarting Redis raises: retried with backoff, never fatal.
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Replies retried too: while ``RedisTransport.reset()`` starts a fresh run the stream and its groups are briefly
+# gone (NOGROUP, or UNBLOCKED for a read blocked on the deleted stream); LOADING while a restart replays the AOF.
+_RETRYABLE_REPLIES = ("NOGROUP", "UNBLOCKED", "LOADING")
+
+
+def is_retryable(error: BaseException) -> bool:
+    """A Redis error that goes away by itself (outage, restart, fresh run): retry after a pause."""
+    if isinstance(error, RETRYABLE):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith(_RETRYABLE_REPLIES)
+
+# An exception outside ``ValueError`` (a bad input) is taken for a passing fault of the engine and retried;
+# a sample that keeps raising it is dead-lettered after this many attempts so one poison text cannot stall a run.
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class WorkerStats:
+    """What one :func:`run_worker` call did, returned when it stops."""
+
+    ok: int = 0
+    failed: int = 0  # dead-lettered
+    batches: int = 0
+    reclaimed: int = 0  # deliveries taken over from a replica that stopped answering
+    source_tokens: int = 0
+    retries: int = 0  # Redis calls retried after a connection error
+
+
+class _Backoff:
+    """Exponential backoff for Redis outages: 0.1 s doubling to ``max_s``; reset after a success."""
+
+    def __init__(self, stop_event: threading.Event, max_s: float = 2.0):
+        self.stop_event, self.max_s, self.delay = stop_event, max_s, 0.1
+
+    def wait(self) -> None:
+        self.stop_event.wait(self.delay)
+        self.delay = min(self.delay * 2, self.max_s)
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+
+def run_worker(
+    aligner,
+    transport: Transport,
+    consumer: str,
+    stop_event: threading.Event,
+    metrics=None,
+    batch_size: int = 8,
+    block_ms: int = 1000,
+    reclaim_idle_ms: int = 30_000,
+) -> WorkerStats:
+    """Serve ``aligner`` (a :class:`fuseflow.teacher.aligner.TeacherAligner`; its ``name`` is the teacher's name
+    in the run) on ``transport`` as replica ``consumer`` until ``stop_event`` is set; returns what it did.
+
+    Each round: take back deliveries idle for ``reclaim_idle_ms`` (a replica that died; checked every
+    ``reclaim_idle_ms / 2``), else claim up to ``batch_size`` new samples (waiting up to ``block_ms``) → align
+    → complete them in one round trip; a sample that fails is dead-lettered with its reason and the run goes
+    on. ``metrics`` (a :class:`fuseflow.teacher.metrics.TeacherMetrics` or None) gets the outcomes and the
+    teacher's queue lag. Stops within about ``block_ms`` of ``stop_event``; work claimed but not finished
+    then stays pending for another replica.
+    """
+    teacher = aligner.name
+    if teacher not in transport.teachers:
+        raise ValueError(
+            f"teacher {teacher!r} is not one of run {transport.run!r}'s teachers {transport.teachers}: "
+            "the worker's --source must name one of the config's sources"
+        )
+    if batch_size < 1:
+        raise ValueError(f"worker batch_size must be >= 1, got {batch_size}")
+    stats = WorkerStats()
+    backoff = _Backoff(stop_event)
+    attempts: dict[str, int] = {}  # sample id -> engine faults so far (not bad inputs)
+    held: list[WorkItem] = []  # claimed, not yet completed: survives a failed complete
+    results: list[tuple[WorkItem, AlignedDist | None, str | None]] | None = None
+    next_reclaim = 0.0  # reclaim first: a restarted replica takes back what its predecessor left
+    next_stats = 0.0
+    fields = {"teacher": teacher, "consumer": consumer}
+    log.info("worker %s/%s started", teacher, consumer, extra={"fields": fields})
+    while not stop_event.is_set():
+        try:
+            now = time.monotonic()
+            if metrics is not None and now >= next_stats:
+                next_stats = now + 5.0
+                q = transport.stats()["teachers"][teacher]
+                metrics.set_worker_lag(q["lag"], q["pending"])
+            if not held:
+                if now >= next_reclaim:
+                    next_reclaim = now + reclaim_idle_ms / 2000
+                    held = transport.reclaim_stale(teacher, consumer, reclaim_idle_ms, batch_size)
+                    if held:
+                        stats.reclaimed += len(held)
+                        log.warning("worker %s/%s took over %d stale deliveries", teacher, consumer, len(held),
+                                    extra={"fields": {**fields, "reclaimed": len(held)}})
+                if not held:
+                    held = transport.claim_work(teacher, consumer, batch_size, block_ms)
+                if not held:
+                    backoff.reset()
+                    continue
+            if results is None:
+                results = _align(aligner, held, attempts)
+                if results is None:  # an engine fault: leave the batch pending, retry it after a pause
+                    stats.retries += 1
+                    backoff.wait()
+                    continue
+            transport.complete_many(teacher, results)
+        except redis.RedisError as e:
+            if not is_retryable(e):
+                raise
+            stats.retries += 1
+            log.warning("worker %s/%s: Redis unavailable (%s); retrying", teacher, consumer, e,
+                        extra={"fields": {**fields, "error": str(e)}})
+            backoff.wait()
+            continue
+        ok = [(it, d) for it, d, err in results if err is None]
+        failed = [(it, err) for it, _, err in results if err is not None]
+        tokens = sum(int(d.meta.get("source_tokens", 0)) for _, d in ok)
+        stats.ok, stats.failed, stats.batches = stats.ok + len(ok), stats.failed + len(failed), stats.batches + 1
+        stats.source_tokens += tokens
+        for it, err in failed:
+            log.warning("sample %s dead-lettered by %s: %s", it.sample.id, teacher, err,
+                        extra={"fields": {**fields, "sample_id": it.sample.id, "reason": err}})
+        for it, _, _ in results:
+            attempts.pop(it.sample.id, None)
+        if metrics is not None:
+            metrics.worker_processed(ok=len(ok), failed=len(failed), tokens=tokens)
+        log.debug("worker %s/%s completed %d samples", teacher, consumer, len(results),
+                  extra={"fields": {**fields, "ok": len(ok), "failed": len(failed), "source_tokens": tokens}})
+        held, results = [], None
+        backoff.reset()
+    log.info("worker %s/%s stopped: %d ok, %d dead-lettered, %d reclaimed", teacher, consumer, stats.ok,
+             stats.failed, stats.reclaimed, extra={"fields": {**fields, "ok": stats.ok, "failed": stats.failed}})
+    return stats
+
+
+class EngineFailure(RuntimeError):
+    """The teacher's engine fails on every sample: the worker stops (its pending work goes to another replica)."""
+
+
+def _align(aligner, items: Sequence[WorkItem], attempts: dict[str, int]):
+    """``[(item, dist, error)]`` for ``items``, or ``None`` for "engine fault, try this batch again later".
+
+    ``TeacherAligner.run`` reports a bad sample in its result and raises ``ValueError`` only for a batch of
+    one bad sample: that is a bad input, dead-lettered. Any other exception is a fault of the engine (out of
+    memory, a stopping batcher): the batch is retried; after ``MAX_ATTEMPTS`` it is split to find the samples
+    at fault, which are dead-lettered, unless every one fails, which means the engine itself is broken.
+    """
+    try:
+        return [(it, r.dist, r.error) for it, r in zip(items, aligner.run([it.sample for it in items]), strict=True)]
+    except ValueError as e:
+        if len(items) == 1:
+            return [(items[0], None, str(e) or repr(e))]
+        return _one_by_one(aligner, items)
+    except Exception as e:  # noqa: BLE001 - an engine fault: retried below
+        n = 0
+        for it in items:
+            attempts[it.sample.id] = n = max(n, attempts.get(it.sample.id, 0) + 1)
+        log.warning("teacher %s failed on %d samples (attempt %d of %d): %r", aligner.name, len(items), n,
+                    MAX_ATTEMPTS, e, extra={"fields": {"teacher": aligner.name, "error": repr(e)}})
+        return None if n < MAX_ATTEMPTS else _one_by_one(aligner, items)
+
+
+def _one_by_one(aligner, items: Sequence[WorkItem]) -> list[tuple[WorkItem, AlignedDist | None, str | None]]:
+    rows: list[tuple[WorkItem, AlignedDist | None, str | None]] = []
+    faults = []
+    for it in items:
+        try:
+            r = aligner.run([it.sample])[0]
+            rows.append((it, r.dist, r.error))
+        except ValueError as e:
+            rows.append((it, None, str(e) or repr(e)))
+        except Exception as e:  # noqa: BLE001 - decided below: this sample, or the engine
+            faults.append(e)
+            rows.append((it, None, f"teacher {aligner.name} raised {e!r} on this sample {MAX_ATTEMPTS} times"))
+    if faults and len(faults) == len(items):
+        raise EngineFailure(f"teacher {aligner.name} fails on every sample: {faults[0]!r}") from faults[0]
+    return rows

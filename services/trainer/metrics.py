@@ -1,0 +1,112 @@
+"""Prometheus metrics of the online trainer, served by rank 0 on ``--metrics-port`` (9401) at ``/metrics``.
+
+Own ``CollectorRegistry`` (not the process-global one), as ``fuseflow.teacher.metrics``, so tests and several
+trainers in one process do not collide. Samples and tokens count every rank (the lockstep all-reduce of the
+online feed carries them); loss parts and per-teacher CE are rank 0's window means, as ``metrics.jsonl``.
+
+Useful queries: tokens/s ``rate(fuseflow_trainer_tokens_total[1m])``; samples waiting for the trainer
+``fuseflow_trainer_queue_ready``; a teacher falling behind ``fuseflow_trainer_teacher_lag{teacher="…"}``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+NAMESPACE = "fuseflow_trainer"
+LOSS_PARTS = ("loss", "clm", "kl")
+
+
+class TrainerMetrics:
+    """The trainer's metrics and the hooks that update them (online feed, training loop, queue poller)."""
+
+    def __init__(self, teachers: list[str] | tuple[str, ...] = (), registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        self.step = Gauge("step", "optimizer steps done (resumed runs continue from the checkpoint)",
+                          namespace=ns, registry=r)
+        self.samples = Counter("samples", "samples trained, all ranks", namespace=ns, registry=r)
+        self.tokens = Counter("tokens", "target positions trained, all ranks (rate = tokens/s)",
+                              namespace=ns, registry=r)
+        self.loss = Gauge("loss", "loss parts, mean over the last log window (rank 0)", ["part"],
+                          namespace=ns, registry=r)
+        self.teacher_ce = Gauge("teacher_ce", "teacher's cross-entropy of the gold text, last log window (rank 0)",
+                                ["teacher"], namespace=ns, registry=r)
+        self.lr = Gauge("learning_rate", "learning rate after the last step", namespace=ns, registry=r)
+        # Queue (Transport.stats()).
+        self.queue = Gauge("queue", "run-wide queue counters: submitted, done, in_flight, window, ready, work, "
+                           "dead_letters", ["kind"], namespace=ns, registry=r)
+        self.teacher_lag = Gauge("teacher_lag", "samples not yet delivered to a teacher", ["teacher"],
+                                 namespace=ns, registry=r)
+        self.teacher_pending = Gauge("teacher_pending", "samples delivered to a teacher, not answered", ["teacher"],
+                                     namespace=ns, registry=r)
+        self.ready_lag = Gauge("ready_lag", "ready samples not yet read by a trainer rank", namespace=ns, registry=r)
+        self.ready_pending = Gauge("ready_pending", "ready samples read by a trainer rank, not yet acked "
+                                   "(trained since the last checkpoint, or in a batch being filled)",
+                                   namespace=ns, registry=r)
+        for t in teachers:  # export 0 from the start, not "absent"
+            self.teacher_lag.labels(t)
+            self.teacher_pending.labels(t)
+        self._http = None
+        self._lock = threading.Lock()
+
+    # -- online feed and training loop --------------------------------------------------------------------------
+
+    def observe_batch(self, samples: int, tokens: int) -> None:
+        """One lockstep micro-step: ``samples`` and ``tokens`` summed over the ranks."""
+        self.samples.inc(samples)
+        self.tokens.inc(tokens)
+
+    def observe_log(self, row: dict) -> None:
+        """A metrics row of ``fuseflow.trainer.loop.train`` (``step``, ``lr``, ``loss``, ``clm``, ``kl``,
+        ``ce/<teacher>`` …)."""
+        self.step.set(row["step"])
+        if "lr" in row:
+            self.lr.set(row["lr"])
+        for part in LOSS_PARTS:
+            if part in row:
+                self.loss.labels(part).set(row[part])
+        for key, value in row.items():
+            if key.startswith("ce/"):
+                self.teacher_ce.labels(key[3:]).set(value)
+
+    def observe_queue(self, stats: dict) -> None:
+        """``Transport.stats()``; unknown lags (``None``) leave the gauge as it was."""
+        for kind in ("submitted", "done", "in_flight", "window", "ready", "work", "dead_letters"):
+            self.queue.labels(kind).set(int(stats[kind]))
+        for name, q in stats["teachers"].items():
+            if q.get("lag") is not None:
+                self.teacher_lag.labels(name).set(q["lag"])
+            self.teacher_pending.labels(name).set(q["pending"])
+        trainer = stats["trainer"]
+        if trainer.get("lag") is not None:
+            self.ready_lag.set(trainer["lag"])
+        self.ready_pending.set(trainer["pending"])
+
+    # -- exposition ---------------------------------------------------------------------------------------------
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample (``samples_total``, ``loss`` with ``{"part": "kl"}`` …), 0 if never set."""
+        v = self.registry.get_sample_value(f"{NAMESPACE}_{name}", labels or {})
+        return 0.0 if v is None else float(v)
+
+    def start_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""
+        with self._lock:
+            if self._http is not None:
+                raise RuntimeError("metrics HTTP server already started")
+            try:
+                server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as e:
+                raise OSError(f"cannot serve trainer metrics on {host}:{port} ({e}); set --metrics-port "
+                              "(0 turns the endpoint off)") from e
+            self._http = server
+            return int(server.server_port)
+
+    def stop_http(self) -> None:
+        with self._lock:
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+                self._http = None

@@ -1,0 +1,384 @@
+"""``fuseflow train RUN.yaml --redis URL``: the online trainer (DESIGN.md, "Data flow" and "Trainer").
+
+Teachers run elsewhere (``fuseflow teacher serve --redis``) and stream aligned top-k distributions into
+Redis; no logits cache is ever written. The recipe, top to bottom:
+
+1. every rank joins the DeepSpeed group (``deepspeed`` / ``torchrun`` launchers: ``RANK``, ``WORLD_SIZE``,
+   ``MASTER_ADDR``, ``MASTER_PORT``) and loads the target;
+2. rank 0 splits the corpus as the in-process path does (``prepare_corpus``) and starts the
+   :class:`~fuseflow.trainer.dispatcher.Dispatcher` thread: the samples go to the teachers in order, through a
+   bounded window;
+3. every rank reads ready samples as consumer ``rank<r>`` (:class:`ReadyFeed`) and trains with the same loop
+   as ``fuseflow fuse`` (``fuseflow.trainer.loop.train``); a sample is acked only once the checkpoint that
+   covers it is written ("XACK after the step is durable");
+4. the epoch ends when the dispatcher has finished and every sample was trained or dead-lettered; the HF
+   model directory, ``metrics.jsonl``, ``trained_samples*.log`` and ``dead_letter.jsonl`` are written under
+   ``run_dir/fused`` as the in-process path does. (The CLM baseline and the evaluation are ``fuseflow fuse``'s.)
+
+Restarts: a run directory with a checkpoint resumes; the transport hands each rank the samples it had read but
+not acked, those the checkpoint already covers are acked without training again, and the dispatcher resumes
+at its recorded position, so every sample is trained exactly once. A run directory without a checkpoint
+starts the run afresh: its keys in Redis are reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis
+
+from fuseflow.config import ConfigError, FuseConfig, load_config
+from fuseflow.wire.transport import ReadySample, Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9401
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lockstep between ranks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def all_reduce(values: list[int], op: str = "sum") -> list[int]:
+    """Element-wise ``sum`` / ``min`` / ``max`` of ``values`` over every rank (identity without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=device)  # [n]
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return [int(v) for v in t.tolist()]
+
+
+def retry_redis(fn: Callable, what: str, timeout_s: float = 600.0):
+    """``fn()``, retried with backoff while Redis is unreachable or restarting (up to ``timeout_s``)."""
+    from fuseflow.teacher.worker import is_retryable
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        try:
+            return fn()
+        except redis.RedisError as e:
+            if not is_retryable(e) or time.monotonic() > deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def cannot_grow(stats: dict) -> bool:
+    """No sample can reach a trainer rank before one is acked: every sample in flight is already held by a
+    rank, and the dispatcher has finished or the window is full."""
+    held_by_ranks = stats["in_flight"] <= stats["trainer"]["pending"]
+    return held_by_ranks and (stats["finished"] or stats["in_flight"] >= stats["window"])
+
+
+def drained(stats: dict) -> bool:
+    """The epoch's samples have all reached the trainer ranks (or the dead-letter stream)."""
+    return stats["finished"] and stats["in_flight"] <= stats["trainer"]["pending"]
+
+
+class ReadyFeed:
+    """One rank's micro-batches of ready samples, in lockstep with the other ranks.
+
+    Each micro-step the rank waits for ``micro_batch`` samples, or fewer when no more can come (end of the
+    epoch); then one all-reduce tells every rank whether any has data. If one has, all step — a rank without
+    data yields ``[]`` (``loop.train`` runs a fully masked batch) so that DeepSpeed's collectives never wait
+    on a missing rank. If none has, the epoch is over: the feed pads to the gradient-accumulation boundary
+    with empty micro-steps (so the last samples reach an optimizer step) and ends, on every rank together.
+
+    ``trained_log``: this rank's ``trained_samples*.log``, read on the first micro-step (the loop has then cut
+    it to the checkpoint it resumed from): a redelivered sample listed there is already in the weights, and is
+    acked instead of trained again. ``ack_durable`` is the loop's ``on_durable``.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        consumer: str,
+        micro_batch: int,
+        grad_accum: int,
+        trained_log: Path,
+        poll_ms: int = 100,
+        on_batch: Callable[[int, int], None] | None = None,
+        stall_timeout_s: float = 120.0,
+    ):
+        self.transport = transport
+        self.consumer = consumer
+        self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.trained_log = Path(trained_log)
+        self.poll_ms = poll_ms
+        self.on_batch = on_batch
+        self.stall_timeout_s = stall_timeout_s
+        self.micro_steps = 0
+        self.skipped = 0  # redelivered samples that a checkpoint already covered
+        self._unacked: dict[str, ReadySample] = {}  # trained, waiting for the checkpoint that covers them
+        self._skip: set[str] | None = None
+
+    def __iter__(self) -> Iterator[list]:
+        stalled_since = None
+        while True:
+            if self._skip is None:
+                self._skip = set(self.trained_log.read_text().split()) if self.trained_log.exists() else set()
+            batch = self._fill()
+            tokens = sum(next(iter(r.dists.values())).num_positions for r in batch if r.dists)
+            ranks_with_data, samples, tokens = all_reduce([int(bool(batch)), len(batch), tokens])
+            if ranks_with_data:
+                stalled_since = None
+                if self.on_batch is not None:
+                    self.on_batch(samples, tokens)
+                for r in batch:
+                    self._unacked[r.sample.id] = r
+                self.micro_steps += 1
+                yield [(r.sample, r.dists) for r in batch]
+                continue
+            if self.micro_steps % self.grad_accum:
+                self.micro_steps += 1
+                yield []
+                continue
+            stats = retry_redis(self.transport.stats, "trainer stats")
+            if all_reduce([int(drained(stats))], "min")[0]:
+                return
+            # Every rank is empty-handed and more can only come after an ack: the window cannot hold a
+            # checkpoint's worth of samples (checked at start), or ranks saw the queue at different moments.
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > self.stall_timeout_s:
+                raise RuntimeError(
+                    f"online trainer stalled for {self.stall_timeout_s:.0f} s: {stats['in_flight']} samples in "
+                    f"flight, all held by trainer ranks, window {stats['window']}: raise --window or lower "
+                    "train.checkpoint_every"
+                )
+            time.sleep(self.poll_ms / 1000)
+
+    def _fill(self) -> list[ReadySample]:
+        batch: list[ReadySample] = []
+        while len(batch) < self.micro_batch:
+            need = self.micro_batch - len(batch)
+            got = retry_redis(lambda: self.transport.next_ready(self.consumer, need, self.poll_ms), "next_ready")
+            for r in got:
+                if r.sample.id in self._skip:
+                    retry_redis(lambda r=r: self.transport.ack_ready([r]), "ack")
+                    self._skip.discard(r.sample.id)
+                    self.skipped += 1
+                    log.info("sample %s is in the checkpoint already: acked, not trained again", r.sample.id)
+                else:
+                    batch.append(r)
+            if not got and cannot_grow(retry_redis(self.transport.stats, "trainer stats")):
+                break
+        return batch
+
+    def ack_durable(self, sample_ids: list[str]) -> None:
+        items = [self._unacked.pop(i) for i in sample_ids if i in self._unacked]
+        if items:
+            retry_redis(lambda: self.transport.ack_ready(items), "ack")
+
+
+def required_window(cfg: FuseConfig, world: int) -> int:
+    """Samples in flight that a checkpoint interval needs: samples are acked only at a checkpoint, so the
+    window must hold every sample trained since the last one plus a micro-batch per rank, or the dispatcher
+    waits on acks that wait on samples."""
+    t = cfg.train
+    return (t.checkpoint_every * t.grad_accum + 1) * t.micro_batch_size * world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_online(
+    cfg: FuseConfig,
+    transport: Transport,
+    *,
+    progress: bool = True,
+    metrics=None,
+    poll_ms: int = 100,
+):
+    """Train ``cfg.target`` on ``transport``'s ready samples until the epoch ends; returns the loop's
+    ``TrainResult``. ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None."""
+    import torch.distributed as dist
+
+    from fuseflow.models import load
+
+    from .dispatcher import Dispatcher, dispatch_sequence
+    from .knowledge_fusion import prepare_corpus, total_steps
+    from .loop import init_distributed, train, trained_ids_path
+
+    rank, world = init_distributed()
+    teachers = [s.key for s in cfg.sources]
+    if list(transport.teachers) != teachers:
+        raise ValueError(f"transport teachers {transport.teachers} != the config's sources {teachers}")
+    need = required_window(cfg, world)
+    if transport.window < need:
+        raise ValueError(
+            f"transport window {transport.window} < {need} samples, what train.checkpoint_every="
+            f"{cfg.train.checkpoint_every} steps of {cfg.train.micro_batch_size}x{cfg.train.grad_accum}x{world} "
+            "samples need (samples are acked at checkpoints): raise --window or lower train.checkpoint_every"
+        )
+    out = Path(cfg.run_dir) / "fused"
+    out.mkdir(parents=True, exist_ok=True)
+    target = load(cfg.target.model, device=cfg.device)
+
+    samples = prepare_corpus(cfg, target.tokenizer).train if rank == 0 else []
+    count = [len(samples)]
+    if world > 1:
+        dist.broadcast_object_list(count, src=0)
+    steps = total_steps(cfg, count[0], world)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    limit = steps * per_step if cfg.train.max_steps else None
+
+    dispatcher = None
+    if rank == 0:
+        if not (out / "checkpoints" / "latest").exists() and hasattr(transport, "reset"):
+            deleted = retry_redis(transport.reset, "reset")
+            log.info("fresh run %r: reset its queue (%d keys deleted)", transport.run, deleted)
+        sequence = dispatch_sequence(samples, cfg.train.epochs, limit)
+        log.info("online run %r: %d samples to dispatch, %d steps, %d ranks, window %d", transport.run,
+                 len(sequence), steps, world, transport.window)
+        dispatcher = Dispatcher(transport, sequence)
+    if world > 1:
+        dist.barrier()  # nobody reads the queue before rank 0 has reset it
+    if dispatcher is not None:
+        dispatcher.start()
+
+    stop_poll = threading.Event()
+    if metrics is not None:
+        threading.Thread(target=_poll_queue, args=(transport, metrics, stop_poll), daemon=True, name="queue-poll").start()
+    feed = ReadyFeed(
+        transport, f"rank{rank}", cfg.train.micro_batch_size, cfg.train.grad_accum,
+        trained_ids_path(out, rank, world), poll_ms=poll_ms,
+        on_batch=metrics.observe_batch if metrics is not None else None,
+    )
+    try:
+        result = train(
+            target.model, target.tokenizer, feed,
+            teachers=teachers, train_cfg=cfg.train, fusion_cfg=cfg.fusion, total_steps=steps, run_dir=out,
+            on_durable=feed.ack_durable, progress=progress, skip_consumed=False,
+            on_log=metrics.observe_log if metrics is not None else None,
+        )
+    finally:
+        stop_poll.set()
+        if dispatcher is not None:
+            dispatcher.stop()
+    if dispatcher is not None:
+        dispatcher.join_checked(timeout=30)
+    if rank == 0:
+        stats = retry_redis(transport.stats, "trainer stats")
+        if metrics is not None:
+            metrics.observe_queue(stats)
+        dead = retry_redis(lambda: transport.dead_letters(count=100_000), "dead letters")
+        with (out / "dead_letter.jsonl").open("w") as f:
+            for d in dead:
+                f.write(json.dumps({"sample": d["sample_id"], "reason": f"{d['teacher']}: {d['reason']}"}) + "\n")
+        if not retry_redis(transport.is_finished, "trainer stats"):
+            log.warning("online run %r ended with samples still in flight: %s", transport.run, stats)
+        log.info("online run %r done: %d steps, %d samples on rank 0, %d dead letters, %d redelivered and skipped",
+                 transport.run, result.steps, result.samples, stats["dead_letters"], feed.skipped)
+    return result
+
+
+def _poll_queue(transport: Transport, metrics, stop: threading.Event, every_s: float = 2.0) -> None:
+    while not stop.wait(every_s):
+        try:
+            metrics.observe_queue(transport.stats())
+        except redis.RedisError as e:  # an outage: the trainer's own retries report it
+            log.debug("queue poll failed: %s", e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_name(cfg: FuseConfig, given: str | None = None) -> str:
+    """``--run``, else ``FUSEFLOW_RUN``, else the name of the config's ``run_dir``."""
+    return given or os.environ.get("FUSEFLOW_RUN") or Path(cfg.run_dir).resolve().name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuseflow train",
+        description="Online knowledge fusion: train the target on aligned top-k distributions that teacher "
+        "services (`fuseflow teacher serve --redis`) stream through Redis. Rank 0 dispatches the corpus; "
+        "run N ranks with the deepspeed or torchrun launcher (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).",
+        epilog="example: fuseflow train examples/quickstart.yaml --redis redis://:PASSWORD@localhost:6379/0 "
+        "train.max_steps=20",
+    )
+    p.add_argument("config", help="run config YAML (see examples/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
+    p.add_argument("--redis", default=os.environ.get("FUSEFLOW_REDIS_URL"),
+                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 (default: env FUSEFLOW_REDIS_URL)")
+    p.add_argument("--run", default=None, help="run name: the Redis keys' tag, shared with the teachers "
+                   "(default: env FUSEFLOW_RUN, else the config's run_dir name)")
+    p.add_argument("--window", type=int, default=None,
+                   help="samples in flight at most (default: twice what a checkpoint interval needs, at least 256)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus /metrics port on rank 0 (default {DEFAULT_METRICS_PORT}; 0: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fuseflow.logs import setup_logging
+
+    args = build_parser().parse_intermixed_args(argv)
+    if not logging.getLogger().handlers:
+        setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, redis.ConnectionError) as e:
+        print(f"fuseflow train: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not type(e).__module__.startswith("fuseflow"):
+            raise
+        print(f"fuseflow train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    from fuseflow.wire.redis_streams import RedisTransport
+
+    from .loop import init_distributed
+    from .metrics import TrainerMetrics
+
+    if not args.redis:
+        raise ConfigError("no Redis URL: pass --redis URL or set FUSEFLOW_REDIS_URL")
+    cfg = load_config(FuseConfig, args.config, args.overrides)
+    rank, world = init_distributed()
+    need = required_window(cfg, world)
+    window = args.window if args.window is not None else max(256, 2 * need)
+    teachers = [s.key for s in cfg.sources]
+    metrics = None
+    if rank == 0 and args.metrics_port:
+        metrics = TrainerMetrics(teachers)
+        port = metrics.start_http(args.metrics_port)
+        log.info("trainer metrics on :%d/metrics", port)
+    try:
+        with RedisTransport(args.redis, run_name(cfg, args.run), teachers, window=window) as transport:
+            run_online(cfg, transport, progress=not args.no_progress, metrics=metrics)
+    finally:
+        if metrics is not None:
+            metrics.stop_http()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

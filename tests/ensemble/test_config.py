@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fuseflow.config import ConfigError
+from fuseflow.ensemble.config import EnsembleConfig, build_source, load_ensemble_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ensemble.yaml"
+
+
+def test_example_config_validates_with_every_default_written():
+    cfg = load_ensemble_config(EXAMPLE)
+    assert [s.name for s in cfg.sources] == ["smollm", "gemma"]
+    # The example spells out every field: dumping the defaults adds nothing it does not have.
+    defaults = EnsembleConfig(sources=[{"name": "x", "model": "m"}]).model_dump()
+    written = cfg.model_dump()
+    for section in ("decoding", "server", "eval"):
+        assert written[section] == defaults[section]
+
+
+def test_overrides_apply():
+    cfg = load_ensemble_config(EXAMPLE, ["decoding.rerank=mean_logprob", "sources.1.engine_options.dtype=bfloat16"])
+    assert cfg.decoding.rerank == "mean_logprob"
+    assert cfg.sources[1].engine_options == {"head_chunk_tokens": 512, "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["sources.0.address=localhost:1"], "sources.0"),  # address and model both set
+        (["sources.1.name=smollm"], "sources"),  # duplicate name
+        (["name=gemma"], "name"),
+        (["decoding.rerank=best"], "decoding.rerank"),
+        (["decoding.boundary=sentence"], "decoding.boundary"),
+        (["decoding.segment_max_tokens=0"], "decoding.segment_max_tokens"),
+        (["server.typo=1"], "server.typo"),
+    ],
+)
+def test_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_ensemble_config(EXAMPLE, overrides)
+    assert field in str(e.value)
+
+
+def test_unreachable_teacher_names_the_address_field():
+    cfg = EnsembleConfig(sources=[{"name": "t", "address": "127.0.0.1:1", "connect_timeout_s": 0.3}])
+    with pytest.raises(ConfigError, match=r"sources\[0\] \('t'\)\.address"):
+        build_source(cfg.sources[0], 0)

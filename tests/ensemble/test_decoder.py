@@ -1,0 +1,156 @@
+"""The Cool-Fusion decoder: with scripted teachers (real tokenizers, known preferences) for the rules, and
+with tiny random models for determinism and the one-source case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fuseflow.ensemble.boundaries import token_boundary_mask
+from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single
+from fuseflow.ensemble.sources import completion_prompt
+
+from ensemble_scripted import scripted_source
+
+PROMPT = "Count:"
+
+
+def _decode(sources, params=DecodeParams(max_tokens=64), prompt=PROMPT, **kw):
+    decoder = CoolFusionDecoder(sources, **kw)
+    return decoder.generate(completion_prompt(sources, prompt), params)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules, with scripted teachers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rerank", ["mean_perplexity", "mean_logprob", "mean_bits_per_byte"])
+def test_candidate_both_sources_like_wins_until_eos(bpe_tokenizer, spm_tokenizer, rerank):
+    a = scripted_source("a", bpe_tokenizer, " one two three four", likes="one two three four")
+    b = scripted_source("b", spm_tokenizer, " alpha beta gamma", likes="alpha beta gamma one two three four")
+    c = _decode([a, b], rerank=rerank)
+    assert c.text == " one two three four"
+    assert c.finish_reason == "stop"
+    # The last segment is " four" + a's EOS: the end of a final proposal is a boundary.
+    assert [s.text for s in c.segments] == [" one", " two", " three", " four"]
+    assert all(s.winner == "a" for s in c.segments)
+    assert c.segments[-1].final and not any(s.final for s in c.segments[:-1])
+    for s in c.segments:
+        assert s.at_common_boundary
+        assert {x["text"] for x in s.candidates} == {s.text, " alpha"}
+        assert max(s.candidates, key=lambda x: x["score"])["text"] == s.text
+
+
+def test_other_sources_retokenize_the_winner_and_the_proposer_keeps_its_ids(bpe_tokenizer, spm_tokenizer):
+    a = scripted_source("a", bpe_tokenizer, " one two", likes="alpha beta gamma")
+    b = scripted_source("b", spm_tokenizer, " alpha beta gamma", likes="alpha beta gamma")
+    c = _decode([a, b])
+    assert c.text == " alpha beta gamma" and c.finish_reason == "stop"
+    assert [s.winner for s in c.segments] == ["b"] * 3  # " alpha", " beta", " gamma" + EOS
+    calls_a, calls_b = a.teacher.generate_calls, b.teacher.generate_calls
+    # a did not propose " alpha": it continues from its own tokenization of the text.
+    np.testing.assert_array_equal(calls_a[1], bpe_tokenizer(PROMPT + " alpha")["input_ids"])
+    # b proposed it: its context grows by exactly the ids it generated.
+    enc = spm_tokenizer(PROMPT + " alpha", return_offsets_mapping=True, add_special_tokens=False)
+    own = [i for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > len(PROMPT)]
+    np.testing.assert_array_equal(calls_b[1], np.concatenate([calls_b[0], own]))
+
+
+def test_stop_string_cuts_and_streaming_holds_back(bpe_tokenizer, spm_tokenizer):
+    likes = "one two three four"
+    a = scripted_source("a", bpe_tokenizer, " one two three four", likes=likes)
+    b = scripted_source("b", spm_tokenizer, " one two three four", likes=likes)
+    params = DecodeParams(max_tokens=64, stop=(" thr",))
+    decoder = CoolFusionDecoder([a, b])
+    events = list(decoder.stream(completion_prompt([a, b], PROMPT), params))
+    completion = events[-1].completion
+    assert completion.text == " one two" and completion.finish_reason == "stop"
+    assert "".join(e.delta for e in events) == completion.text
+    assert all("thr" not in e.delta for e in events)
+    # " two" could not be shown before " three" arrived? It could: no stop string starts with "o".
+    assert events[1].delta == " two"
+
+
+def test_max_tokens_counts_the_first_sources_tokens(bpe_tokenizer, spm_tokenizer):
+    script = " one two three four"
+    a = scripted_source("a", bpe_tokenizer, script, likes=script)
+    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    enc = bpe_tokenizer(PROMPT + script, return_offsets_mapping=True)
+    ends = [e for s, e in enc["offset_mapping"] if e > len(PROMPT)]
+    for n in (1, 3, 5):
+        c = _decode([a, b], DecodeParams(max_tokens=n))
+        assert c.finish_reason == "length"
+        assert c.completion_tokens == n
+        assert c.text == (PROMPT + script)[len(PROMPT) : ends[n - 1]]
+    assert _decode([a, b], DecodeParams(max_tokens=0)).text == ""
+
+
+def test_prompt_errors_name_the_fix(bpe_tokenizer):
+    a = scripted_source("a", bpe_tokenizer, " x", likes="x", max_length=8)
+    with pytest.raises(ValueError, match="not less than its max_length"):
+        _decode([a], prompt="word " * 20)
+
+
+def test_duplicate_source_names_and_unknown_rerank_are_refused(bpe_tokenizer):
+    a = scripted_source("a", bpe_tokenizer, " x", likes="x")
+    with pytest.raises(ValueError, match="unique"):
+        CoolFusionDecoder([a, a])
+    with pytest.raises(ValueError, match="decoding.rerank"):
+        CoolFusionDecoder([a], rerank="best")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny random models.
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_PROMPT = "The value of the expression is"
+
+
+def test_greedy_is_deterministic(llama_source, gemma_source):
+    params = DecodeParams(max_tokens=16)
+    first = _decode([llama_source, gemma_source], params, TINY_PROMPT, rerank="mean_bits_per_byte")
+    second = _decode([llama_source, gemma_source], params, TINY_PROMPT, rerank="mean_bits_per_byte")
+    assert first.text == second.text and first.text
+    assert {s.winner for s in first.segments} == {"llama", "gemma"}  # both proposers' paths are exercised
+    assert first.trace() == second.trace()
+    assert "".join(s.text for s in first.segments) == first.text
+    assert all(s.winner in s.proposers for s in first.segments)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_one_source_equals_its_own_greedy_generation(which, llama_source, gemma_source):
+    source = {"llama": llama_source, "gemma": gemma_source}[which]
+    params = DecodeParams(max_tokens=24)
+    fused = _decode([source], params, TINY_PROMPT)
+    alone = generate_single(source, TINY_PROMPT, True, params)
+    assert len(fused.segments) > 1  # it really went segment by segment
+    assert fused.text == alone.text
+    assert fused.completion_tokens == alone.completion_tokens
+    assert fused.finish_reason == alone.finish_reason
+
+
+def test_segments_end_on_boundaries_of_both_tokenizers(llama_source, gemma_source):
+    c = _decode([llama_source, gemma_source], DecodeParams(max_tokens=24), TINY_PROMPT, segment_max_tokens=6,
+                rerank="mean_bits_per_byte", boundary="token")
+    full = TINY_PROMPT + c.text
+    masks = []
+    for s in (llama_source, gemma_source):
+        (enc,) = s.encode([full], True)
+        masks.append(token_boundary_mask(enc.offsets, 0, len(full)))
+    end, checked = len(TINY_PROMPT), 0
+    for seg in c.segments[:-1]:
+        end += len(seg.text)
+        # Before a space the boundary cannot move with what follows, so it must still be one in the final text.
+        if seg.at_common_boundary and full[end : end + 1].isspace():
+            assert masks[0][end] and masks[1][end], (seg, full[end - 5 : end + 5])
+            checked += 1
+    assert checked >= 3
+
+
+def test_sampling_is_seeded(llama_source, gemma_source):
+    def run(seed):
+        return _decode([llama_source, gemma_source], DecodeParams(max_tokens=12, temperature=1.0, seed=seed), TINY_PROMPT).text
+
+    assert run(7) == run(7)
+    assert len({run(s) for s in (1, 2, 3)}) > 1

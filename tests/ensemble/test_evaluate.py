@@ -1,0 +1,88 @@
+"""The eval: held-out bits per byte against a direct forward pass, the bounds between the mixture, the
+oracle and the sources, and the CLI end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fuseflow.ensemble.evaluate import common_cuts, heldout_bits_per_byte, main, run_task
+from fuseflow.ensemble.decoder import CoolFusionDecoder
+from fuseflow.ensemble.tasks import get_task
+from fuseflow.models import builtin_text
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return builtin_text(302_500)[300_000:]
+
+
+def reference_nll(engine, context: str, chunk: str) -> float:
+    """NLL (nats) of the tokens that end inside ``chunk``, from the model's full logits."""
+    enc = engine.tokenizer(context + chunk, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"])[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(input_ids=ids).logits[0].double(), dim=-1)  # [L, V]
+    total = 0.0
+    for t, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > len(context) and t > 0:
+            total -= float(logp[t - 1, enc["input_ids"][t]])
+    return total
+
+
+def test_heldout_matches_a_direct_forward_and_bounds_hold(llama_source, gemma_source, heldout):
+    sources = [llama_source, gemma_source]
+    result = heldout_bits_per_byte(sources, heldout, chunk_chars=600, context_chars=200)
+    cuts = common_cuts(sources, heldout, 600, start=200)
+    chunks = [(heldout[max(0, a - 200) : a], heldout[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    nbytes = sum(len(x.encode()) for _, x in chunks)
+    assert result["chunks"] == len(chunks) >= 3 and result["bytes"] == nbytes
+    for source in sources:
+        ref = sum(reference_nll(source.teacher, c, x) for c, x in chunks) / math.log(2) / nbytes
+        assert result["sources"][source.name] == pytest.approx(ref, rel=1e-4)
+    best = min(result["sources"].values())
+    # oracle <= mixture <= oracle + log2(S) per chunk; oracle <= every source
+    assert result["best_source_per_chunk"] <= result["mixture"] <= result["best_source_per_chunk"] + len(chunks) / nbytes + 1e-9
+    assert result["best_source_per_chunk"] <= best
+
+
+def test_chunks_start_on_common_boundaries(llama_source, gemma_source, heldout):
+    cuts = common_cuts([llama_source, gemma_source], heldout, 500, start=100)
+    assert cuts[-1] == len(heldout) and np.all(np.diff(cuts) > 0) and cuts[0] >= 100
+    for source in (llama_source, gemma_source):
+        (enc,) = source.encode([heldout], True)
+        ends = set(enc.offsets[:, 1].tolist())
+        assert all(int(c) in ends for c in cuts)
+
+
+def test_run_task_counts(llama_source, gemma_source):
+    decoder = CoolFusionDecoder([llama_source, gemma_source])
+    results = run_task(decoder, get_task("arithmetic"), num_problems=2, shots=1, seed=0, max_tokens=4)
+    assert [r.system for r in results] == ["llama", "gemma", "cool-fusion"]
+    for r in results:
+        assert r.n == 2 and len(r.answers) == 2 and 0 <= r.correct <= 2
+        assert 0 < r.completion_tokens <= 8 and r.seconds > 0
+    fused = results[-1]
+    assert fused.segments == sum(fused.wins.values()) > 0
+    with pytest.raises(ValueError, match="unknown systems"):
+        run_task(decoder, get_task("arithmetic"), 1, 0, 0, 2, systems=["gpt"])
+
+
+def test_cli_writes_table_and_json(tiny_llama, tiny_gemma, tmp_path, capsys):
+    cfg = tmp_path / "ensemble.yaml"
+    cfg.write_text(
+        f"sources:\n  - {{name: llama, model: {tiny_llama}}}\n  - {{name: gemma, model: {tiny_gemma}}}\n"
+        "eval: {num_problems: 2, shots: 1, max_tokens: 4, heldout_chars: 1500, heldout_chunk_chars: 500}\n"
+    )
+    out = tmp_path / "out.json"
+    assert main([str(cfg), "--out", str(out), "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| cool-fusion |" in table and "| uniform mixture of the sources |" in table
+    report = json.loads(out.read_text())
+    assert [s["system"] for s in report["systems"]] == ["llama", "gemma", "cool-fusion"]
+    assert set(report["heldout_bits_per_byte"]["sources"]) == {"llama", "gemma"}
+    assert main([str(cfg), "eval.task=nope"]) == 2

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fuseflow.ensemble.tasks import TASKS, Task, get_task
+
+
+def reference_answer(question: str) -> int:
+    """Recompute the answer from the question's words alone."""
+    n = [int(x) for x in re.findall(r"\d+", question)]
+    if "gives" in question and "buys" in question:
+        return n[0] + n[1] - n[2]
+    if "more." in question:
+        return n[0] + n[1]
+    if "gave" in question:
+        return n[0] - n[1]
+    if "in each bag" in question:
+        return n[0] * n[1]
+    raise AssertionError(question)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_problems_are_seeded_and_answers_right(name):
+    task = get_task(name)
+    problems = task.problems(50, seed=3)
+    assert problems == task.problems(50, seed=3)
+    assert problems != task.problems(50, seed=4)
+    assert len({p.id for p in problems}) == 50
+    for p in problems:
+        assert p.answer == reference_answer(p.question), p
+        assert p.answer >= 0
+    if name == "arithmetic":
+        assert any("gives" in p.question for p in problems)  # two-step problems are in the mix
+    else:
+        assert not any("gives" in p.question for p in problems)
+
+
+def test_prompt_is_few_shot_and_ends_open():
+    task = get_task("arithmetic")
+    problem, shots = task.problems(1, 0)[0], task.shots(2, 0)
+    prompt = task.prompt(problem, shots)
+    assert prompt.count("Question:") == 3 and prompt.endswith(f"Question: {problem.question}\nAnswer:")
+    assert f"Answer: {shots[0].answer}\n\n" in prompt
+    assert {s.id for s in shots}.isdisjoint({p.id for p in task.problems(20, 0)})
+
+
+@pytest.mark.parametrize("text, value", [(" 8\n", 8), (" -3 apples", -3), ("1,200", 1200), ("none", None), ("", None), (" 12.", 12)])
+def test_extract(text, value):
+    assert Task.extract(text) == value
+
+
+def test_unknown_task_names_the_field():
+    with pytest.raises(ValueError, match="eval.task"):
+        get_task("gsm9k")

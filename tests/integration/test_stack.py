@@ -1,0 +1,133 @@
+"""``fuseflow stack up``: the commands of every process (a pure function the deployment manifests are checked
+against), the status line, and the real stack — Redis, ``fuseflow teacher serve --redis`` per source and
+``fuseflow train`` as processes — running a run to completion, and stopping cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from online_helpers import CHILD_ENV, trained_ids, wait_exit, wait_for, write_run_config
+
+from fuseflow.config import FuseConfig
+from fuseflow.stack import Rate, StackPorts, exit_code, format_status, runnable, stack_commands
+
+
+def _cfg(**over) -> FuseConfig:
+    data = {"run_dir": "runs/demo", "target": {"model": "smollm2-135m"},
+            "sources": [{"name": "gemma", "model": "gemma3-270m"}, {"model": "smollm2-135m"}]}
+    data.update(over)
+    return FuseConfig.model_validate(data)
+
+
+def test_stack_commands_follow_the_cli_contract():
+    cmds = stack_commands(_cfg(), "redis://:pw@127.0.0.1:6379/0", "demo", "/etc/fuseflow/run.yaml")
+    assert list(cmds) == ["teacher-gemma", "teacher-smollm2-135m", "trainer"]
+    assert cmds["teacher-gemma"] == [
+        "fuseflow", "teacher", "serve", "--config", "/etc/fuseflow/run.yaml", "--source", "gemma",
+        "--redis", "redis://:pw@127.0.0.1:6379/0", "--run", "demo", "--port", "50051", "--metrics-port", "9400",
+    ]
+    # the second teacher's metrics port skips the trainer's 9401
+    assert cmds["teacher-smollm2-135m"][-4:] == ["--port", "50052", "--metrics-port", "9402"]
+    assert cmds["trainer"] == [
+        "fuseflow", "train", "/etc/fuseflow/run.yaml", "--redis", "redis://:pw@127.0.0.1:6379/0", "--run", "demo",
+        "--metrics-port", "9401",
+    ]
+
+
+def test_stack_ports_never_collide():
+    for ports in (StackPorts(), StackPorts(6000, 7000, 7002), StackPorts(6000, 7000, 6999)):
+        pairs = ports.teacher_ports(5)
+        used = [p for pair in pairs for p in pair] + [ports.trainer_metrics]
+        assert len(used) == len(set(used)), ports
+
+
+def test_runnable_uses_this_interpreter_and_the_entry_modules():
+    assert runnable(["fuseflow", "teacher", "serve", "--port", "1"]) == [
+        sys.executable, "-m", "fuseflow.teacher.serve", "--port", "1"]
+    assert runnable(["fuseflow", "train", "run.yaml"]) == [sys.executable, "-m", "fuseflow.trainer.online", "run.yaml"]
+    assert runnable(["fuseflow", "merge", "m.yaml"]) == [sys.executable, "-m", "fuseflow.cli", "merge", "m.yaml"]
+    with pytest.raises(ValueError):
+        runnable(["python", "x.py"])
+
+
+def test_status_line_and_rates():
+    stats = {"in_flight": 12, "window": 256, "ready": 3, "done": 40, "submitted": 52, "dead_letters": 2}
+    line = format_status(stats, {"gemma": 1500.0, "qwen": None}, 820.0, step=7)
+    assert line == ("queue: 12/256 in flight, 3 ready, 40/52 done | teachers tok/s: gemma 1.5k, qwen - | "
+                    "trainer tok/s: 820 (step 7) | dead letters: 2")
+    assert "redis unavailable" in format_status(None, {}, None)
+    rate = Rate(window_s=5)
+    assert rate.update(0.0, 100.0) is None
+    assert rate.update(1.0, 300.0) == pytest.approx(200.0)
+    assert rate.update(2.0, 400.0) == pytest.approx(150.0)
+    assert rate.update(3.0, 10.0) is None  # a restarted process: its counter starts over
+    assert exit_code(-15) == 143 and exit_code(3) == 3
+
+
+def _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen) -> tuple[subprocess.Popen, object]:
+    from fuseflow.wire.redis_server import free_port
+
+    config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40)
+    log = tmp_path / "stack.log"
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "fuseflow.stack", "up", str(config), "--teacher-port", ports[0],
+           "--teacher-metrics-port", ports[1], "--trainer-metrics-port", ports[2], "train.log_every=1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **CHILD_ENV),
+                                start_new_session=True)
+    return proc, log
+
+
+def _pids(log_text: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"started (\S+) \(pid (\d+)\)", log_text)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen):
+    proc, log = _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen)
+    assert wait_exit(proc, log, 240) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    run = tmp_path / "run"
+    pids = _pids(text)
+    assert set(pids) == {"teacher-gemma", "teacher-qwen", "trainer"}
+    assert not any(_alive(p) for p in pids.values()), "a child process outlived the stack"
+    assert "queue:" in text and "teachers tok/s: gemma" in text  # the status line
+    assert "trainer exited with code 0" in text
+    ids = trained_ids(run / "fused")
+    dead = (run / "fused" / "dead_letter.jsonl").read_text().splitlines()
+    assert ids and len(ids) == len(set(ids)) and dead
+    for name in ("teacher-gemma", "teacher-qwen"):  # the real teacher service ran its Redis worker
+        assert "stopped:" in (run / "logs" / f"{name}.log").read_text()
+    assert (run / "redis" / "server.conf").exists() and (run / "stack.yaml").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stack_stops_everything_on_sigterm(tmp_path, tiny_llama, tiny_gemma, tiny_qwen):
+    proc, log = _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen)
+    pids = wait_for(lambda: (p := _pids(log.read_text())) and len(p) == 3 and p, 60, "the stack's processes",
+                    [(proc, log)])
+    proc.send_signal(signal.SIGTERM)
+    code = wait_exit(proc, log, 90)
+    text = log.read_text()
+    assert f"trainer exited with code {code}" in text  # the stack exits with the trainer's code
+    assert code == 143  # the trainer was stopped by SIGTERM (128 + 15) before it could finish
+    assert not any(_alive(p) for p in pids.values()), "a child process outlived the stack"

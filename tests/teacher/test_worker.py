@@ -1,0 +1,265 @@
+"""The teacher's Redis worker (``fuseflow.teacher.worker.run_worker``) on both transports, with a fake aligner:
+results, dead letters, engine faults, takeover of a dead replica's work, a Redis restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import zlib
+
+import numpy as np
+import pytest
+
+from fuseflow.sparse import AlignedDist, Sample
+from fuseflow.teacher.aligner import AlignedResult
+from fuseflow.teacher.worker import EngineFailure, is_retryable, run_worker
+from fuseflow.wire.inprocess import InProcessTransport
+
+TEACHERS = ["alpha", "beta"]
+
+
+def expected_dist(teacher: str, sample: Sample) -> AlignedDist:
+    """Deterministic per (teacher, sample): what the fake aligner answers, so results can be checked."""
+    rng = np.random.default_rng(zlib.crc32(f"{teacher}/{sample.id}".encode()))
+    t, k = 3 + len(sample.text) % 5, 4
+    lp = -np.sort(rng.exponential(2.0, size=(t, k)), axis=1).astype(np.float16).astype(np.float32)  # [T, k]
+    return AlignedDist(
+        ids=rng.integers(0, 500, size=(t, k)).astype(np.int32),  # [T, k]
+        logprobs=lp,
+        gold_logprobs=-rng.exponential(1.0, size=t).astype(np.float32),  # [T]
+        aligned=np.ones(t, dtype=bool),  # [T]
+        meta={"teacher": teacher, "source_tokens": t + 1},
+    )
+
+
+class FakeAligner:
+    """``TeacherAligner``'s contract: empty text → an error result; ``raise_for`` ids raise like the engine would
+    (``ValueError`` for a batch of one bad sample); ``faults`` makes the next calls raise ``RuntimeError``."""
+
+    def __init__(self, name, raise_for=(), faults=0, broken=False, delay_s=0.0):
+        self.name, self.raise_for, self.faults, self.broken, self.delay_s = name, set(raise_for), faults, broken, delay_s
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def run(self, samples):
+        with self.lock:
+            self.calls.append([s.id for s in samples])
+            if self.broken or self.faults > 0:
+                self.faults -= 1
+                raise RuntimeError("CUDA error: an illegal memory access")
+        time.sleep(self.delay_s)
+        bad = [s for s in samples if s.id in self.raise_for]
+        if bad and len(samples) == 1:
+            raise ValueError(f"text 0 has 999 tokens, more than max_length 64 of {self.name}")
+        if bad:
+            raise ValueError("one bad text fails the whole batch")
+        return [AlignedResult(s, None, "empty text") if not s.text.strip() else AlignedResult(s, expected_dist(self.name, s))
+                for s in samples]
+
+
+@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.integration)])
+def make_transport(request):
+    made = []
+
+    def make(teachers=TEACHERS, window=64):
+        if request.param == "inprocess":
+            tr = InProcessTransport("w", teachers, window=window)
+        else:
+            from fuseflow.wire.redis_streams import RedisTransport
+
+            server = request.getfixturevalue("redis_server")
+            tr = RedisTransport(server.url, f"w-{uuid.uuid4().hex[:8]}", teachers, window=window, poll_s=0.01)
+        made.append(tr)
+        return tr
+
+    yield make
+    for tr in made:
+        if hasattr(tr, "reset"):
+            tr.reset()
+        tr.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    from fuseflow.wire.redis_server import RedisServer, RedisServerError, find_server_binary
+
+    try:
+        find_server_binary()
+    except RedisServerError as e:
+        pytest.skip(str(e))
+    with RedisServer(appendonly=False) as server:
+        yield server
+
+
+def texts(n, prefix="s"):
+    return [Sample(f"{prefix}{i}", f"sample text {i} " * (1 + i % 3)) for i in range(n)]
+
+
+class Workers:
+    """``run_worker`` threads; ``stop()`` joins them and returns their stats (re-raising a worker's error)."""
+
+    def __init__(self):
+        self.stop_event = threading.Event()
+        self.threads, self.results, self.errors = [], {}, {}
+
+    def start(self, aligner, transport, consumer, **kw):
+        def target():
+            try:
+                self.results[consumer] = run_worker(aligner, transport, consumer, self.stop_event, **kw)
+            except BaseException as e:  # noqa: BLE001 - checked by the test
+                self.errors[consumer] = e
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        self.threads.append(th)
+        return th
+
+    def stop(self):
+        self.stop_event.set()
+        for th in self.threads:
+            th.join(10)
+            assert not th.is_alive(), "a worker did not stop within 10 s of stop_event"
+        return self.results
+
+
+def drain(tr, n_expected, timeout_s=20.0):
+    """Read and ack ready samples until ``n_expected`` arrived (or the timeout); returns them by id."""
+    got = {}
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n_expected and time.monotonic() < deadline:
+        for r in tr.next_ready("rank0", 16, 50):
+            assert r.sample.id not in got, f"sample {r.sample.id} ready twice"
+            got[r.sample.id] = r
+            tr.ack_ready([r])
+    return got
+
+
+def assert_dist_equal(got: AlignedDist, want: AlignedDist):
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.logprobs, want.logprobs)  # fp16-representable: exact on both wires
+    np.testing.assert_array_equal(got.gold_logprobs, want.gold_logprobs)
+    np.testing.assert_array_equal(got.aligned, want.aligned)
+
+
+def test_every_sample_answered_and_bad_ones_dead_lettered(make_transport):
+    tr = make_transport()
+    samples = texts(20)
+    samples[5] = Sample("s5", "   ")  # empty text: the aligner's own error result
+    tr.submit(samples)
+    tr.finish_submissions()
+    w = Workers()
+    w.start(FakeAligner("alpha", raise_for={"s9"}), tr, "a0", batch_size=4, block_ms=50)
+    w.start(FakeAligner("beta"), tr, "b0", batch_size=3, block_ms=50)
+    got = drain(tr, 18)
+    stats = w.stop()
+    assert not w.errors
+    assert sorted(got) == sorted(s.id for s in samples if s.id not in {"s5", "s9"})
+    for s in samples:
+        if s.id in got:
+            for t in TEACHERS:
+                assert_dist_equal(got[s.id].dists[t], expected_dist(t, s))
+    dead = {d["sample_id"]: d for d in tr.dead_letters()}
+    assert set(dead) == {"s5", "s9"}
+    assert dead["s5"]["reason"] == "empty text"
+    assert "max_length 64" in dead["s9"]["reason"] and dead["s9"]["teacher"] == "alpha"
+    # s5 may be dead-lettered by beta before alpha ever sees it (its work entry is then gone)
+    assert stats["a0"].ok == 18 and stats["a0"].failed in (1, 2)
+    assert stats["a0"].source_tokens == sum(expected_dist("alpha", s).meta["source_tokens"] for s in samples
+                                            if s.id in got)
+    assert tr.is_finished()
+
+
+def test_transient_engine_fault_is_retried_not_dead_lettered(make_transport):
+    tr = make_transport(teachers=["alpha"])
+    tr.submit(texts(6))
+    aligner = FakeAligner("alpha", faults=2)
+    w = Workers()
+    w.start(aligner, tr, "a0", batch_size=6, block_ms=50)
+    got = drain(tr, 6)
+    w.stop()
+    assert len(got) == 6 and not tr.dead_letters() and not w.errors
+    assert len(aligner.calls) == 3  # two faults, then the same batch again
+
+
+def test_broken_engine_stops_the_worker_and_leaves_the_work_pending(make_transport):
+    tr = make_transport(teachers=["alpha"])
+    tr.submit(texts(3))
+    w = Workers()
+    th = w.start(FakeAligner("alpha", broken=True), tr, "a0", batch_size=3, block_ms=50)
+    th.join(20)
+    assert isinstance(w.errors.get("a0"), EngineFailure)
+    assert not tr.dead_letters()
+    assert tr.stats()["teachers"]["alpha"]["pending"] == 3  # for a healthy replica to reclaim
+    w.stop()
+
+
+def test_a_live_replica_takes_over_the_work_of_a_dead_one(make_transport):
+    tr = make_transport(teachers=["alpha"])
+    tr.submit(texts(10))
+    dead = tr.claim_work("alpha", "dead-replica", count=4, block_ms=0)  # claimed, never completed
+    assert len(dead) == 4
+    w = Workers()
+    w.start(FakeAligner("alpha"), tr, "a1", batch_size=4, block_ms=50, reclaim_idle_ms=300)
+    got = drain(tr, 10)
+    stats = w.stop()
+    assert sorted(got) == sorted(s.id for s in texts(10))
+    assert stats["a1"].reclaimed == 4
+    assert tr.stats()["teachers"]["alpha"]["pending"] == 0
+
+
+def test_unknown_teacher_name_is_rejected():
+    tr = InProcessTransport("w", TEACHERS)
+    with pytest.raises(ValueError, match="--source"):
+        run_worker(FakeAligner("gamma"), tr, "c", threading.Event())
+
+
+def test_metrics_get_outcomes_and_lag():
+    from fuseflow.teacher.metrics import TeacherMetrics
+
+    tr = InProcessTransport("w", ["alpha"])
+    samples = texts(5) + [Sample("blank", "")]
+    tr.submit(samples)
+    metrics = TeacherMetrics()
+    w = Workers()
+    w.start(FakeAligner("alpha"), tr, "a0", metrics=metrics, batch_size=8, block_ms=50)
+    drain(tr, 5)
+    w.stop()
+    assert metrics.value("worker_samples_total", {"outcome": "ok"}) == 5
+    assert metrics.value("worker_samples_total", {"outcome": "error"}) == 1
+    assert metrics.value("worker_tokens_total") == sum(expected_dist("alpha", s).meta["source_tokens"] for s in samples[:5])
+
+
+def test_is_retryable():
+    import redis
+
+    assert is_retryable(redis.ConnectionError("Connection refused"))
+    assert is_retryable(redis.ResponseError("NOGROUP No such key 'work:{r}' or consumer group 'alpha'"))
+    assert not is_retryable(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert not is_retryable(ValueError("x"))
+
+
+@pytest.mark.integration
+def test_worker_survives_a_redis_restart(tmp_path):
+    """The server goes away for 2 s mid-run (graceful stop, append-only file on): no crash, no lost work."""
+    from fuseflow.wire.redis_server import RedisServer
+    from fuseflow.wire.redis_streams import RedisTransport
+
+    with RedisServer(data_dir=tmp_path / "redis", appendonly=True, appendfsync="always") as server:
+        tr = RedisTransport(server.url, "restart", ["alpha"], window=64, poll_s=0.01)
+        samples = texts(30)
+        tr.submit(samples)
+        tr.finish_submissions()
+        w = Workers()
+        w.start(FakeAligner("alpha", delay_s=0.02), tr, "a0", batch_size=2, block_ms=50)
+        got = drain(tr, 8)
+        server.stop()  # down long enough for redis-py's own retries to give up
+        time.sleep(2.0)
+        server.start()
+        got.update(drain(tr, 30 - len(got)))
+        stats = w.stop()
+        assert not w.errors
+        assert sorted(got) == sorted(s.id for s in samples)
+        assert stats["a0"].retries > 0  # it did see the outage
+        assert tr.is_finished()
+        tr.close()
