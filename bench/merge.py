@@ -92,7 +92,11 @@ def _randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def write_random_model(out: Path, spec: dict, variant: int | None, shard_bytes: int, noise: float = 2e-3) -> Path:
     """Base weights (``variant=None``) or base + ``noise``·N(0, 1) for fine-tuned copy ``variant``, in bf16
-    shards, one tensor in memory at a time. Base tensors are regenerated from per-tensor seeds."""
+    shards, one tensor in memory at a time. Base tensors are regenerated from per-tensor seeds. A directory
+    completed earlier with the same settings (``--workdir``) is reused."""
+    stamp = json.dumps({"spec": spec, "variant": variant, "shard_bytes": shard_bytes, "noise": noise})
+    if (out / ".bench-complete").exists() and (out / ".bench-complete").read_text() == stamp:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     tensors = llama_tensors(spec)
     shards: list[list[ShardEntry]] = [[]]
@@ -121,6 +125,7 @@ def write_random_model(out: Path, spec: dict, variant: int | None, shard_bytes: 
     if n > 1:
         write_index(out, weight_map, sum(nbytes(s, torch.bfloat16) for _, s in tensors))
     (out / "config.json").write_text(json.dumps(llama_config(spec), indent=2))
+    (out / ".bench-complete").write_text(stamp)
     return out
 
 
@@ -161,7 +166,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": peak[0], "peak_anon_bytes": peak[1]}
+    return {"wall_s": wall, "peak_rss_bytes": peak[0], "peak_anon_bytes": peak[1], "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def max_abs_diff(a_dir: Path, b_dir: Path, names: list[str]) -> float:
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select-topk", type=float, default=0.1, help="sce's τ (FuseChat-2.0: 0.1)")
     ap.add_argument("--input-shard-size", default="2GB", help="shard size of the generated models")
     ap.add_argument("--shard-size", default="5GB", help="fuseflow's output shard size")
+    ap.add_argument("--threads", type=int, default=1, help="fuseflow's `threads` (torch intra-op threads)")
     ap.add_argument("--mergekit-path", help="directory to prepend to PYTHONPATH for mergekit (pip install --target)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit runs")
     ap.add_argument("--workdir", help="where to write the models (default: a temporary directory, removed after)")
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.write_text(yaml.safe_dump({
                 "method": method, "base": str(base), "models": [str(m) for m in models], "parameters": parameters,
                 "output": str(ours_out), "dtype": "bfloat16", "shard_size": args.shard_size, "overwrite": True,
+                "threads": args.threads,
             }))
             m = run_measured([sys.executable, "-m", "fuseflow.merge.run", str(cfg), "--no-progress"], env)
             rows.append({"method": method, "tool": "fuseflow", **m})
@@ -264,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{model_bytes / 1e9:.2f} GB each; largest tensor {largest / 1e6:.0f} MB; "
           f"(N+2) x largest = {(args.models + 2) * largest / 1e9:.2f} GB; N+1 models = {(args.models + 1) * model_bytes / 1e9:.2f} GB)")
     print()
-    print("| method | tool | wall s | peak RSS GB | peak anon GB | peak anon / largest tensor | max abs diff vs fuseflow |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | tool | wall s | peak RSS GB | peak anon GB | peak anon / largest tensor | max abs diff vs fuseflow | load avg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         diff = f"{r['max_abs_diff_vs_fuseflow']:.1e}" if "max_abs_diff_vs_fuseflow" in r else ""
         print(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-              f"{r['peak_anon_bytes'] / 1e9:.2f} | {r['peak_anon_bytes'] / largest:.1f} | {diff} |")
+              f"{r['peak_anon_bytes'] / 1e9:.2f} | {r['peak_anon_bytes'] / largest:.1f} | {diff} | {r['loadavg_1min_after']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "shape": args.shape, "spec": spec, "parameters": params, "models": args.models, "model_bytes": model_bytes,

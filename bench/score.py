@@ -27,8 +27,12 @@ from fuseflow.teacher.hf_engine import HFEngine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), smollm2-135m, gemma3-270m, or a path")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="tiny", help="'tiny' (random 2-layer Llama), smollm2-135m, gemma3-270m, or a path"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--top-k", type=int, default=10)
@@ -188,14 +192,17 @@ def main(argv=None) -> int:
         ("device / dtype / threads", f"{result['device']} / {result['dtype']} / {result['threads']}"),
         ("load average (1 min)", f"{result['load_average']}"),
         ("params / vocab", f"{n_params / 1e6:.1f} M / {engine.vocab_size}"),
-        ("texts × seq-len", f"{len(texts)} × {args.seq_len} ({tokens} tokens; forward {result['forward_tokens']} incl. padding)"),
+        ("texts × seq-len", f"{len(texts)} × {args.seq_len}"),
+        ("tokens (forward incl. padding)", f"{tokens} ({result['forward_tokens']})"),
         ("top-k / head chunk", f"{args.top_k} / {engine.head_chunk_tokens}"),
         ("engine tokens/s", f"{result['engine_tok_s']:.0f} ({engine_s:.2f} s)"),
         ("engine tokens per CPU-second", f"{result['engine_tok_per_cpu_s']:.0f} ({engine_cpu_s:.2f} CPU-s)"),
     ]
     if "dense_tok_s" in result:
         rows.append(("dense logits tokens/s", f"{result['dense_tok_s']:.0f} ({result['dense_s']:.2f} s)"))
-        rows.append(("dense tokens per CPU-second", f"{result['dense_tok_per_cpu_s']:.0f} ({dense_cpu_s:.2f} CPU-s)"))
+        rows.append(
+            ("dense tokens per CPU-second", f"{result['dense_tok_per_cpu_s']:.0f} ({dense_cpu_s:.2f} CPU-s)")
+        )
     if "engine_mfu" in result:
         rows.append(("bf16 matmul peak", f"{result['matmul_peak_tflops']} TFLOP/s"))
         rows.append(("engine MFU", f"{100 * result['engine_mfu']:.1f} %"))

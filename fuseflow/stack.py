@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ports = StackPorts(args.teacher_port, args.teacher_metrics_port, args.trainer_metrics_port)
         return run_stack(cfg, args.redis, args.run, ports, stop_event=stop)
+    except RuntimeError as e:  # a teacher that keeps crashing, a Redis server that does not start
+        print(f"fuseflow stack: error: {e}", file=sys.stderr)
+        return 1
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -1,8 +1,8 @@
 r"""Where a text segment may end so that every source can take it up: common token boundaries.
 
-Cool-Fusion (Liu et al., arXiv 2407.19807, §3) lets each source generate "until the tokens can be decoded
-into a text segment that ends at word boundaries common to all source LLMs". Here that is made exact: a
-segment may end at character position ``p`` only if
+Cool-Fusion (Liu et al., arXiv 2407.19807) lets each source generate "until the tokens can be decoded into
+a text segment that ends at word boundaries common to all source LLMs". Here that is made exact: a segment
+may end at character position ``p`` only if
 
 - ``p`` is the end of a prefix of the generating source's own tokens (the segment is exactly what it
   generated, so it can keep those ids), and
@@ -10,10 +10,11 @@ segment may end at character position ``p`` only if
   token ends at ``p`` and none spans across it.
 
 Then every source sees the segment as a whole number of its own tokens, and its likelihood under each
-source is well defined. Small vocabularies also share boundaries inside words (``t|wo`` in both); the
-``word`` rule (the paper's, and the default) further excludes positions between two word characters
-(``\w``), the ``token`` rule keeps them (for scripts written without spaces). Byte-level BPE (``Ġ``) and SentencePiece (``▁``) both attach a space to the
-token after it, so common boundaries fall just before spaces and punctuation, as word boundaries do.
+source is well defined. Byte-level BPE (``Ġ``) and SentencePiece (``▁``) both attach a space to the token
+after it, so common boundaries fall just before spaces and punctuation, as word boundaries do. Small
+vocabularies also share boundaries inside words (``t|wo`` in both): the ``word`` rule (the paper's, and the
+default) also excludes positions between two word characters (``\w``); the ``token`` rule keeps them (for
+scripts written without spaces).
 
 Pure functions over offset arrays; the tokenizer calls that produce the offsets live in
 :mod:`fuseflow.ensemble.sources`.

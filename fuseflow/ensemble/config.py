@@ -30,11 +30,21 @@ class SourceSpec(_Strict):
     address: str | None = Field(None, description="host:port of a `fuseflow teacher serve` (gRPC)")
     model: str | None = Field(None, description="in-process: short name, HF model dir or .gguf file")
     engine: Literal["hf", "vllm"] = Field("hf", description="in-process engine kind")
-    engine_options: dict[str, Any] = Field(default_factory=dict, description="engine keyword arguments (device, dtype, …)")
-    tokenizer: str | None = Field(
-        None, description="remote sources: local copy of the teacher's tokenizer (model reference); default: the path its Info reports"
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="engine keyword arguments (device, dtype, …)"
     )
-    token_file: str | None = Field(None, description="file holding the teacher's bearer token; default: env FUSEFLOW_TEACHER_TOKEN")
+    tokenizer: str | None = Field(
+        None,
+        description="remote sources: local copy of the teacher's tokenizer (model reference); "
+        "default: the path its Info reports",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (inline, or a path to a .jinja file) for a tokenizer that lacks one",
+    )
+    token_file: str | None = Field(
+        None, description="file holding the teacher's bearer token; default: env FUSEFLOW_TEACHER_TOKEN"
+    )
     tls_ca: str | None = Field(None, description="PEM CA certificate of the teacher (turns TLS on)")
     timeout_s: float = Field(300.0, gt=0, description="deadline of each call to the teacher")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the teacher at start-up")
@@ -42,7 +52,9 @@ class SourceSpec(_Strict):
     @model_validator(mode="after")
     def _one_location(self) -> "SourceSpec":
         if (self.address is None) == (self.model is None):
-            raise ValueError(f"source {self.name!r}: give exactly one of `address` (served teacher) or `model` (in-process)")
+            raise ValueError(
+                f"source {self.name!r}: give exactly one of `address` (served teacher) or `model` (in-process)"
+            )
         return self
 
 
@@ -100,7 +112,9 @@ class EnsembleConfig(_Strict):
         if dupes:
             raise ValueError(f"sources: names must be unique, repeated: {dupes}")
         if self.name in names:
-            raise ValueError(f"name {self.name!r} is also a source name; the ensemble's id must differ from its sources'")
+            raise ValueError(
+                f"name {self.name!r} is also a source name; the ensemble's id must differ from its sources'"
+            )
         return self
 
 
@@ -115,6 +129,20 @@ def load_ensemble_config(path: str | os.PathLike | None, overrides: list[str] | 
 
 def build_source(spec: SourceSpec, index: int):
     """An :class:`~fuseflow.ensemble.sources.EnsembleSource` for ``spec`` (``sources[index]`` in the config)."""
+    source = _build_source(spec, index)
+    if spec.chat_template is not None:
+        template = spec.chat_template
+        if "{" not in template:  # not a template: a file holding one
+            try:
+                template = Path(template).read_text()
+            except OSError as e:
+                source.close()
+                raise ConfigError(f"sources[{index}] ({spec.name!r}).chat_template: cannot read {template}: {e.strerror}")
+        source.tokenizer.chat_template = template
+    return source
+
+
+def _build_source(spec: SourceSpec, index: int):
     from fuseflow.ensemble.sources import EnsembleSource
 
     where = f"sources[{index}] ({spec.name!r})"

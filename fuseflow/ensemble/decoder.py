@@ -1,7 +1,7 @@
 """Cool-Fusion decoding (Liu et al., "Cool-Fusion: Fuse Large Language Models without Training",
 arXiv 2407.19807): training-free fusion of LLMs with different tokenizers, at the level of text.
 
-One step (§3 of the paper):
+One step (the paper's method, as its abstract states it: generate to a common word boundary, rerank jointly, append):
 
 1. every source continues the shared text on its own (its own tokens, its own prompt rendering), and its
    continuation is cut at the first position that is a token boundary for every source
@@ -277,7 +277,9 @@ class CoolFusionDecoder:
         for source, text in zip(self.sources, prompt.texts):
             (enc,) = source.encode([text], prompt.add_special_tokens)
             if enc.ids.size == 0:
-                raise ValueError(f"the prompt is empty in source {source.name!r}'s tokenization; give a non-empty prompt")
+                raise ValueError(
+                    f"the prompt is empty in source {source.name!r}'s tokenization; give a non-empty prompt"
+                )
             if enc.ids.size >= source.max_length:
                 raise ValueError(
                     f"the prompt has {enc.ids.size} tokens of source {source.name!r}, not less than its max_length "
@@ -333,7 +335,8 @@ class CoolFusionDecoder:
                 else:
                     continue  # nothing this source generated decodes to text
             final = stopped and cut == n
-            m = _first_true(ends == cut, default=len(body)) + 1 if cut > 0 else 0
+            # Own tokens up to the cut (the first prefix that decodes to it; all of them for a final candidate).
+            m = (_first_true(ends == cut, default=len(body) - 1) + 1) if cut > 0 else 0
             own = np.concatenate([body[:m], stop_id]) if final else body[:m]
             candidates.append(_Candidate(i, text[:cut], own.astype(np.int32), final, at_boundary or final))
         return candidates
@@ -452,7 +455,9 @@ def _eos_of(source: EnsembleSource) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def stream_single(source: EnsembleSource, prompt_text: str, add_special_tokens: bool, params: DecodeParams) -> Iterator[StreamEvent]:
+def stream_single(
+    source: EnsembleSource, prompt_text: str, add_special_tokens: bool, params: DecodeParams
+) -> Iterator[StreamEvent]:
     """One source alone: one ``generate`` call, same stop rules and token accounting as the ensemble."""
     params.validate()
     t0 = time.perf_counter()
@@ -499,6 +504,8 @@ def stream_single(source: EnsembleSource, prompt_text: str, add_special_tokens: 
     yield StreamEvent(delta=text, completion=completion)
 
 
-def generate_single(source: EnsembleSource, prompt_text: str, add_special_tokens: bool, params: DecodeParams) -> Completion:
+def generate_single(
+    source: EnsembleSource, prompt_text: str, add_special_tokens: bool, params: DecodeParams
+) -> Completion:
     (event,) = list(stream_single(source, prompt_text, add_special_tokens, params))
     return event.completion

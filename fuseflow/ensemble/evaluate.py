@@ -138,7 +138,9 @@ def heldout_bits_per_byte(sources: Sequence[EnsembleSource], text: str, chunk_ch
     """Bits per byte of ``text`` under each source, their uniform mixture and the best source per chunk."""
     cuts = common_cuts(sources, text, chunk_chars, start=context_chars)
     if cuts.size < 2:
-        raise ValueError(f"held-out text of {len(text)} chars is too short for chunks of {chunk_chars} (eval.heldout_chars)")
+        raise ValueError(
+            f"held-out text of {len(text)} chars is too short for chunks of {chunk_chars} (eval.heldout_chars)"
+        )
     contexts = [text[max(0, a - context_chars) : a] for a in cuts[:-1]]
     chunks = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     nll = np.zeros((len(sources), len(chunks)))  # [S, N] nats, each chunk given its context
@@ -178,7 +180,8 @@ def heldout_bits_per_byte(sources: Sequence[EnsembleSource], text: str, chunk_ch
 
 def format_table(results: list[SystemResult], bpb: dict | None) -> str:
     lines = [
-        "| system | accuracy | correct / n | ms / token | tokens of | ms / char | segments / answer | held-out bits / byte |",
+        "| system | accuracy | correct / n | ms / token | tokens of | ms / char | segments / answer "
+        "| held-out bits / byte |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -195,7 +198,8 @@ def format_table(results: list[SystemResult], bpb: dict | None) -> str:
         )
     if bpb is not None:
         lines.append(f"| uniform mixture of the sources | — | — | — | — | — | — | {bpb['mixture']:.3f} |")
-        lines.append(f"| best source per chunk (oracle, no density) | — | — | — | — | — | — | {bpb['best_source_per_chunk']:.3f} |")
+        oracle = bpb["best_source_per_chunk"]
+        lines.append(f"| best source per chunk (oracle, no density) | — | — | — | — | — | — | {oracle:.3f} |")
     for r in results:
         if r.mode == "cool-fusion" and r.segments:
             share = ", ".join(f"{k} {v / r.segments:.0%}" for k, v in sorted(r.wins.items()))
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: fuseflow eval-ensemble examples/ensemble.yaml eval.num_problems=5 --out ensemble.json",
     )
     p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.num_problems=5 eval.task=arithmetic-1step")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. eval.num_problems=5 eval.task=arithmetic-1step")
     p.add_argument("--out", default=None, help="JSON results file (default: eval.out)")
     p.add_argument("--systems", nargs="+", default=None, help="evaluate only these: source names and/or cool-fusion")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -86,10 +86,13 @@ class EnsembleService:
             if s.name == model:
                 return i
         raise RequestError(
-            f"model {model!r} does not exist; this gateway serves {self.model_ids()}", "model", 404, code="model_not_found"
+            f"model {model!r} does not exist; this gateway serves {self.model_ids()}",
+            "model", 404, code="model_not_found",
         )
 
-    def jobs(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Prompt], max_tokens: int | None) -> list[Job]:
+    def jobs(
+        self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Prompt], max_tokens: int | None
+    ) -> list[Job]:
         req.unsupported()
         if req.n > self.cfg.server.max_n:
             raise RequestError(f"n must be <= {self.cfg.server.max_n} (server.max_n), got {req.n}", "n")
@@ -97,7 +100,8 @@ class EnsembleService:
         max_tokens = d.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > d.max_tokens_limit:
             raise RequestError(
-                f"max_tokens {max_tokens} exceeds this gateway's limit {d.max_tokens_limit} (decoding.max_tokens_limit)",
+                f"max_tokens {max_tokens} exceeds this gateway's limit {d.max_tokens_limit} "
+                "(decoding.max_tokens_limit)",
                 "max_tokens",
             )
         jobs = []
@@ -309,7 +313,8 @@ def create_app(service: EnsembleService):
 
     @app.get("/v1/models")
     async def models():
-        cards = [model_card(service.cfg.name, service.created, "Cool-Fusion over " + ", ".join(s.name for s in service.sources))]
+        names = ", ".join(s.name for s in service.sources)
+        cards = [model_card(service.cfg.name, service.created, f"Cool-Fusion over {names}")]
         cards += [model_card(s.name, service.created, f"source {s.name} alone") for s in service.sources]
         return {"object": "list", "data": cards}
 

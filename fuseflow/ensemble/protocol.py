@@ -29,7 +29,9 @@ class RequestError(ValueError):
         self.param, self.status, self.type, self.code = param, status, type, code
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -87,7 +89,9 @@ class CompletionRequest(_Sampling):
             return list(p)
         if not p:
             raise RequestError("prompt is empty", "prompt")
-        raise RequestError("token-id prompts are not supported: the sources have different tokenizers; send text", "prompt")
+        raise RequestError(
+            "token-id prompts are not supported: the sources have different tokenizers; send text", "prompt"
+        )
 
     def unsupported(self) -> None:
         super().unsupported()

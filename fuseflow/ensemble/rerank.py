@@ -42,7 +42,7 @@ def _per_token_nll(logprob_sums: np.ndarray, token_counts: np.ndarray) -> np.nda
 
 @rerank_method("mean_perplexity")
 def mean_perplexity(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray) -> np.ndarray:
-    """Cool-Fusion's rule (arXiv 2407.19807, §3, joint reranking): each source computes the perplexity of
+    """Cool-Fusion's rule (arXiv 2407.19807, joint reranking by perplexity): each source computes the perplexity of
     each candidate segment in its own tokens, and the candidate with the lowest perplexity averaged over the
     sources wins. Returns minus the mean perplexity, [C]."""
     ppl = np.exp(np.minimum(_per_token_nll(logprob_sums, token_counts), _MAX_LOG_PPL))  # [S, C]

@@ -86,6 +86,7 @@ class MergeConfig(BaseModel):
     shard_size: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 5 * 10**9
     vocab_mismatch: Literal["error", "merge_common"] = "error"
     overwrite: bool = False
+    threads: int | None = Field(default=1, ge=1)
 
     @field_validator("method")
     @classmethod

@@ -1,8 +1,9 @@
 """Execute a merge plan: for each output tensor, load it from the base and every model, merge, write, drop.
 
 At any moment the process holds the N + 1 input tensors of one output tensor (memory-mapped, see
-safetensors_io), the method's float32 working copies and the output tensor; nothing of the other tensors.
-Shards are written as streams, so the output adds one tensor, not one shard.
+safetensors_io), the method's per-tensor statistics and chunk temporaries (methods.py), its float32 result
+and that result in the output dtype; nothing of the other tensors. Shards are written as streams, so the
+output adds one tensor, not one shard.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def merge_tensor(task: TensorTask, method: MergeMethod, params: dict[str, Any]) 
     tensors = [load_tensor(ref, task.rows) for ref in task.sources]
     if task.rows is None:
         return method.fn(tensors, base, **kwargs).to(task.dtype)
-    out = base.to(task.dtype, copy=True)  # base rows past the common vocabulary stay as they are
+    out = base.to(task.dtype, copy=True)  # [V_base, ...] rows past the common vocabulary stay the base's
     out[: task.rows] = method.fn(tensors, base[: task.rows], **kwargs)
     return out
 

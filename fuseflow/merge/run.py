@@ -129,6 +129,9 @@ def run_merge(config: MergeConfig, *, progress: bool = True) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
         execute_plan(plan, get_method(config.method), config.parameters, tmp, progress=progress)
         copy_base_files(plan.base.path, tmp, config.dtype)
@@ -136,6 +139,8 @@ def run_merge(config: MergeConfig, *, progress: bool = True) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
     if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         out.rename(old)

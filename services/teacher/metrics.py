@@ -11,9 +11,9 @@ mean merge factor ``rate(fuseflow_teacher_batch_requests_sum[5m]) / rate(fuseflo
 
 from __future__ import annotations
 
-import threading
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from fuseflow.metrics import MetricsEndpoint
 
 NAMESPACE = "fuseflow_teacher"
 
@@ -22,11 +22,13 @@ _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
-class TeacherMetrics:
+class TeacherMetrics(MetricsEndpoint):
     """The teacher's metrics and the hooks that update them (server, batcher, worker)."""
 
+    namespace = NAMESPACE
+
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry)
         r, ns = self.registry, NAMESPACE
         self.requests = Counter("requests", "gRPC requests finished, by method and status code",
                                 ["method", "code"], namespace=ns, registry=r)
@@ -54,8 +56,6 @@ class TeacherMetrics:
                                 namespace=ns, registry=r)
         self.worker_pending = Gauge("worker_pending", "work entries delivered to this teacher but not completed",
                                     namespace=ns, registry=r)
-        self._http = None
-        self._lock = threading.Lock()
 
     # -- gRPC server ---------------------------------------------------------------------------------------
 
@@ -96,25 +96,5 @@ class TeacherMetrics:
         if pending is not None:
             self.worker_pending.set(pending)
 
-    # -- exposition ------------------------------------------------------------------------------------------
+    # -- exposition: fuseflow.metrics.MetricsEndpoint (value, start_http, stop_http) ------------------------------------------------------------------------------------------
 
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Current value of a sample (``requests_total``, ``batch_requests_count`` …), 0 if never set."""
-        v = self.registry.get_sample_value(f"{NAMESPACE}_{name}", labels or {})
-        return 0.0 if v is None else float(v)
-
-    def start_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""
-        with self._lock:
-            if self._http is not None:
-                raise RuntimeError("metrics HTTP server already started")
-            server, _thread = start_http_server(port, addr=host, registry=self.registry)
-            self._http = server
-            return int(server.server_port)
-
-    def stop_http(self) -> None:
-        with self._lock:
-            if self._http is not None:
-                self._http.shutdown()
-                self._http.server_close()
-                self._http = None

@@ -200,7 +200,7 @@ def _one_by_one(aligner, items: Sequence[WorkItem]) -> list[tuple[WorkItem, Alig
             rows.append((it, None, str(e) or repr(e)))
         except Exception as e:  # noqa: BLE001 - decided below: this sample, or the engine
             faults.append(e)
-            rows.append((it, None, f"teacher {aligner.name} raised {e!r} on this sample {MAX_ATTEMPTS} times"))
+            rows.append((it, None, f"teacher {aligner.name} raised {e!r} on this sample alone"))
     if faults and len(faults) == len(items):
         raise EngineFailure(f"teacher {aligner.name} fails on every sample: {faults[0]!r}") from faults[0]
     return rows

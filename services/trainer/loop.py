@@ -268,6 +268,9 @@ def train(
             )
         state.update({k: ranks[rank][k] for k in state if k in ranks[rank]})
         _truncate_lines(ids_log, state["log_lines"])
+        if rank == 0 and metrics_path.exists():  # rows logged after the checkpoint are logged again
+            rows = [line for line in metrics_path.read_text().splitlines(keepends=True) if line.strip()]
+            metrics_path.write_text("".join(r for r in rows if json.loads(r)["step"] <= state["step"]))
         log.info("resumed from %s at step %d (%d samples)", ckpt_dir, state["step"], state["samples"])
     else:
         ids_log.unlink(missing_ok=True)

@@ -10,19 +10,22 @@ Useful queries: tokens/s ``rate(fuseflow_trainer_tokens_total[1m])``; samples wa
 
 from __future__ import annotations
 
-import threading
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from fuseflow.metrics import MetricsEndpoint
 
 NAMESPACE = "fuseflow_trainer"
 LOSS_PARTS = ("loss", "clm", "kl")
 
 
-class TrainerMetrics:
+class TrainerMetrics(MetricsEndpoint):
     """The trainer's metrics and the hooks that update them (online feed, training loop, queue poller)."""
 
+    namespace = NAMESPACE
+    flag = "--metrics-port (0 turns the endpoint off)"
+
     def __init__(self, teachers: list[str] | tuple[str, ...] = (), registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry)
         r, ns = self.registry, NAMESPACE
         self.step = Gauge("step", "optimizer steps done (resumed runs continue from the checkpoint)",
                           namespace=ns, registry=r)
@@ -48,8 +51,6 @@ class TrainerMetrics:
         for t in teachers:  # export 0 from the start, not "absent"
             self.teacher_lag.labels(t)
             self.teacher_pending.labels(t)
-        self._http = None
-        self._lock = threading.Lock()
 
     # -- online feed and training loop --------------------------------------------------------------------------
 
@@ -84,29 +85,5 @@ class TrainerMetrics:
             self.ready_lag.set(trainer["lag"])
         self.ready_pending.set(trainer["pending"])
 
-    # -- exposition ---------------------------------------------------------------------------------------------
+    # -- exposition: fuseflow.metrics.MetricsEndpoint (value, start_http, stop_http) ---------------------------------------------------------------------------------------------
 
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Current value of a sample (``samples_total``, ``loss`` with ``{"part": "kl"}`` …), 0 if never set."""
-        v = self.registry.get_sample_value(f"{NAMESPACE}_{name}", labels or {})
-        return 0.0 if v is None else float(v)
-
-    def start_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""
-        with self._lock:
-            if self._http is not None:
-                raise RuntimeError("metrics HTTP server already started")
-            try:
-                server, _thread = start_http_server(port, addr=host, registry=self.registry)
-            except OSError as e:
-                raise OSError(f"cannot serve trainer metrics on {host}:{port} ({e}); set --metrics-port "
-                              "(0 turns the endpoint off)") from e
-            self._http = server
-            return int(server.server_port)
-
-    def stop_http(self) -> None:
-        with self._lock:
-            if self._http is not None:
-                self._http.shutdown()
-                self._http.server_close()
-                self._http = None

@@ -155,7 +155,8 @@ class ReadyFeed:
             # Every rank is empty-handed and more can only come after an ack: the window cannot hold a
             # checkpoint's worth of samples (checked at start), or ranks saw the queue at different moments.
             stalled_since = stalled_since or time.monotonic()
-            if time.monotonic() - stalled_since > self.stall_timeout_s:
+            too_long = int(time.monotonic() - stalled_since > self.stall_timeout_s)
+            if all_reduce([too_long], "max")[0]:  # every rank gives up together, none waits on the others
                 raise RuntimeError(
                     f"online trainer stalled for {self.stall_timeout_s:.0f} s: {stats['in_flight']} samples in "
                     f"flight, all held by trainer ranks, window {stats['window']}: raise --window or lower "
@@ -232,10 +233,16 @@ def run_online(
     out.mkdir(parents=True, exist_ok=True)
     target = load(cfg.target.model, device=cfg.device)
 
-    samples = prepare_corpus(cfg, target.tokenizer).train if rank == 0 else []
-    count = [len(samples)]
-    if world > 1:
-        dist.broadcast_object_list(count, src=0)
+    samples, count = [], [-1]
+    try:
+        if rank == 0:
+            samples = prepare_corpus(cfg, target.tokenizer).train
+            count = [len(samples)]
+    finally:  # the other ranks wait for the count: tell them when rank 0 failed (-1), not only when it did not
+        if world > 1:
+            dist.broadcast_object_list(count, src=0)
+    if count[0] < 0:
+        raise RuntimeError("rank 0 could not prepare the corpus (see its log)")
     steps = total_steps(cfg, count[0], world)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     limit = steps * per_step if cfg.train.max_steps else None
@@ -328,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help=f"Prometheus /metrics port on rank 0 (default {DEFAULT_METRICS_PORT}; 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # The deepspeed launcher passes --local_rank to each rank (torchrun sets env LOCAL_RANK instead).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -359,6 +368,8 @@ def _main(args) -> int:
     from .loop import init_distributed
     from .metrics import TrainerMetrics
 
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if not args.redis:
         raise ConfigError("no Redis URL: pass --redis URL or set FUSEFLOW_REDIS_URL")
     cfg = load_config(FuseConfig, args.config, args.overrides)

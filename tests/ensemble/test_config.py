@@ -48,3 +48,16 @@ def test_unreachable_teacher_names_the_address_field():
     cfg = EnsembleConfig(sources=[{"name": "t", "address": "127.0.0.1:1", "connect_timeout_s": 0.3}])
     with pytest.raises(ConfigError, match=r"sources\[0\] \('t'\)\.address"):
         build_source(cfg.sources[0], 0)
+
+
+def test_chat_template_override_inline_and_from_file(tiny_gemma, tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    cfg = EnsembleConfig(sources=[{"name": "g", "model": str(tiny_gemma), "chat_template": template}])
+    source = build_source(cfg.sources[0], 0)
+    assert source.render_chat([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    (tmp_path / "t.jinja").write_text("<<{{ messages[0]['content'] }}>>")
+    cfg = EnsembleConfig(sources=[{"name": "g", "model": str(tiny_gemma), "chat_template": str(tmp_path / "t.jinja")}])
+    assert build_source(cfg.sources[0], 0).render_chat([{"role": "user", "content": "hi"}]) == "<<hi>>"
+    cfg = EnsembleConfig(sources=[{"name": "g", "model": str(tiny_gemma), "chat_template": str(tmp_path / "none")}])
+    with pytest.raises(ConfigError, match=r"sources\[0\] \('g'\)\.chat_template"):
+        build_source(cfg.sources[0], 0)

@@ -72,7 +72,19 @@ def test_run_task_counts(llama_source, gemma_source):
         run_task(decoder, get_task("arithmetic"), 1, 0, 0, 2, systems=["gpt"])
 
 
-def test_cli_writes_table_and_json(tiny_llama, tiny_gemma, tmp_path, capsys):
+@pytest.fixture
+def _keep_logging():
+    """``main`` installs its own root handler on the captured stderr; later threads must not log into it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli_writes_table_and_json(tiny_llama, tiny_gemma, tmp_path, capsys, _keep_logging):
     cfg = tmp_path / "ensemble.yaml"
     cfg.write_text(
         f"sources:\n  - {{name: llama, model: {tiny_llama}}}\n  - {{name: gemma, model: {tiny_gemma}}}\n"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fuseflow.ensemble.config import EnsembleConfig
-from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single
+from fuseflow.ensemble.decoder import DecodeParams, generate_single
 from fuseflow.ensemble.gateway import EnsembleService, create_app
 from fuseflow.ensemble.sources import chat_prompt, completion_prompt
 

@@ -3,7 +3,8 @@
 Two teachers with different tokenizers (tiny Gemma, SentencePiece-style; tiny Qwen, BPE) aligned to a tiny
 Llama target; the dispatcher, the teacher workers and the trainer's feed talk through a real Redis server. The
 reference is ``knowledge_fusion.ready_groups`` (in-process, no transport) with the same aligners; logprobs
-travel as float16 on the wire, so the reference is rounded to float16 before comparing, bitwise.
+travel as float16 on the wire, so the reference is rounded to float16 before comparing, bitwise; the float32
+gold logprobs are compared to 1e-5 (forward-pass rounding depends on batch composition).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def fp16_wire(d: AlignedDist) -> AlignedDist:
     return AlignedDist(d.ids, d.logprobs.astype(np.float16).astype(np.float32), d.gold_logprobs, d.aligned, d.meta)
 
 
+@pytest.mark.slow
 def test_online_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.trainer.batches import collate
@@ -81,6 +83,11 @@ def test_online_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_
                      "teacher_gold", "teacher_aligned"):
             a, b = getattr(got, name), getattr(want, name)
             assert a.dtype == b.dtype and a.shape == b.shape, name
+            if name == "teacher_gold":
+                # float32 on the wire: equal up to the teachers' own forward-pass rounding, which depends on
+                # what a sample is batched with (a retried batch after a dead letter is scored one by one).
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs for {[s.id for s in samples]}")
+                continue
             assert torch.equal(a, b), f"{name} differs for samples {[s.id for s in samples]}"
     # fp16 matters: the float32 values would not all compare equal
     s0 = groups[0][0][0]

@@ -131,3 +131,18 @@ def test_stack_stops_everything_on_sigterm(tmp_path, tiny_llama, tiny_gemma, tin
     assert f"trainer exited with code {code}" in text  # the stack exits with the trainer's code
     assert code == 143  # the trainer was stopped by SIGTERM (128 + 15) before it could finish
     assert not any(_alive(p) for p in pids.values()), "a child process outlived the stack"
+
+
+def test_a_crashing_teacher_is_restarted_then_reported(tmp_path, monkeypatch):
+    from fuseflow import stack
+
+    monkeypatch.setattr(stack, "runnable", lambda argv: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    sup = stack.Supervisor({"teacher-a": ["fuseflow", "x"], "trainer": ["fuseflow", "y"]}, tmp_path / "logs")
+    sup.start_all()
+    with pytest.raises(RuntimeError, match=r"teacher-a exited with code 3 4 times"):
+        for _ in range(50):
+            for p in sup.procs.values():
+                p.wait()
+            sup.check_teachers()
+    assert sup.restarts["teacher-a"] == stack.TEACHER_RESTARTS
+    assert (tmp_path / "logs" / "teacher-a.log").exists()

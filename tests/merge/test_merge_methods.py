@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuseflow.merge import methods
-from fuseflow.merge.methods import MERGE_METHODS, dare_masks, get_method, merge_method, varm_weights
+from fuseflow.merge.methods import MERGE_METHODS, dare_masks, get_method, merge_method, top_k_mask, varm_weights
 
 # ----------------------------------------------------------------------------------------------------------
 # Slow references: plain Python loops over entries, float64, straight from the papers' formulas.
@@ -234,6 +234,41 @@ def test_sce_mask_applies_to_the_deltas_not_only_the_weights():
     # Variances [25, 1, 0, …]: 2 non-zero → k = 1 → entry 0 only; its Σ = 0 elects + → 5; the rest,
     # where both models agree on +1, stay at the base's 0.
     torch.testing.assert_close(got, torch.tensor([5.0] + [0.0] * 9))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Top-k selection (radix select), against sorting.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 3000), frac=st.floats(0.0, 1.2), levels=st.sampled_from([0, 3, 50]))
+def test_top_k_mask_keeps_exactly_the_k_largest(seed, n, frac, levels):
+    g = torch.Generator().manual_seed(seed)
+    # levels > 0: few distinct values, so many ties at the threshold; 0: continuous values
+    x = torch.randint(0, levels, (n,), generator=g).float() / 7 if levels else torch.rand(n, generator=g).square()
+    k = int(frac * n)
+    mask = top_k_mask(x.view(3, -1) if n % 3 == 0 else x, k).reshape(-1)
+    assert int(mask.sum()) == min(k, n)
+    if 0 < k < n:
+        kept, dropped = x[mask], x[~mask]
+        assert kept.min() >= dropped.max()
+        ties = (x == kept.min()).nonzero().squeeze(1)
+        # among entries equal to the threshold, the first ones (by position) are kept
+        assert torch.equal(mask[ties], torch.sort(mask[ties].int(), descending=True, stable=True).values.bool())
+        if not levels:
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[x.topk(k).indices] = True
+            assert torch.equal(mask, ref)
+
+
+def test_top_k_mask_handles_values_across_many_exponents():
+    # Bit patterns of values from 1e-30 to 1e30 span every high-16-bit bin region, including subnormals.
+    x = torch.tensor([1e-30, 0.0, 3e-41, 1.0, 1e30, 2.5, 1e-3, 7.0])
+    for k in range(len(x) + 1):
+        ref = torch.zeros(len(x), dtype=torch.bool)
+        ref[x.topk(k).indices] = True
+        assert torch.equal(top_k_mask(x, k), ref), k
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fuseflow.teacher.engine import ENGINES, Engine, Generated, NextTokenScores, ScoreError, create_engine, register_engine
+from fuseflow.teacher.engine import (
+    ENGINES,
+    Engine,
+    Generated,
+    NextTokenScores,
+    ScoreError,
+    create_engine,
+    register_engine,
+)
 
 
 class UniformEngine(Engine):

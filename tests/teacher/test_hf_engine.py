@@ -251,7 +251,8 @@ def test_generate_sampling(loaded):
     # Logprobs are the model's raw ones: recompute them with a dense forward over prompt + continuation.
     full = np.concatenate([prompt, a.token_ids])
     dense = dense_reference(lm.model, full)[len(prompt) - 1 :]  # [10, V]
-    np.testing.assert_allclose(a.logprobs, dense.gather(1, torch.as_tensor(a.token_ids).long()[:, None])[:, 0], atol=1e-4)
+    chosen = dense.gather(1, torch.as_tensor(a.token_ids).long()[:, None])[:, 0]  # [10]
+    np.testing.assert_allclose(a.logprobs, chosen, atol=1e-4)
     # A nucleus that holds only the best token is greedy decoding.
     nucleus = engine.generate(prompt, 10, temperature=1.0, top_p=1e-6, seed=5)
     assert nucleus.token_ids.tolist() == engine.generate(prompt, 10).token_ids.tolist()

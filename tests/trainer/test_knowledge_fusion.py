@@ -100,3 +100,6 @@ def test_resume_trains_every_sample_exactly_once(tmp_path, tiny_llama, tiny_gemm
     ids = (out / "trained_samples.log").read_text().split()
     expected = [s.id for s in corpus.train][: 4 * 2]
     assert ids == expected
+    # the step logged after the checkpoint and before the crash is not logged twice
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
