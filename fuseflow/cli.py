@@ -26,6 +26,7 @@ EXAMPLES = {
     "merge": "fuseflow merge examples/merge.yaml method=sce",
     "models": "fuseflow models prepare smollm2-135m gemma3-270m",
     "config": "fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
+    "evaluate": "fuseflow evaluate examples/quickstart.yaml pivot=smollm2-135m merged=runs/fusechat/merged-sce",
 }
 
 
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = command("merge", "merge fine-tuned copies of one model in parameter space (linear, ties, dare, varm, sce, …)")
     merge.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value …] (see `fuseflow merge CONFIG --help`)")
+
+    ev = command("evaluate", "held-out bits/byte and perplexity of models on a run config's held-out documents")
+    ev.add_argument("config", help="run config YAML: its corpus (held-out split) and eval sections are used")
+    ev.add_argument("models", nargs="+", help="NAME=MODEL or MODEL (short name, HF dir or .gguf)")
+    ev.add_argument("--out", help="write the rows as JSON here")
+    ev.add_argument("--no-progress", action="store_true")
 
     models = command("models", "list or prepare (convert once) the pretrained models that PyPI packages carry")
     models.add_argument("action", choices=["list", "prepare"])
@@ -124,6 +131,19 @@ def _dispatch(args) -> int:
             overrides.append("pairwise=true")
         cfg = load_config(FuseConfig, args.config, overrides)
         run_fuse(cfg, progress=not args.no_progress)
+        return 0
+    if args.command == "evaluate":
+        import json
+
+        from fuseflow.config import FuseConfig, load_config
+        from fuseflow.trainer.knowledge_fusion import evaluate_models
+
+        cfg = load_config(FuseConfig, args.config)
+        refs = dict(m.split("=", 1) if "=" in m else (m, m) for m in args.models)
+        rows = evaluate_models(cfg, refs, progress=not args.no_progress)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
         return 0
     if args.command == "merge":
         from fuseflow.merge.run import main as merge_main

@@ -156,12 +156,12 @@ def disjoint_merge(deltas: list[torch.Tensor], w: list[float], normalize: bool, 
     return num.div_(den)
 
 
-def _histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts ``[bins]`` of the non-negative integers in ``values``, in steps of 4M entries (a bincount
-    call costs ~15 ms whatever its length: smaller steps are slower, larger ones cost memory)."""
+def _histogram(bits: torch.Tensor, bins: int, digits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Counts ``[bins]`` of ``digits(step)`` over steps of 4M entries of ``bits``: no full-size temporary.
+    (A bincount call costs ~15 ms whatever its length, so steps are larger than ``CHUNK``.)"""
     counts = torch.zeros(bins, dtype=torch.int64)  # [bins]
-    for start in range(0, values.numel(), 1 << 22):
-        counts += torch.bincount(values[start : start + (1 << 22)], minlength=bins)
+    for start in range(0, bits.numel(), 1 << 22):
+        counts += torch.bincount(digits(bits[start : start + (1 << 22)]), minlength=bins)
     return counts
 
 
@@ -176,10 +176,13 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (``score``'s shape) of the ``k`` largest entries of a non-negative float32 tensor.
 
     Exact radix select instead of ``torch.topk``: the bit patterns of non-negative floats, read as int32,
-    order like the values, so two 65536-bin histograms (high, then low 16 bits) find the k-th largest
-    value; ~5x faster than topk on 65M entries. Entries equal to that value are kept in position order
-    until there are k (topk breaks such ties arbitrarily).
+    order like the values, so two histograms (high, then low 16 bits) find the k-th largest value, with
+    no sort and no [k] index tensor (0.4-1.6 s against topk's 1.8-2.4 s on 65M entries, 2 shared cores). Entries equal to
+    that value are kept in position order until there are k; topk breaks such ties its own way, so
+    mergekit's ``sce`` can select other entries among those tied at the threshold (frequent with bf16).
     """
+    if score.dtype != torch.float32:
+        raise TypeError(f"top_k_mask needs float32 scores, got {score.dtype}")
     n = score.numel()
     mask = torch.zeros(score.shape, dtype=torch.bool)  # [*S]
     if k <= 0:
@@ -187,9 +190,8 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return mask.fill_(True)
     bits = score.reshape(-1).view(torch.int32)  # [numel] ≥ 0: the sign bit is clear
-    hi, above = _bin_of_kth_largest(_histogram(bits >> 16, 1 << 15), k)
-    in_bin = bits[(bits >> 16) == hi] & 0xFFFF  # [m] low halves of the entries in that bin
-    lo, above_lo = _bin_of_kth_largest(_histogram(in_bin, 1 << 16), k - above)
+    hi, above = _bin_of_kth_largest(_histogram(bits, 1 << 15, lambda c: c >> 16), k)
+    lo, above_lo = _bin_of_kth_largest(_histogram(bits, 1 << 16, lambda c: c[(c >> 16) == hi] & 0xFFFF), k - above)
     threshold = (hi << 16) | lo  # bit pattern of the k-th largest value
     flat = mask.view(-1)
     torch.gt(bits, threshold, out=flat)

@@ -215,5 +215,14 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     return report
 
 
+def evaluate_models(cfg: FuseConfig, models: dict[str, str], progress: bool = True) -> list[dict]:
+    """``fuseflow evaluate``: the table of :func:`run_fuse` for any models (pivot, pairwise, merged …) on the
+    run config's held-out documents."""
+    corpus = prepare_corpus(cfg, load_tokenizer(cfg.target.model))
+    rows = [_eval(name, ref, cfg, corpus.held_out, progress) for name, ref in models.items()]
+    print(format_table(rows))
+    return rows
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -160,7 +160,8 @@ def test_chunked_evaluation_matches_the_reference(name, params, monkeypatch):
     monkeypatch.setattr(methods, "CHUNK", 7)
     tensors, base = _models(seed=12, n=3)
     got = MERGE_METHODS[name].fn(tensors, base, **params)
-    np.testing.assert_allclose(got.double().numpy().ravel(), REFERENCES[name](tensors, base, **params), rtol=1e-5, atol=1e-6)
+    want = REFERENCES[name](tensors, base, **params)
+    np.testing.assert_allclose(got.double().numpy().ravel(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,params", CASES)
@@ -198,7 +199,8 @@ def test_sce_hand_computed():
     # entry 3: nothing agrees → base.
     torch.testing.assert_close(get_method("sce").fn([d1, d2], base), torch.tensor([2.4, 1.0, 2.0, 0.0]))
     # τ = 0.5: variances [1, 1, 4, 0], 3 non-zero → k = 1 → only entry 2; weights equal; Σ = 0 elects +.
-    torch.testing.assert_close(get_method("sce").fn([d1, d2], base, select_topk=0.5), torch.tensor([0.0, 0.0, 2.0, 0.0]))
+    got = get_method("sce").fn([d1, d2], base, select_topk=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 2.0, 0.0]))
 
 
 def test_ties_hand_computed():

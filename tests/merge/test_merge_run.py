@@ -57,8 +57,14 @@ def test_example_config_documents_every_field_and_default():
 
 
 def test_overrides_set_nested_fields_with_yaml_values():
-    raw = apply_overrides({"parameters": {"a": 1}}, ["parameters.select_topk=0.1", "dtype=bfloat16", "x.y.z=[1, 2]", "w=true"])
-    assert raw == {"parameters": {"a": 1, "select_topk": 0.1}, "dtype": "bfloat16", "x": {"y": {"z": [1, 2]}}, "w": True}
+    overrides = ["parameters.select_topk=0.1", "dtype=bfloat16", "x.y.z=[1, 2]", "w=true"]
+    raw = apply_overrides({"parameters": {"a": 1}}, overrides)
+    assert raw == {
+        "parameters": {"a": 1, "select_topk": 0.1},
+        "dtype": "bfloat16",
+        "x": {"y": {"z": [1, 2]}},
+        "w": True,
+    }
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["select_topk"])
     with pytest.raises(ConfigError, match="dtype is not a mapping"):
@@ -75,9 +81,12 @@ def test_overrides_set_nested_fields_with_yaml_values():
         ({"shard_size": "lots"}, "shard_size: expected a size such as 5GB"),
         ({"shard_size": 0}, "shard_size: Input should be greater than 0"),
         ({"parameters": {"select_topk": 0}}, "parameters.select_topk: Input should be greater than 0"),
-        ({"parameters": {"density": 0.5}}, "parameters.density: Extra inputs are not permitted (method 'sce' takes: select_topk)"),
+        (
+            {"parameters": {"density": 0.5}},
+            "parameters.density: Extra inputs are not permitted (method 'sce' takes: select_topk)",
+        ),
         ({"method": "ties", "parameters": {"weights": [1, 2, 3]}}, "parameters.weights: 3 values for 2 models"),
-        ({"method": "dare", "parameters": {"consensus": "maybe"}}, "parameters.consensus: Input should be a valid boolean"),
+        ({"method": "dare", "parameters": {"consensus": "maybe"}}, "parameters.consensus: Input should be a valid bool"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, fields, message):
@@ -98,7 +107,9 @@ def test_parse_size_units():
 
 def test_parameters_get_their_defaults():
     cfg = MergeConfig(method="dare", base="b", models=["m"], output="o")
-    assert cfg.parameters == {"density": 0.5, "weights": None, "normalize": False, "consensus": False, "scaling": 1.0, "seed": 0}
+    assert cfg.parameters == {
+        "density": 0.5, "weights": None, "normalize": False, "consensus": False, "scaling": 1.0, "seed": 0
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +142,9 @@ METHOD_PARAMS = {
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
 def test_merged_model_equals_the_method_applied_per_tensor_and_generates(method, tiny_llama, finetuned_llamas, tmp_path):
     out = tmp_path / "merged"
-    cfg = _config(tmp_path, method=method, base=tiny_llama, models=finetuned_llamas, output=out, parameters=METHOD_PARAMS[method])
+    cfg = _config(
+        tmp_path, method=method, base=tiny_llama, models=finetuned_llamas, output=out, parameters=METHOD_PARAMS[method]
+    )
     assert main([str(cfg), "--no-progress"]) == 0
 
     merged, base = _weights(out), _weights(tiny_llama)
@@ -161,7 +174,10 @@ def test_merging_copies_of_the_base_reproduces_its_logits(tiny_llama, tmp_path):
 
 def test_sharded_bf16_output_has_an_index_and_loads(tiny_llama, finetuned_llamas, tmp_path):
     out = tmp_path / "sharded"
-    cfg = _config(tmp_path, method="varm", base=tiny_llama, models=finetuned_llamas[:2], output=out, dtype="bfloat16", shard_size="40KB")
+    cfg = _config(
+        tmp_path, method="varm", base=tiny_llama, models=finetuned_llamas[:2], output=out, dtype="bfloat16",
+        shard_size="40KB",
+    )
     assert main([str(cfg), "--no-progress"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
@@ -203,7 +219,10 @@ def test_dare_merges_are_reproducible_and_masks_differ_per_tensor(tiny_llama, fi
     outs = []
     for i in range(2):
         outs.append(tmp_path / f"dare{i}")
-        cfg = _config(tmp_path, method="dare", base=tiny_llama, models=finetuned_llamas[:1], output=outs[-1], parameters={"density": 0.5})
+        cfg = _config(
+            tmp_path, method="dare", base=tiny_llama, models=finetuned_llamas[:1], output=outs[-1],
+            parameters={"density": 0.5},
+        )
         assert main([str(cfg), "--no-progress"]) == 0
     a, b = _weights(outs[0]), _weights(outs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -84,9 +84,6 @@ def test_load_tensor_reads_whole_tensors_and_leading_rows(tmp_path):
 
 
 def test_index_lists_every_tensor(tmp_path):
-    path = write_index(tmp_path, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}, 123)
-    data = json.loads(path.read_text())
-    assert data == {
-        "metadata": {"total_size": 123},
-        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
-    }
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    path = write_index(tmp_path, weight_map, 123)
+    assert json.loads(path.read_text()) == {"metadata": {"total_size": 123}, "weight_map": weight_map}

@@ -1,0 +1,44 @@
+"""No drift between `fuseflow stack up` and the Docker Compose `cpu` profile: each compose service runs the
+argv that :func:`fuseflow.stack.stack_commands` gives for the same run config, up to what a container
+changes by design — it binds 0.0.0.0 on its own network namespace (so every teacher uses the default ports
+inside its container), and it gets the run name from ``FUSEFLOW_RUN`` instead of ``--run``. Both argvs are
+parsed with the real CLI parsers and every other parsed option must be equal."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from fuseflow.cli import PASSTHROUGH
+from fuseflow.config import FuseConfig, load_config
+from fuseflow.stack import stack_commands
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "deploy" / "docker" / "docker-compose.yml"
+CONTAINER_ONLY = {"host", "port", "metrics_port", "run"}
+
+
+def _parse(argv: list[str]) -> dict:
+    words = argv[:2] if argv[0] == "teacher" else argv[:1]
+    parser = importlib.import_module(PASSTHROUGH[words[0]][0]).build_parser()
+    return {k: v for k, v in vars(parser.parse_args(argv[len(words):])).items() if k not in CONTAINER_ONLY}
+
+
+def test_compose_cpu_profile_runs_the_stack_commands():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = {name: svc for name, svc in compose["services"].items() if "cpu" in svc.get("profiles", [])}
+    mounted = next(v for svc in services.values() for v in svc.get("volumes", []) if v.endswith(":/etc/fuseflow/run.yaml:ro"))
+    host_path, config_path = mounted.split(":")[:2]
+    cfg = load_config(FuseConfig, (COMPOSE.parent / host_path).resolve())
+    env = next(iter(services.values()))["environment"]
+    redis_url = env["FUSEFLOW_REDIS_URL"]
+    run = env["FUSEFLOW_RUN"].split(":-", 1)[1].rstrip("}")  # ${FUSEFLOW_RUN:-quickstart}
+    expected = stack_commands(cfg, redis_url, run, config_path)
+    assert {f"cpu-{name}" for name in expected} == set(services)
+    for name, argv in expected.items():
+        got = [str(a) for a in services[f"cpu-{name}"]["command"]]
+        assert argv[0] == "fuseflow"
+        assert _parse(got) == _parse(argv[1:]), f"cpu-{name} drifted from stack_commands()['{name}']"
+        assert run == Path(cfg.run_dir).name  # what `stack up` derives from the same config
