@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -313,14 +314,12 @@ def split_head(model: torch.nn.Module) -> HeadSpec:
 class Encoded:
     """A text in one tokenizer: ids with the tokenizer's own special tokens, and character spans."""
 
-    ids: "np.ndarray"  # [L] int32  # noqa: F821
-    offsets: "np.ndarray"  # [L, 2] int32  # noqa: F821
+    ids: np.ndarray  # [L] int32
+    offsets: np.ndarray  # [L, 2] int32
 
 
 def encode(tokenizer, text: str) -> Encoded:
     """Tokenize ``text`` the one way every stage does (teacher side and trainer side must agree)."""
-    import numpy as np
-
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int32)  # [L]
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)  # [L, 2]

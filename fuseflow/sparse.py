@@ -82,3 +82,29 @@ class AlignedDist:
             raise ValueError(f"gold_logprobs/aligned must have shape ({t},)")
         if self.ids.dtype != np.int32:
             raise ValueError(f"ids must be int32, got {self.ids.dtype}")
+
+
+class ScoreError(ValueError):
+    """A request the engine rejects; the message names the request index and the limit to change.
+
+    ``index`` is the position of the offending text in the request (``None`` when the whole request is
+    at fault, e.g. ``top_k``). Servers map this to INVALID_ARGUMENT and workers to the dead-letter stream.
+    """
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class Generated:
+    """A continuation sampled by an engine's ``generate`` (:class:`fuseflow.teacher.engine.Engine`).
+
+    ``logprobs`` are the model's raw next-token logprobs of the chosen tokens (temperature 1, before top-p),
+    as vLLM's default ``logprobs_mode="raw_logprobs"``: Cool-Fusion reranks segments by the models' own
+    likelihood, not by the sampling distribution.
+    """
+
+    token_ids: np.ndarray  # [N] int32, the stop token included when one ended the sequence
+    logprobs: np.ndarray  # [N] float32
+    finish_reason: str  # "stop" (a stop token was produced) or "length" (max_new_tokens reached)

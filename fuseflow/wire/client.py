@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from fuseflow.sparse import ScoredText
-from fuseflow.teacher.engine import Generated, ScoreError
+from fuseflow.sparse import Generated, ScoreError
 from fuseflow.wire.codec import decode_array, encode_array, proto_to_scored
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2_grpc as pb_grpc
