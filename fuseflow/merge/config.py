@@ -24,7 +24,9 @@ from pydantic import (
 
 from .methods import MERGE_METHODS, MergeMethod, get_method
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+}
 
 
 def parse_size(value: Any) -> int:
@@ -57,7 +59,9 @@ def validate_parameters(method_name: str, params: dict[str, Any], n_models: int)
     """``params`` checked against the method's signature, defaults filled in."""
     method = get_method(method_name)
     spec = method_parameters(method)
-    model = create_model(f"{method_name}_parameters", __config__=ConfigDict(extra="forbid"), **spec)  # type: ignore[call-overload]
+    model = create_model(  # type: ignore[call-overload]
+        f"{method_name}_parameters", __config__=ConfigDict(extra="forbid"), **spec
+    )
     try:
         values = model.model_validate(params).model_dump()
     except ValidationError as e:

@@ -130,7 +130,8 @@ def inspect_model(path: str | Path) -> ModelInfo:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
         raise MergeCheckError(
             f"{path}: no .safetensors weights"
-            + (f" (found {', '.join(others)}: re-save with save_pretrained(..., safe_serialization=True))" if others else "")
+            + (f" (found {', '.join(others)}: re-save with save_pretrained(..., safe_serialization=True))"
+               if others else "")
         )
     tensors: dict[str, TensorMeta] = {}
     for name in files:

@@ -97,7 +97,8 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def copy_base_files(base: Path, out: Path, dtype: str | None) -> None:
     """Copy the base's config, generation config and tokenizer files (everything but weights)."""
     for f in sorted(base.iterdir()):
-        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") and f.name not in NOT_COPIED:
+        weights = f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")
+        if f.is_file() and not weights and f.name not in NOT_COPIED:
             shutil.copy2(f, out / f.name)
     if dtype is not None:
         cfg_path = out / "config.json"
@@ -174,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="YAML merge config")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. parameters.select_topk=0.1 output=out/"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. parameters.select_topk=0.1 output=out/",
     )
     parser.add_argument("--dry-run", action="store_true", help="check the models and print the plan; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

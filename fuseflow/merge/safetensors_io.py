@@ -96,13 +96,15 @@ class StreamingShardWriter:
         offset = 0
         for e in entries:
             size = nbytes(e.shape, e.dtype)
-            header[e.name] = {"dtype": ST_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + size]}
+            header[e.name] = {
+                "dtype": ST_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + size]
+            }
             offset += size
         self.data_size = offset
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         if sys.byteorder != "little":
-            raise RuntimeError("safetensors stores little-endian data; writing it from a big-endian host is not supported")
+            raise RuntimeError("safetensors stores little-endian data: writing from a big-endian host is not supported")
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
