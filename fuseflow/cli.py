@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Commands whose implementation owns its own argparse parser (and --help): argv is handed over as is.
 PASSTHROUGH = {
+    "merge": ("fuseflow.merge.run", "merge fine-tuned copies of one model in parameter space (linear, ties, dare, varm, sce, …)"),
     "teacher": ("fuseflow.teacher.serve", "serve a source model over gRPC (`fuseflow teacher serve --help`)"),
     "query": ("fuseflow.query", "ad-hoc gRPC client for a teacher: info, tokenize, score, generate"),
     "train": ("fuseflow.trainer.online", "online DeepSpeed trainer consuming aligned distributions from Redis"),
@@ -23,7 +24,6 @@ PASSTHROUGH = {
 
 EXAMPLES = {
     "fuse": "fuseflow fuse examples/quickstart.yaml train.max_steps=20 baseline=none",
-    "merge": "fuseflow merge examples/merge.yaml method=sce",
     "models": "fuseflow models prepare smollm2-135m gemma3-270m",
     "config": "fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
     "evaluate": "fuseflow evaluate examples/quickstart.yaml pivot=smollm2-135m merged=runs/fusechat/merged-sce",
@@ -51,9 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--baseline", choices=["clm", "none"], default=None, help="also train a CLM-only copy (default: config)")
     fuse.add_argument("--pairwise", action="store_true", help="FuseChat: one fused copy of the target per source")
     fuse.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    merge = command("merge", "merge fine-tuned copies of one model in parameter space (linear, ties, dare, varm, sce, …)")
-    merge.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value …] (see `fuseflow merge CONFIG --help`)")
 
     ev = command("evaluate", "held-out bits/byte and perplexity of models on a run config's held-out documents")
     ev.add_argument("config", help="run config YAML: its corpus (held-out split) and eval sections are used")
@@ -145,10 +142,6 @@ def _dispatch(args) -> int:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=2)
         return 0
-    if args.command == "merge":
-        from fuseflow.merge.run import main as merge_main
-
-        return merge_main(args.args)
     if args.command == "models":
         from fuseflow.models import PRETRAINED, resolve
 
