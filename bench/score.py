@@ -1,29 +1,57 @@
 """Scoring throughput of the hf teacher engine: tokens/s for top-k next-token logprobs over the built-in text.
 
-Compares the engine (length-sorted batches, trunk + chunked lm_head, top-k on the device) with the plain
-dense path (``model(ids).logits`` → fp32 log-softmax over ``[B, T, V]`` → topk) on the same windows. On CUDA
-it also reports MFU: forward FLOPs ``2 · N_params · tokens`` over a bf16 matmul peak measured in this run.
+Compares the engine (length-sorted batches, trunk + chunked lm_head, top-k on the device) with the trunk alone
+(the engine's own trunk forwards — its rows, padding, packing — replayed without the head: the bound scoring
+can approach) and with the plain dense path (``model(ids).logits`` → fp32 log-softmax over ``[B, T, V]`` →
+topk) on the same windows. MFU: model FLOPs ``2 · N`` per predicted position (``N`` = non-embedding params +
+lm_head; the trunk's ``N`` has no head; padding is not counted) over a matmul peak measured in this run (bf16
+on CUDA; fp32 on a CPU, labelled), and the performance issue's convention next to it (``bench/common.py``).
+
+``--shape`` scores random token ids with a random-init model of a real shape instead of ``--model``'s text:
+``n = max-tokens / seq-len`` sequences of ``seq-len + 1`` ids, so the forward runs ``B × seq-len`` positions
+(the issue's 8 × 2048 by default on CUDA). There is no tokenizer, so the engine's scoring core
+(``HFEngine._score``: batching, trunk, chunked head, top-k, copy to the host) is timed, not ``score_ids``
+(which adds validation and token strings).
 
     python bench/score.py                                  # tiny random Llama, CPU
     python bench/score.py --model smollm2-135m --seq-len 512 --max-tokens 8192 --out score.json
+    python bench/score.py --shape llama-3.2-1b --out score-1b.json          # GPU, 8 × 2048 per batch
+    python bench/score.py --shape llama-2-7b --no-dense --out score-7b.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fuseflow.models import builtin_text, make_tiny_model
-from fuseflow.teacher.batching import padded_tokens, plan_batches
-from fuseflow.teacher.hf_engine import HFEngine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    SHAPES,
+    accepts,
+    attention_flops,
+    gib,
+    interleaved_times,
+    make_shape_model,
+    markdown_table,
+    matmul_peak_flops,
+    param_counts,
+    parse_dtype,
+    peak_memory_kind,
+    write_json,
+)
+
+from fuseflow.models import LoadedModel, builtin_text, make_tiny_model  # noqa: E402
+from fuseflow.teacher.batching import plan_batches  # noqa: E402
+from fuseflow.teacher.hf_engine import HFEngine  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,15 +61,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--model", default="tiny", help="'tiny' (random 2-layer Llama), smollm2-135m, gemma3-270m, or a path"
     )
+    p.add_argument(
+        "--shape", default=None, choices=sorted(SHAPES),
+        help="random-init model of this shape on random ids instead of --model (tiny on a CPU, the real ones on a GPU)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per scored text (special tokens included)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="engine max_batch_tokens (padded)")
+    p.add_argument(
+        "--seq-len", type=int, default=None,
+        help="tokens per scored text, special tokens included (default 512); with --shape the positions scored "
+        "per sequence (default 2048 on CUDA, 128 on CPU)",
+    )
+    p.add_argument(
+        "--batch-tokens", type=int, default=None,
+        help="engine max_batch_tokens (padded; default 8192, with --shape 8 × seq-len)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="engine max_batch_size")
     p.add_argument("--head-chunk-tokens", type=int, default=None, help="engine head_chunk_tokens (default: auto)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="score about this many tokens of the text")
+    p.add_argument(
+        "--max-tokens", type=int, default=None,
+        help="score about this many tokens (default 16384, with --shape 4 × batch-tokens)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed runs (best is reported) after one warm-up")
+    p.add_argument(
+        "--pack", action=argparse.BooleanOptionalAction, default=None,
+        help="engine option pack (when this HFEngine has it; default: the engine's)",
+    )
+    p.add_argument(
+        "--attn-implementation", default=None,
+        help="sdpa, eager, flex_attention, flash_attention_2: the --shape model's, "
+        "and the engine option when it has one",
+    )
+    p.add_argument("--no-trunk", action="store_true", help="skip the trunk-only contender")
     p.add_argument(
         "--no-dense",
         action="store_true",
@@ -53,7 +105,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's choice); 1 is faster when other processes share the cores",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.seq_len is None:
+        args.seq_len = (2048 if cuda else 128) if args.shape else 512
+    if args.batch_tokens is None:
+        args.batch_tokens = 8 * args.seq_len if args.shape else 8192
+    if args.max_tokens is None:
+        args.max_tokens = 4 * args.batch_tokens if args.shape else 16384
+    for name in ("seq_len", "batch_tokens", "batch_size", "max_tokens", "repeats", "top_k"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def make_texts(tokenizer, seq_len: int, max_tokens: int) -> list[str]:
@@ -67,33 +130,29 @@ def make_texts(tokenizer, seq_len: int, max_tokens: int) -> list[str]:
     return [text[offsets[i * body, 0] : offsets[(i + 1) * body - 1, 1]] for i in range(n_texts)]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def random_ids(n_seqs: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """``n_seqs`` sequences of ``length`` uniform random token ids (int32), for models without a tokenizer."""
+    rng = np.random.default_rng(seed)
+    return list(rng.integers(0, vocab, size=(n_seqs, length), dtype=np.int32))  # n × [length]
 
 
-def best_times(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
-    """Best (wall, process CPU) seconds of each function. Runs are interleaved so that load from other
-    processes on a shared machine hits every contender alike; CPU seconds are the contention-proof figure
-    on a shared CPU box (with --threads 1 they are the time one uncontended core would take)."""
-    for fn in fns.values():
-        fn()  # warm-up: allocator, kernels, thread pools
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-    return {name: (min(w for w, _ in ts), min(c for _, c in ts)) for name, ts in times.items()}
+class IdsOnlyTokenizer:
+    """What HFEngine reads of a tokenizer when only ids are scored (``--shape``): the pad id and no length cap."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.model_max_length = None
 
 
 @torch.inference_mode()
 def dense_topk(model, tokenizer, texts: list[str], batches: list[list[int]], k: int, device: torch.device) -> None:
-    """The plain path, text in as the engine: tokenize, full ``[B, T, V]`` logits, fp32 log-softmax, topk,
-    gold gather, on the engine's batches."""
-    ids_list = tokenizer(texts)["input_ids"]
+    """The plain path, text in as the engine: tokenize, then :func:`dense_topk_ids`."""
+    dense_topk_ids(model, tokenizer(texts)["input_ids"], batches, k, device)
+
+
+@torch.inference_mode()
+def dense_topk_ids(model, ids_list, batches: list[list[int]], k: int, device: torch.device) -> None:
+    """Full ``[B, T, V]`` logits, fp32 log-softmax, topk, gold gather, on the engine's batches."""
     for batch in batches:
         t = max(len(ids_list[i]) for i in batch)
         x = np.zeros((len(batch), t), dtype=np.int64)  # [B, T]
@@ -106,18 +165,39 @@ def dense_topk(model, tokenizer, texts: list[str], batches: list[list[int]], k: 
         del logprobs
 
 
-def matmul_peak_flops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
-    """Measured bf16 dense matmul throughput (FLOP/s) of this GPU, the MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+def record_trunk_calls(engine: HFEngine, run) -> list[tuple[tuple, dict]]:
+    """The arguments of every ``engine._hidden`` call (the trunk forward) made while ``run()`` scores: the
+    engine's own rows, padding and packing (``position_ids``) included, whatever its version does."""
+    calls: list[tuple[tuple, dict]] = []
+    hidden = engine._hidden
+
+    def spy(*a, **kw):
+        calls.append((a, kw))
+        return hidden(*a, **kw)
+
+    engine._hidden = spy
+    try:
+        run()
+    finally:
+        engine._hidden = hidden
+    return calls
+
+
+@torch.inference_mode()
+def trunk_only(engine: HFEngine, calls: list[tuple[tuple, dict]]) -> None:
+    """Replay the engine's trunk forwards (final hidden states, no head) on its inputs, already on the device:
+    the cost that scoring adds its head, top-k and host copies to."""
+    for a, kw in calls:
+        engine._hidden(*a, **kw)  # [B, T, H]
+
+
+def engine_options(args) -> tuple[dict, dict]:
+    """Options for HFEngine that this version of it accepts (``pack``, ``attn_implementation`` are newer),
+    and those given but not accepted."""
+    given = {"pack": args.pack, "attn_implementation": args.attn_implementation}
+    given = {k: v for k, v in given.items() if v is not None}
+    passed = {k: v for k, v in given.items() if accepts(HFEngine.__init__, k)}
+    return passed, {k: v for k, v in given.items() if k not in passed}
 
 
 def main(argv=None) -> int:
@@ -125,11 +205,22 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    options, ignored = engine_options(args)
+    if ignored:
+        print(f"note: this HFEngine has no option {sorted(ignored)}: not passed", file=sys.stderr)
     t0 = time.perf_counter()
-    if args.model == "tiny":
-        ref = make_tiny_model(tempfile.mkdtemp(prefix="fuseflow-bench-"), "llama", vocab_size=512)
+    if args.shape:
+        model = make_shape_model(args.shape, parse_dtype(args.dtype, device), device, args.attn_implementation).eval()
+        ref = LoadedModel(
+            name=args.shape, path=Path(args.shape), model=model, tokenizer=IdsOnlyTokenizer(model.config.pad_token_id)
+        )
+        name = args.shape
     else:
-        ref = args.model
+        if args.model == "tiny":
+            ref = make_tiny_model(tempfile.mkdtemp(prefix="fuseflow-bench-"), "llama", vocab_size=512)
+        else:
+            ref = args.model
+        name = args.model
     engine = HFEngine(
         ref,
         device=device,
@@ -137,82 +228,115 @@ def main(argv=None) -> int:
         max_batch_tokens=args.batch_tokens,
         max_batch_size=args.batch_size,
         head_chunk_tokens=args.head_chunk_tokens,
-        name=args.model,
+        name=name,
+        **options,
     )
     load_s = time.perf_counter() - t0
-    texts = make_texts(engine.tokenizer, min(args.seq_len, engine.max_length), args.max_tokens)
 
-    ids = [np.asarray(x) for x in engine.tokenizer(texts)["input_ids"]]
-    tokens = int(sum(len(x) for x in ids))
-    lengths = [len(x) - 1 for x in ids]
-    batches = plan_batches(lengths, engine.max_batch_tokens, engine.max_batch_size)
-    contenders = {"engine": lambda: engine.score_texts(texts, top_k=args.top_k)}
+    if args.shape:
+        if args.seq_len + 1 > engine.max_length:
+            raise ValueError(f"--seq-len {args.seq_len} + 1 exceeds the model's max_length {engine.max_length}")
+        ids = random_ids(max(1, args.max_tokens // args.seq_len), args.seq_len + 1, engine.vocab_size)
+        tokens = len(ids) * args.seq_len  # positions scored
+        contenders = {"engine": lambda: engine._score(ids, args.top_k, 1.0)}
+    else:
+        texts = make_texts(engine.tokenizer, min(args.seq_len, engine.max_length), args.max_tokens)
+        ids = [np.asarray(x) for x in engine.tokenizer(texts)["input_ids"]]
+        tokens = int(sum(len(x) for x in ids))
+        contenders = {"engine": lambda: engine.score_texts(texts, top_k=args.top_k)}
+    lengths = [len(x) - 1 for x in ids]  # predicting positions of each sequence
+    predicted = int(sum(lengths))
+    batches = plan_batches(lengths, engine.max_batch_tokens, engine.max_batch_size)  # the dense path's
+    calls = record_trunk_calls(engine, contenders["engine"])  # also a warm-up
+    forward_tokens = int(sum(a[0].numel() for a, _ in calls))  # what the engine's trunk computes, padding included
+    if not args.no_trunk:
+        contenders["trunk"] = lambda: trunk_only(engine, calls)
     if not args.no_dense:
-        contenders["dense"] = lambda: dense_topk(engine.model, engine.tokenizer, texts, batches, args.top_k, device)
-    times = best_times(contenders, args.repeats, device)
-    engine_s, engine_cpu_s = times["engine"]
-    n_params = sum(p.numel() for p in engine.model.parameters())
+        if args.shape:
+            contenders["dense"] = lambda: dense_topk_ids(engine.model, ids, batches, args.top_k, device)
+        else:
+            contenders["dense"] = lambda: dense_topk(
+                engine.model, engine.tokenizer, texts, batches, args.top_k, device
+            )
+    times = interleaved_times(contenders, args.repeats, device, warmup=1)
+    peak = matmul_peak_flops(device)
+
+    counts = param_counts(engine.model)
+    attn = attention_flops(engine.model.config, lengths)  # causal, within each sequence
+    flop_params = {"engine": counts.n, "dense": counts.n, "trunk": counts.trunk}
+    flop_params_issue = {"engine": counts.n_issue, "dense": counts.n_issue, "trunk": counts.n_issue - counts.lm_head}
     result = {
-        "model": args.model,
+        "model": name,
+        "shape": args.shape,
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "device": str(device),
         "dtype": str(engine.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "params": n_params,
+        "params": counts.total,
+        "params_n": counts.n,
+        "params_n_issue": counts.n_issue,
         "vocab": engine.vocab_size,
-        "texts": len(texts),
+        "texts": len(ids),
         "seq_len": args.seq_len,
         "tokens": tokens,
-        "forward_tokens": padded_tokens(lengths, batches),  # what the trunk computes: L-1 each, padded
+        "predicted_tokens": predicted,
+        "forward_tokens": forward_tokens,
+        "trunk_calls": len(calls),
         "top_k": args.top_k,
         "batch_tokens": args.batch_tokens,
         "head_chunk_tokens": engine.head_chunk_tokens,
+        "engine_options": options,
+        "attn_implementation": engine.model.config._attn_implementation,
         "load_s": round(load_s, 2),
-        "engine_s": round(engine_s, 3),
-        "engine_tok_s": round(tokens / engine_s, 1),
-        "engine_cpu_s": round(engine_cpu_s, 3),
-        "engine_tok_per_cpu_s": round(tokens / engine_cpu_s, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "matmul_peak_tflops": round(peak.flops / 1e12, 3),
+        "matmul_peak_label": peak.label,
+        "peak_memory_kind": peak_memory_kind(device),
     }
-    if "dense" in times:
-        dense_s, dense_cpu_s = times["dense"]
-        result["dense_s"] = round(dense_s, 3)
-        result["dense_tok_s"] = round(tokens / dense_s, 1)
-        result["dense_cpu_s"] = round(dense_cpu_s, 3)
-        result["dense_tok_per_cpu_s"] = round(tokens / dense_cpu_s, 1)
+    for c, tm in times.items():
+        result[f"{c}_s"] = round(tm.wall_s, 4)
+        result[f"{c}_tok_s"] = round(tokens / tm.wall_s, 1)
+        result[f"{c}_cpu_s"] = round(tm.cpu_s, 4)
+        result[f"{c}_tok_per_cpu_s"] = round(tokens / tm.cpu_s, 1)
+        # Model FLOPs of the predicted positions: padding is not useful work, so it lowers the MFU.
+        result[f"{c}_mfu"] = round(2 * flop_params[c] * predicted / tm.wall_s / peak.flops, 4)
+        result[f"{c}_mfu_issue_convention"] = round(
+            (2 * flop_params_issue[c] * predicted + attn) / tm.wall_s / peak.flops, 4
+        )
+        result[f"{c}_peak_memory_bytes"] = tm.peak_memory_bytes
+    if "trunk" in times:
+        result["engine_over_trunk"] = round(times["trunk"].wall_s / times["engine"].wall_s, 4)  # tok/s ratio
     if device.type == "cuda":
-        peak = matmul_peak_flops(device)
-        result["matmul_peak_tflops"] = round(peak / 1e12, 1)
-        result["engine_mfu"] = round(2 * n_params * tokens / engine_s / peak, 4)
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
     rows = [
-        ("model", result["model"]),
+        ("model", name + (" (random init, random ids)" if args.shape else "")),
         ("device / dtype / threads", f"{result['device']} / {result['dtype']} / {result['threads']}"),
+        ("attention / engine options", f"{result['attn_implementation']} / {options or 'defaults'}"),
         ("load average (1 min)", f"{result['load_average']}"),
-        ("params / vocab", f"{n_params / 1e6:.1f} M / {engine.vocab_size}"),
-        ("texts × seq-len", f"{len(texts)} × {args.seq_len}"),
-        ("tokens (forward incl. padding)", f"{tokens} ({result['forward_tokens']})"),
+        ("params total / N (non-emb + head) / vocab", f"{counts.total:,} / {counts.n:,} / {engine.vocab_size}"),
+        ("sequences × seq-len", f"{len(ids)} × {args.seq_len}"),
+        ("tokens / predicted / engine trunk forward (padding incl.)", f"{tokens} / {predicted} / {forward_tokens}"),
         ("top-k / head chunk", f"{args.top_k} / {engine.head_chunk_tokens}"),
-        ("engine tokens/s", f"{result['engine_tok_s']:.0f} ({engine_s:.2f} s)"),
-        ("engine tokens per CPU-second", f"{result['engine_tok_per_cpu_s']:.0f} ({engine_cpu_s:.2f} CPU-s)"),
+        ("matmul peak", f"{peak.flops / 1e12:.3f} TFLOP/s ({peak.label})"),
     ]
-    if "dense_tok_s" in result:
-        rows.append(("dense logits tokens/s", f"{result['dense_tok_s']:.0f} ({result['dense_s']:.2f} s)"))
-        rows.append(
-            ("dense tokens per CPU-second", f"{result['dense_tok_per_cpu_s']:.0f} ({dense_cpu_s:.2f} CPU-s)")
-        )
-    if "engine_mfu" in result:
-        rows.append(("bf16 matmul peak", f"{result['matmul_peak_tflops']} TFLOP/s"))
-        rows.append(("engine MFU", f"{100 * result['engine_mfu']:.1f} %"))
-        rows.append(("max GPU memory", f"{result['max_memory_gib']} GiB"))
-    print("| metric | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+    print(markdown_table(["metric", "value"], rows))
+    print()
+    table = []
+    for c, tm in times.items():
+        ratio = f"{times['trunk'].wall_s / tm.wall_s:.3f}" if "trunk" in times else ""
+        table.append([
+            c, f"{result[f'{c}_tok_s']:.0f} ({tm.wall_s:.3f} s)", f"{result[f'{c}_tok_per_cpu_s']:.0f}", ratio,
+            f"{result[f'{c}_mfu']:.3f}", f"{result[f'{c}_mfu_issue_convention']:.3f}", gib(tm.peak_memory_bytes),
+        ])
+    print(markdown_table(
+        ["contender", "tokens/s (best s)", "tokens per CPU-s", "tok/s ÷ trunk", "MFU 2·N", "MFU issue conv.",
+         f"peak memory ({peak_memory_kind(device)})"],
+        table,
+    ))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result, device)
     return 0
 
 

@@ -28,6 +28,11 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     model: str = Field(description="short name (smollm2-135m, gemma3-270m), HF model dir, or .gguf file")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None,
+        description="transformers attention kernel (default: transformers' choice, SDPA); flash_attention_2 or "
+        "flex_attention make packed rows truly variable-length",
+    )
 
 
 class SourceConfig(ModelConfig):
@@ -43,6 +48,14 @@ class SourceConfig(ModelConfig):
     @property
     def key(self) -> str:
         return self.name or self.model
+
+    @model_validator(mode="after")
+    def _attn_for_hf(self) -> "SourceConfig":
+        if self.attn_implementation and self.engine != "hf":
+            raise ValueError(
+                f"attn_implementation applies to the hf engine; the {self.engine} engine picks its own kernels"
+            )
+        return self
 
 
 class AlignConfig(_Strict):
@@ -85,7 +98,16 @@ class TrainConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
+    pack: bool = Field(
+        True,
+        description="pack a micro-batch's samples into rows with restarted position ids instead of padding them",
+    )
     loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the chunked lm_head loss")
+    loss_impl: Literal["fused", "chunked"] = Field(
+        "fused",
+        description="fused: gradients of each loss chunk computed in the forward (3 head matmuls per chunk); "
+        "chunked: recomputed under checkpointing (4)",
+    )
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)

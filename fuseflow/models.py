@@ -160,15 +160,28 @@ def load_tokenizer(ref: str | os.PathLike):
     return tok
 
 
-def load(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load model and tokenizer for ``ref`` (see :func:`resolve`), in eval mode on ``device``."""
+def load(
+    ref: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer for ``ref`` (see :func:`resolve`), in eval mode on ``device``.
+
+    ``attn_implementation`` is transformers' (``sdpa``, ``eager``, ``flash_attention_2``, ``flex_attention``);
+    ``None`` keeps transformers' default (SDPA where supported).
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve(ref)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, trust_remote_code=False
-    ).to(device)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, trust_remote_code=False, **kw
+        ).to(device)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package, say
+        raise ModelLoadError(f"{ref}: attn_implementation={attn_implementation!r} is not available here: {e}") from e
     model.eval()
     return LoadedModel(name=str(ref), path=path, model=model, tokenizer=tokenizer)
 

@@ -19,6 +19,9 @@ Input convention for a batch with N teachers (stacked ``fuseflow.sparse.AlignedD
 - ``gold``     ``[N, B, T]`` each teacher's logprob of the gold next text at t (meaningless where not aligned)
 - ``aligned``  ``[N, B, T]`` bool
 - ``mask``     ``[B, T]`` bool: positions that count (not padding; assistant tokens for chat)
+- ``segments`` ``[B, T]`` int64, optional: the sample each position belongs to when a row packs several
+  samples end to end (``fuseflow.packing``); without it each row is one sample. Sequence-level fusions
+  (MinCE, AvgCE) score teachers per sample either way.
 
 CE is taken over the positions that are both counted (``mask``) and aligned for that teacher, since the
 gold logprob means nothing elsewhere. A teacher with no such position in a sequence cannot be scored: it is
@@ -50,6 +53,7 @@ __all__ = [
     "merge_duplicate_ids",
     "min_ce",
     "min_ce_token",
+    "segment_ce",
     "sequence_ce",
     "token_ce",
 ]
@@ -65,6 +69,7 @@ class FusionFn(Protocol):
         mask: torch.Tensor,
         *,
         top_k: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -133,6 +138,25 @@ def sequence_ce(gold: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor) -
     return torch.where(n > 0, nll / n.clamp(min=1), torch.full_like(nll, math.inf))
 
 
+def segment_ce(gold: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """:func:`sequence_ce` per sample of a packed batch, broadcast back to positions: ``[N, B, T]``.
+
+    ``segments [B, T]`` (int, ``>= 0``) names the sample of each position; every position of a sample gets
+    the sample's mean CE (``inf`` where the teacher has no counted, aligned position in it).
+    """
+    if segments.shape != mask.shape or segments.dtype.is_floating_point:
+        raise ValueError(f"segments must be integer [B, T] = {tuple(mask.shape)}, got {tuple(segments.shape)}")
+    n = gold.shape[0]
+    flat = segments.reshape(-1).long()  # [B*T]
+    num = int(flat.max()) + 1 if flat.numel() else 0
+    counted = (aligned & mask.unsqueeze(0)).reshape(n, -1)  # [N, B*T]
+    nll = torch.where(counted, -gold.float().reshape(n, -1), torch.zeros((), device=gold.device))  # [N, B*T]
+    sums = torch.zeros((n, num), dtype=torch.float32, device=gold.device).index_add_(1, flat, nll)  # [N, S]
+    counts = torch.zeros((n, num), dtype=torch.float32, device=gold.device).index_add_(1, flat, counted.float())
+    ce = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.inf))  # [N, S]
+    return ce[:, flat].reshape(gold.shape)  # [N, B, T]
+
+
 def token_ce(gold: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """CE of the gold text per teacher and position: ``[N, B, T]``; ``inf`` where not counted or not aligned."""
     counted = aligned & mask.unsqueeze(0)  # [N, B, T]
@@ -171,6 +195,14 @@ def _resize_k(ids: torch.Tensor, logprobs: torch.Tensor, k2: int) -> tuple[torch
         torch.cat([ids, ids.new_zeros(pad)], dim=-1),
         torch.cat([logprobs, logprobs.new_full(pad, -math.inf)], dim=-1),
     )
+
+
+def _sample_ce(gold, aligned, mask, segments) -> torch.Tensor:
+    """Per-sample CE shaped to broadcast over ``[N, B, T]``: ``[N, B, 1]`` (one sample per row) or
+    ``[N, B, T]`` (packed rows)."""
+    if segments is None:
+        return sequence_ce(gold, aligned, mask).unsqueeze(-1)  # [N, B, 1]
+    return segment_ce(gold, aligned, mask, segments)  # [N, B, T]
 
 
 def _check_inputs(ids, logprobs, gold, aligned, mask, top_k) -> None:
@@ -223,32 +255,32 @@ def _weighted_union(
 
 
 @fusion("min_ce")
-def min_ce(ids, logprobs, gold, aligned, mask, *, top_k=None):
+def min_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
     """MinCE (FuseLLM §3.3): per sequence, the distribution matrix of the teacher with the lowest CE.
 
     Released code: ``distill_greater_as_gt`` — ``argmax`` of the reward ``1/exp(CE)`` over the sources, i.e.
     ``argmin`` CE; ties go to the first teacher, as ``torch.argmax`` does there.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
-    best = sequence_ce(gold, aligned, mask).argmin(0)  # [B]
-    fused_ids, fused = _select_teacher(ids, _renormalised_logprobs(logprobs), best.unsqueeze(-1))
+    best = _sample_ce(gold, aligned, mask, segments).argmin(0)  # [B, 1] or [B, T]
+    fused_ids, fused = _select_teacher(ids, _renormalised_logprobs(logprobs), best)
     return _resize_k(fused_ids, fused, top_k or ids.shape[-1])
 
 
 @fusion("avg_ce")
-def avg_ce(ids, logprobs, gold, aligned, mask, *, top_k=None):
+def avg_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
     """AvgCE (FuseLLM §3.3): per sequence, the CE-weighted average of the teachers' distribution matrices.
 
     Weights ``softmax_n(1/exp(CE_n))`` as the released ``distill_weighted_as_gt`` (see ``ce_weights``); the
     average is taken over the union of the teachers' ids (duplicates summed) and its top ``top_k`` kept.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
-    weights = ce_weights(sequence_ce(gold, aligned, mask)).unsqueeze(-1)  # [N, B, 1]
+    weights = ce_weights(_sample_ce(gold, aligned, mask, segments))  # [N, B, 1] or [N, B, T]
     return _weighted_union(ids, logprobs, weights, top_k or ids.shape[-1])
 
 
 @fusion("min_ce_token")
-def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None):
+def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
     """MinCE at token granularity: at each position, the row of the aligned teacher with the lowest CE there.
 
     The CE of a position is ``-gold``. FuseLLM's ``forward_for_logits.py --save_per_token_metric`` keeps
@@ -256,18 +288,20 @@ def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None):
     Where no teacher is aligned every row is the one-hot gold fallback and teacher 0's is kept.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
+    del segments  # per position: packed rows need nothing more
     best = token_ce(gold, aligned, mask).argmin(0)  # [B, T]
     fused_ids, fused = _select_teacher(ids, _renormalised_logprobs(logprobs), best)
     return _resize_k(fused_ids, fused, top_k or ids.shape[-1])
 
 
 @fusion("avg_ce_token")
-def avg_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None):
+def avg_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
     """AvgCE at token granularity: weights ``softmax_n(exp(gold_n[t]))`` over the teachers aligned at t.
 
     The per-position analogue of ``avg_ce`` (reward ``1/exp(CE)`` with CE ``= -gold``); not in FuseLLM's
     released trainer (see ``min_ce_token``). Where no teacher is aligned the weights are uniform.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
+    del segments  # per position: packed rows need nothing more
     weights = ce_weights(token_ce(gold, aligned, mask))  # [N, B, T]
     return _weighted_union(ids, logprobs, weights, top_k or ids.shape[-1])

@@ -6,10 +6,20 @@ the full ``[B, T, V]`` logits; here neither exists at once:
 
 - the teacher side stays sparse: k target ids and logprobs per position;
 - the student's logits are computed from the last hidden state and the lm_head weight in chunks of
-  ``chunk_tokens`` counted positions, each chunk under ``torch.utils.checkpoint`` so that its ``[chunk, V]``
-  logits are freed after the forward and recomputed in the backward: one chunk's logits alive at a time, in
-  both passes (the vocabulary no longer limits the batch size, activations do);
-- log-softmax is in fp32 whatever the input dtype: the reference's fp16 CE produced NaNs.
+  ``chunk_tokens`` counted positions, one chunk's ``[chunk, V]`` logits alive at a time, in both passes (the
+  vocabulary no longer limits the batch size, activations do);
+- log-softmax is in fp32 whatever the input dtype (fp64 stays fp64): the reference's fp16 CE produced NaNs.
+
+Two implementations of the same numbers (``impl``):
+
+- ``"chunked"``: each chunk under ``torch.utils.checkpoint``; the backward recomputes the chunk's logits
+  (4 head matmuls per chunk: forward, recompute, two gradient products) and autograd differentiates them;
+- ``"fused"`` (the default): Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, "Liger Kernel:
+  Efficient Triton Kernels for LLM Training", arXiv 2410.10989) extended to the sparse KL term: the forward
+  walks the chunks once and computes, per chunk, the loss sums *and* their analytic gradient w.r.t. the
+  chunk's logits, which it multiplies straight into the gradients of the hidden rows, the weight and the bias
+  (3 head matmuls per chunk); the backward only scales those by the incoming gradient. Its cost: those
+  gradients, in fp32, live from the forward to the backward (``[V, H]`` + ``[n, H]`` + ``[V]``).
 
 All losses are means over the counted positions (``mask``) of this call; a data-parallel trainer that wants a
 global token mean weights each rank by ``n_tokens``.
@@ -22,9 +32,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LossParts", "clm_loss", "fusion_loss", "per_teacher_ce", "sparse_kl"]
+__all__ = ["LOSS_IMPLS", "LossParts", "clm_loss", "fusion_loss", "per_teacher_ce", "sparse_kl"]
+
+LOSS_IMPLS = ("chunked", "fused")
 
 
 @dataclass
@@ -37,6 +50,24 @@ class LossParts:
     n_tokens: torch.Tensor
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or fp64 if it is fp64 (the tests' exact checks): the loss math never runs below fp32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _teacher_distribution(teacher_logprobs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, p)`` with ``p = softmax(teacher_logprobs / τ)`` over the k entries, ``[..., k]`` each (≥ fp32);
+    ``-inf`` entries get ``p = 0`` and ``log p = 0`` (so that ``p · log p`` is 0, not NaN)."""
+    scaled = _at_least_fp32(teacher_logprobs) / temperature  # [..., k]
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [..., 1]
+    log_p = scaled - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # [..., k]
+    present = torch.isfinite(log_p)  # [..., k]
+    # Zero the absent entries before any product: 0 · (-inf) would be NaN, in the forward and the backward.
+    log_p = torch.where(present, log_p, torch.zeros_like(log_p))
+    p = torch.where(present, log_p.exp(), torch.zeros_like(log_p))
+    return log_p, p
+
+
 def sparse_kl(
     student_logprobs_at_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
@@ -44,7 +75,7 @@ def sparse_kl(
     *,
     scale_by_t2: bool = True,
 ) -> torch.Tensor:
-    """``KL(p ‖ q)`` restricted to the teacher's k entries, per row: ``[..., k]`` → ``[...]`` (fp32).
+    """``KL(p ‖ q)`` restricted to the teacher's k entries, per row: ``[..., k]`` → ``[...]`` (≥ fp32).
 
     ``p = softmax(teacher_logprobs / τ)`` over the k entries (``-inf`` entries get ``p = 0`` and contribute
     nothing); ``q`` is the student's *full-vocabulary* ``log_softmax(logits / τ)`` gathered at the teacher's
@@ -61,14 +92,8 @@ def sparse_kl(
             f"student logprobs {tuple(student_logprobs_at_ids.shape)} != teacher logprobs "
             f"{tuple(teacher_logprobs.shape)}"
         )
-    scaled = teacher_logprobs.float() / temperature  # [..., k]
-    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [..., 1]
-    log_p = scaled - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # [..., k]
-    present = torch.isfinite(log_p)  # [..., k]
-    # Zero the absent entries before the product: 0 · (-inf) would be NaN, in the forward and the backward.
-    log_p = torch.where(present, log_p, torch.zeros_like(log_p))
-    p = torch.where(present, log_p.exp(), torch.zeros_like(log_p))
-    kl = (p * (log_p - student_logprobs_at_ids.float())).sum(-1)  # [...]
+    log_p, p = _teacher_distribution(teacher_logprobs, temperature)  # [..., k] each
+    kl = (p * (log_p - _at_least_fp32(student_logprobs_at_ids))).sum(-1)  # [...]
     return kl * temperature**2 if scale_by_t2 else kl
 
 
@@ -87,6 +112,49 @@ def per_teacher_ce(gold: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor
     return nll / counted.sum((1, 2))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One chunk of positions: the loss sums (both impls) and their gradient w.r.t. the logits (fused).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_softcap: float | None
+) -> torch.Tensor:
+    """≥ fp32 logits ``[c, V]`` of ``hidden [c, H]`` (the matmul in the weight's dtype), soft-capped if asked."""
+    logits = _at_least_fp32(F.linear(hidden, weight, bias))  # [c, V]
+    if logit_softcap is not None:
+        # Gemma's final_logit_softcapping, applied before any softmax as in its modeling code.
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits
+
+
+def _sums_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fused_ids: torch.Tensor | None,
+    fused_logprobs: torch.Tensor | None,
+    *,
+    temperature: float,
+    scale_by_t2: bool,
+    reuse_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(CE sum, KL sum, log_softmax(logits) [c, V], log_softmax(logits / τ) [c, V] or None)``.
+
+    ``reuse_logits`` (outside autograd only) divides ``logits`` by τ in place instead of in a new block."""
+    logq = torch.log_softmax(logits, dim=-1)  # [c, V]
+    ce_sum = -logq.gather(-1, labels.unsqueeze(-1)).sum()
+    if fused_ids is None:
+        return ce_sum, ce_sum.new_zeros(()), logq, None
+    if temperature == 1.0:
+        logq_t = logq
+    else:
+        scaled = logits.div_(temperature) if reuse_logits else logits / temperature  # [c, V]
+        logq_t = torch.log_softmax(scaled, dim=-1)  # [c, V]
+    student = logq_t.gather(-1, fused_ids)  # [c, k]
+    kl_sum = sparse_kl(student, fused_logprobs, temperature, scale_by_t2=scale_by_t2).sum()
+    return ce_sum, kl_sum, logq, logq_t
+
+
 def _chunk_loss_sums(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -100,24 +168,223 @@ def _chunk_loss_sums(
     scale_by_t2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE at ``labels`` and summed sparse KL over one chunk of positions (``hidden [c, H]``)."""
-    logits = F.linear(hidden, weight, bias).float()  # [c, V]
-    if logit_softcap is not None:
-        # Gemma's final_logit_softcapping, applied before any softmax as in its modeling code.
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    logq = torch.log_softmax(logits, dim=-1)  # [c, V]
-    ce_sum = -logq.gather(-1, labels.unsqueeze(-1)).sum()
-    if fused_ids is None:
-        return ce_sum, ce_sum.new_zeros(())
-    logq_t = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)  # [c, V]
-    student = logq_t.gather(-1, fused_ids)  # [c, k]
-    kl_sum = sparse_kl(student, fused_logprobs, temperature, scale_by_t2=scale_by_t2).sum()
+    logits = _head_logits(hidden, weight, bias, logit_softcap)  # [c, V]
+    ce_sum, kl_sum, _, _ = _sums_from_logits(
+        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2
+    )
     return ce_sum, kl_sum
 
 
-def _chunked_loss(
-    hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, *, lam, temperature, chunk_tokens,
-    logit_softcap, lm_head_bias, scale_by_t2,
-) -> LossParts:
+def _chunk_loss_sums_and_logit_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    fused_ids: torch.Tensor | None,
+    fused_logprobs: torch.Tensor | None,
+    *,
+    temperature: float,
+    logit_softcap: float | None,
+    scale_by_t2: bool,
+    ce_weight: float,
+    kl_weight: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(CE sum, KL sum, ∂L/∂z [c, V] fp32 or None)`` for ``L = ce_weight·CE sum + kl_weight·KL sum`` and
+    ``z = hidden @ weightᵀ + bias`` the chunk's raw logits.
+
+    With ``y`` the (soft-capped) logits, ``s = softmax(y)``, ``s_τ = softmax(y / τ)`` and ``P`` the teacher's
+    ``p`` scattered at its ids (``Σ P = Σ_k p``: 1, or 0 on a row whose entries are all ``-inf``):
+
+    - ``∂CE/∂y = s − onehot(label)``;
+    - ``∂KL/∂y = c·(Σ_k p · s_τ − P)`` with ``c = τ`` (``τ² · 1/τ``) or ``1/τ`` without the τ² scale;
+    - ``∂y/∂z = 1 − tanh²(z / cap) = 1 − (y / cap)²`` under the soft cap, 1 without.
+
+    Everything is in place on the chunk's ``[c, V]`` blocks (the logits, their two log-softmaxes): at most
+    three alive at once, where the chunked path's forward holds four (``logits / τ`` besides) and its
+    backward more.
+    """
+    logits = _head_logits(hidden, weight, bias, logit_softcap)  # [c, V]
+    ce_sum, kl_sum, logq, logq_t = _sums_from_logits(
+        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2,
+        reuse_logits=True,
+    )
+    y_scale = 1.0 if logq_t is None or logq_t is logq else temperature  # logits now holds y / y_scale
+    if not with_grad:
+        return ce_sum, kl_sum, None
+    kl_coef = kl_weight * (temperature if scale_by_t2 else 1.0 / temperature)
+    with_kl = fused_ids is not None and kl_coef != 0.0
+    if with_kl:
+        _, p = _teacher_distribution(fused_logprobs, temperature)  # [c, k]
+        p_mass = p.sum(-1, keepdim=True)  # [c, 1]
+    grad = logq.exp_()  # [c, V] s; logq is spent (and so is logq_t when τ = 1: it is the same tensor)
+    if with_kl and logq_t is logq:
+        grad.mul_(ce_weight + kl_coef * p_mass)  # s_τ = s
+    elif with_kl:
+        grad.mul_(ce_weight).add_(logq_t.exp_().mul_(kl_coef * p_mass))
+    else:
+        grad.mul_(ce_weight)
+    if with_kl:
+        # scatter_add: repeated ids add up, as in gather's gradient
+        grad.scatter_add_(-1, fused_ids, p.to(grad.dtype).mul_(-kl_coef))
+    if ce_weight != 0.0:
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((labels.numel(), 1), -ce_weight))
+    if logit_softcap is not None:
+        grad.mul_(logits.mul_(y_scale / logit_softcap).square_().neg_().add_(1.0))  # 1 − tanh²(z / cap)
+    return ce_sum, kl_sum, grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# All chunks: the two implementations over the same selected rows.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """The counted positions, flattened: ``hidden [n, H]`` (weight dtype), ``labels [n]``, ``ids / lps [n, k]``."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    fused_ids: torch.Tensor | None
+    fused_logprobs: torch.Tensor | None
+
+    @property
+    def n(self) -> int:
+        return self.labels.numel()
+
+    def chunk(self, part: slice) -> tuple:
+        return (
+            self.labels[part],
+            None if self.fused_ids is None else self.fused_ids[part],
+            None if self.fused_logprobs is None else self.fused_logprobs[part],
+        )
+
+
+@dataclass(frozen=True)
+class _Options:
+    lam: float
+    temperature: float
+    chunk_tokens: int
+    logit_softcap: float | None
+    scale_by_t2: bool
+
+
+def _chunked_sums(rows: _Rows, weight, bias, opt: _Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total CE and KL over the rows, chunk by chunk, each chunk recomputed in the backward."""
+    step = functools.partial(
+        _chunk_loss_sums, temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2
+    )
+    recompute = torch.is_grad_enabled() and (
+        rows.hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    ce_sums, kl_sums = [], []
+    for start in range(0, rows.n, opt.chunk_tokens):
+        part = slice(start, start + opt.chunk_tokens)
+        args = (rows.hidden[part], weight, bias, *rows.chunk(part))
+        if recompute:
+            ce_sum, kl_sum = checkpoint(step, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            ce_sum, kl_sum = step(*args)
+        ce_sums.append(ce_sum)
+        kl_sums.append(kl_sum)
+    return torch.stack(ce_sums).sum(), torch.stack(kl_sums).sum()
+
+
+def _fused_sums_and_grads(
+    rows: _Rows, weight, bias, opt: _Options, need_hidden: bool, need_weight: bool, need_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(CE total, KL total, ∂loss/∂hidden [n, H], ∂loss/∂weight [V, H], ∂loss/∂bias [V])`` in one walk
+    over the chunks; a gradient nobody needs is ``None`` and never computed. The gradients are fp32 accumulators
+    (fp64 for fp64 weights); each chunk's products run in the weight's dtype (as autograd's would), the fp32
+    logit gradients cast to it."""
+    n = rows.n
+    with_grad = need_hidden or need_weight or need_bias
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_hidden = rows.hidden.new_zeros(rows.hidden.shape, dtype=acc) if need_hidden else None  # [n, H]
+    grad_weight = weight.new_zeros(weight.shape, dtype=acc) if need_weight else None  # [V, H]
+    grad_bias = weight.new_zeros(weight.shape[:1], dtype=acc) if need_bias else None  # [V]
+    step = functools.partial(
+        _chunk_loss_sums_and_logit_grad,
+        temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2,
+        ce_weight=opt.lam / n, kl_weight=(1.0 - opt.lam) / n, with_grad=with_grad,
+    )
+    ce_sums, kl_sums = [], []
+    for start in range(0, n, opt.chunk_tokens):
+        part = slice(start, start + opt.chunk_tokens)
+        h = rows.hidden[part]  # [c, H]
+        ce_sum, kl_sum, grad_logits = step(h, weight, bias, *rows.chunk(part))  # grad_logits [c, V] fp32
+        ce_sums.append(ce_sum)
+        kl_sums.append(kl_sum)
+        if grad_logits is None:
+            continue
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        g = grad_logits.to(weight.dtype)  # [c, V]: no copy when the weight is fp32
+        if grad_hidden is not None:
+            grad_hidden[part] = g @ weight  # [c, H]
+        if grad_weight is not None:
+            if g.dtype == grad_weight.dtype:
+                grad_weight.addmm_(g.T, h)
+            else:
+                grad_weight += g.T @ h  # [V, H] in the weight's dtype, accumulated in fp32
+        del grad_logits, g  # before the next chunk's blocks exist: one chunk's [c, V] blocks at a time
+    return torch.stack(ce_sums).sum(), torch.stack(kl_sums).sum(), grad_hidden, grad_weight, grad_bias
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """``(loss, CE total, KL total)`` of the selected rows; only ``loss`` is differentiable, and its gradients
+    are computed in the forward (:func:`_fused_sums_and_grads`), so the backward holds no ``[chunk, V]`` block
+    and does no matmul: it scales the stored gradients by the incoming one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, fused_ids, fused_logprobs, opt: _Options):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        rows = _Rows(hidden, labels, fused_ids, fused_logprobs)
+        ce, kl, grad_hidden, grad_weight, grad_bias = _fused_sums_and_grads(
+            rows, weight, bias, opt, need_hidden, need_weight, need_bias
+        )
+        clm, kl = ce / rows.n, kl / rows.n
+        loss = opt.lam * clm + (1.0 - opt.lam) * kl
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(clm, kl)
+        return loss, clm, kl
+
+    @staticmethod
+    @once_differentiable  # the stored gradients are constants: no double backward
+    def backward(ctx, grad_loss, _grad_clm, _grad_kl):
+        # The product in fp32, written (rounded once) straight into a tensor of the input's dtype: no second
+        # fp32 [V, H]; never in place, so that a retained graph's second backward sees the same gradients.
+        scaled = [
+            None if grad is None else torch.mul(grad, grad_loss, out=torch.empty_like(grad, dtype=dtype))
+            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        ]
+        return (*scaled, None, None, None, None)
+
+
+def _fused_loss_parts(rows: _Rows, weight, bias, opt: _Options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, clm, kl)``; ``clm`` and ``kl`` are detached metrics. Without grad mode, or with nothing that
+    requires a gradient, no gradient is computed at all."""
+    tracked = torch.is_grad_enabled() and (
+        rows.hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if tracked:
+        return _FusedLinearLoss.apply(
+            rows.hidden, weight, bias, rows.labels, rows.fused_ids, rows.fused_logprobs, opt
+        )
+    ce, kl, _, _, _ = _fused_sums_and_grads(rows, weight, bias, opt, False, False, False)
+    clm, kl = ce / rows.n, kl / rows.n
+    return opt.lam * clm + (1.0 - opt.lam) * kl, clm, kl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation and row selection, shared by both implementations.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _validate(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, lm_head_bias, opt: _Options, impl):
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"impl must be one of {LOSS_IMPLS}, got {impl!r} (config field 'train.loss_impl')")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
     b, t, h = hidden.shape
@@ -136,64 +403,68 @@ def _chunked_loss(
             f"fused_ids {tuple(fused_ids.shape)} and fused_logprobs {tuple(fused_logprobs.shape)} must be [B, T, k] "
             f"with B, T = {(b, t)}"
         )
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam} (config field 'fusion.lam')")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (config field 'fusion.temperature')")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens} (config field 'train.loss_chunk_tokens')")
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    if not 0.0 <= opt.lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {opt.lam} (config field 'fusion.lam')")
+    if not opt.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {opt.temperature} (config field 'fusion.temperature')")
+    if opt.chunk_tokens < 1:
+        raise ValueError(
+            f"chunk_tokens must be >= 1, got {opt.chunk_tokens} (config field 'train.loss_chunk_tokens')"
+        )
+    if opt.logit_softcap is not None and not opt.logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {opt.logit_softcap}")
 
-    rows = mask.reshape(-1).nonzero().squeeze(-1)  # [n] flat indices of the counted positions
-    n = rows.numel()
-    n_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
-    if n == 0:
-        # Still connected to the graph so that every rank can call backward() on an empty batch.
-        zero = (hidden.sum() * 0).float() + (lm_head_weight.sum() * 0).float()
-        return LossParts(loss=zero, clm=zero.detach(), kl=zero.detach(), n_tokens=n_tokens)
 
-    flat_hidden = hidden.reshape(-1, h).index_select(0, rows).to(lm_head_weight.dtype)  # [n, H]
-    flat_labels = labels.reshape(-1).index_select(0, rows).long()  # [n]
+def _select_rows(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask) -> _Rows:
+    """The counted positions, flattened (``index_select`` keeps the gradient path to ``hidden [B, T, H]``); a
+    label or id outside ``[0, V)`` at a counted position is a ValueError."""
+    t, h = hidden.shape[1:]
+    v = lm_head_weight.shape[0]
+    index = mask.reshape(-1).nonzero().squeeze(-1)  # [n] flat indices of the counted positions
+    flat_hidden = hidden.reshape(-1, h).index_select(0, index).to(lm_head_weight.dtype)  # [n, H]
+    flat_labels = labels.reshape(-1).index_select(0, index).long()  # [n]
     bad = (flat_labels < 0) | (flat_labels >= v)  # [n]
     if fused_ids is not None:
         k = fused_ids.shape[-1]
-        flat_ids = fused_ids.reshape(-1, k).index_select(0, rows).long()  # [n, k]
-        flat_lps = fused_logprobs.reshape(-1, k).index_select(0, rows)  # [n, k]
+        flat_ids = fused_ids.reshape(-1, k).index_select(0, index).long()  # [n, k]
+        flat_lps = fused_logprobs.reshape(-1, k).index_select(0, index)  # [n, k]
         bad = bad | ((flat_ids < 0) | (flat_ids >= v)).any(-1)
     else:
         flat_ids = flat_lps = None
     if bad.any():
-        where = rows[bad.nonzero()[0, 0]].item()
+        where = index[bad.nonzero()[0, 0]].item()
         raise ValueError(
             f"labels / fused ids at counted position (batch row {where // t}, position {where % t}) fall outside "
             f"the target vocabulary [0, {v}): check that mask excludes padding and that the teachers were aligned "
             "to this target model's tokenizer"
         )
+    return _Rows(flat_hidden, flat_labels, flat_ids, flat_lps)
 
-    step = functools.partial(
-        _chunk_loss_sums, temperature=temperature, logit_softcap=logit_softcap, scale_by_t2=scale_by_t2
-    )
-    recompute = torch.is_grad_enabled() and (
-        flat_hidden.requires_grad or lm_head_weight.requires_grad
-        or (lm_head_bias is not None and lm_head_bias.requires_grad)
-    )
-    ce_sums, kl_sums = [], []
-    for start in range(0, n, chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        args = (
-            flat_hidden[part], lm_head_weight, lm_head_bias, flat_labels[part],
-            None if flat_ids is None else flat_ids[part], None if flat_lps is None else flat_lps[part],
-        )
-        if recompute:
-            ce_sum, kl_sum = checkpoint(step, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            ce_sum, kl_sum = step(*args)
-        ce_sums.append(ce_sum)
-        kl_sums.append(kl_sum)
-    clm = torch.stack(ce_sums).sum() / n
-    kl = torch.stack(kl_sums).sum() / n
+
+def _loss(
+    hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, *, lam, temperature, chunk_tokens,
+    logit_softcap, lm_head_bias, scale_by_t2, impl,
+) -> LossParts:
+    opt = _Options(lam, temperature, chunk_tokens, logit_softcap, scale_by_t2)
+    _validate(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, lm_head_bias, opt, impl)
+    rows = _select_rows(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask)
+    n = rows.n
+    n_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
+    if n == 0:
+        # Still connected to the graph so that every rank can call backward() on an empty batch.
+        zero = (hidden.sum() * 0).float() + (lm_head_weight.sum() * 0).float()
+        return LossParts(loss=zero, clm=zero.detach(), kl=zero.detach(), n_tokens=n_tokens)
+    if impl == "fused":
+        loss, clm, kl = _fused_loss_parts(rows, lm_head_weight, lm_head_bias, opt)
+        return LossParts(loss=loss, clm=clm, kl=kl, n_tokens=n_tokens)
+    ce, kl = _chunked_sums(rows, lm_head_weight, lm_head_bias, opt)
+    clm, kl = ce / n, kl / n
     return LossParts(loss=lam * clm + (1.0 - lam) * kl, clm=clm, kl=kl, n_tokens=n_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------------------------------------
 
 
 def fusion_loss(
@@ -210,8 +481,9 @@ def fusion_loss(
     lm_head_bias: torch.Tensor | None = None,
     *,
     scale_by_t2: bool = True,
+    impl: str = "fused",
 ) -> LossParts:
-    """``lam·CLM + (1−lam)·KL(fused ‖ student)``, means over the counted positions, chunked and recomputed.
+    """``lam·CLM + (1−lam)·KL(fused ‖ student)``, means over the counted positions, by chunks of positions.
 
     - ``hidden [B, T, H]``: the student's last hidden state (after the final norm), position t predicting t+1;
     - ``lm_head_weight [V, H]`` (+ ``lm_head_bias [V]``): the output projection (the tied embedding if tied);
@@ -224,14 +496,19 @@ def fusion_loss(
     CLM is the CE at ``labels`` of ``log_softmax(logits)`` (no temperature); KL is ``sparse_kl`` with the
     student at ``log_softmax(logits / temperature)`` and the τ² factor unless ``scale_by_t2=False``.
     ``logit_softcap`` applies Gemma's ``cap · tanh(logits / cap)`` first.
+
+    ``impl`` (one of ``LOSS_IMPLS``): ``"fused"`` (the default) computes the gradients in the forward,
+    ``"chunked"`` recomputes each chunk's logits in the backward (module docstring). Same values and
+    gradients; with ``"fused"`` only ``loss`` carries a gradient (``clm`` and ``kl`` are detached metrics).
     """
     if (fused_ids is None) != (fused_logprobs is None):
         raise ValueError("fusion_loss needs both fused_ids and fused_logprobs, or neither (CLM only, lam = 1)")
     if fused_ids is None and lam != 1.0:
         raise ValueError(f"no fused teacher distribution given but lam = {lam}: the KL term needs teachers")
-    return _chunked_loss(
+    return _loss(
         hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, lam=lam, temperature=temperature,
         chunk_tokens=chunk_tokens, logit_softcap=logit_softcap, lm_head_bias=lm_head_bias, scale_by_t2=scale_by_t2,
+        impl=impl,
     )
 
 
@@ -243,11 +520,12 @@ def clm_loss(
     chunk_tokens: int = 1024,
     logit_softcap: float | None = None,
     lm_head_bias: torch.Tensor | None = None,
+    *,
+    impl: str = "fused",
 ) -> LossParts:
     """The CLM objective alone (λ = 1) on the same chunked path: the CLM-only baseline and eval perplexity
-    (``exp(clm)``). ``kl`` is 0; no teacher input is read."""
-    return _chunked_loss(
+    (``exp(clm)``). ``kl`` is 0; no teacher input is read. ``impl`` as in :func:`fusion_loss`."""
+    return _loss(
         hidden, lm_head_weight, labels, None, None, mask, lam=1.0, temperature=1.0, chunk_tokens=chunk_tokens,
-        logit_softcap=logit_softcap, lm_head_bias=lm_head_bias, scale_by_t2=True,
+        logit_softcap=logit_softcap, lm_head_bias=lm_head_bias, scale_by_t2=True, impl=impl,
     )
-

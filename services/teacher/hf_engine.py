@@ -1,9 +1,13 @@
-"""The ``hf`` engine: a transformers causal LM scored in padded, length-sorted batches with a chunked head.
+"""The ``hf`` engine: a transformers causal LM scored in packed rows with a chunked head.
+
+Batches: requests are packed end to end into rows (:mod:`fuseflow.packing`: restarted position ids, no
+padding FLOPs) and the rows grouped under a token budget (:mod:`fuseflow.teacher.batching`).
 
 Memory: the decoder trunk gives ``[B, T, H]`` hidden states; only the positions that predict a real token
-are kept (``[N, H]``) and the lm_head runs on ``head_chunk_tokens`` of them at a time, so at most
-``[chunk, V]`` fp32 logits are alive. Gemma-3's 262k vocabulary at 8k tokens would otherwise need
-8 GiB of fp32 logits per sequence (the ``[prompt_tokens, vocab]`` OOMs reported against vLLM's prompt
+are kept (``[N, H]``) and the lm_head runs on ``head_chunk_tokens`` of them at a time
+(:mod:`fuseflow.kernels.head`), so one ``[chunk, V]`` logits block in the model's dtype is alive, with the
+fp32 logsumexp taken a vocabulary slice at a time. Gemma-3's 262k vocabulary at 8k tokens would otherwise
+need 8 GiB of fp32 logits per sequence (the ``[prompt_tokens, vocab]`` OOMs reported against vLLM's prompt
 logprobs). Top-k and the gold-token gather run on the device; only ``[N, k]`` crosses to the host.
 """
 
@@ -18,7 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_transform, topk_logprobs_with_head
 from fuseflow.models import LoadedModel, load
+from fuseflow.packing import pack_rows, packed_positions, row_capacity
 from fuseflow.teacher.batching import plan_batches
 from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
 
@@ -53,30 +59,14 @@ def chunked_topk_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k next-token logprobs and the gold token's logprob, ``chunk_tokens`` rows of logits at a time.
 
-    ``hidden`` [N, H] final hidden states, ``gold_ids`` [N] the actual next tokens, ``head`` the lm_head.
-    Logits are cast to fp32, soft-capped as the model does (Gemma-2/3: ``cap·tanh(z / cap)``), divided by
-    the temperature, then normalised with a logsumexp: ``logprob = z - logsumexp(z)``, which is the
-    log-softmax without allocating a second ``[chunk, V]`` block.
+    ``hidden`` [N, H] final hidden states, ``gold_ids`` [N] the actual next tokens, ``head`` the lm_head
+    (logits in its own dtype). The model's soft-cap (Gemma-2/3: ``cap·tanh(z / cap)``) and the temperature
+    are applied in fp32 and normalised with an fp32 logsumexp: ``logprob = z - logsumexp(z)``; top-k runs on
+    the raw logits (the transform is monotone). The math is :func:`fuseflow.kernels.head.topk_logprobs_with_head`.
     Returns ids [N, k] int64, logprobs [N, k] float32 (descending), gold logprobs [N] float32.
     """
-    n = hidden.shape[0]
-    topk_ids = torch.empty((n, top_k), dtype=torch.int64, device=hidden.device)  # [N, k]
-    topk_lp = torch.empty((n, top_k), dtype=torch.float32, device=hidden.device)  # [N, k]
-    gold_lp = torch.empty((n,), dtype=torch.float32, device=hidden.device)  # [N]
-    for s in range(0, n, chunk_tokens):
-        e = min(s + chunk_tokens, n)
-        logits = head(hidden[s:e]).float()  # [c, V]
-        if softcap is not None:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        if temperature != 1.0:
-            logits.div_(temperature)
-        lse = torch.logsumexp(logits, dim=-1)  # [c]
-        values, ids = torch.topk(logits, top_k, dim=-1, largest=True, sorted=True)  # [c, k]
-        topk_ids[s:e] = ids
-        topk_lp[s:e] = values - lse[:, None]
-        gold_lp[s:e] = logits.gather(1, gold_ids[s:e, None]).squeeze(1) - lse
-        del logits
-    return topk_ids, topk_lp, gold_lp
+    transform = LogitTransform(softcap=softcap or None, temperature=temperature)
+    return topk_logprobs_with_head(hidden, head, gold_ids, top_k, transform=transform, chunk_tokens=chunk_tokens)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -120,7 +110,11 @@ class HFEngine(Engine):
     (padded tokens per forward), ``max_batch_size``, ``head_chunk_tokens`` (rows of logits per lm_head call;
     default: as many as fit in 256 MiB of fp32), ``name``. ``model`` is a reference for
     :func:`fuseflow.models.load` or a :class:`~fuseflow.models.LoadedModel` already in memory (then
-    ``device`` and ``dtype`` are the model's own).
+    ``device`` and ``dtype`` are the model's own). ``pack`` (default on) lays several sequences end to end
+    in one row with restarted ``position_ids`` instead of padding them (:mod:`fuseflow.packing`);
+    ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``, ``triton``);
+    ``attn_implementation`` picks transformers' attention kernel (``flash_attention_2`` / ``flex_attention``
+    make packed rows truly variable-length; with the default SDPA rows are capped at the longest sequence).
     """
 
     def __init__(
@@ -135,6 +129,9 @@ class HFEngine(Engine):
         max_batch_size: int = 64,
         head_chunk_tokens: int | None = None,
         name: str | None = None,
+        pack: bool = True,
+        attn_implementation: str | None = None,
+        head_method: str = "auto",
     ):
         if isinstance(model, LoadedModel):
             # Already in memory (the in-process pipeline, tests): keep its device and dtype.
@@ -142,8 +139,13 @@ class HFEngine(Engine):
             self.device = next(loaded.model.parameters()).device
         else:
             self.device = torch.device(device)
-            loaded = load(model, dtype=_parse_dtype(dtype, self.device), device=self.device)
+            loaded = load(
+                model, dtype=_parse_dtype(dtype, self.device), device=self.device,
+                attn_implementation=attn_implementation,
+            )
         self.model = loaded.model.eval()
+        self.pack = bool(pack)
+        self.attn_implementation = getattr(self.model.config, "_attn_implementation", None) or attn_implementation
         # One forward at a time: a forward already uses every core / the whole GPU, and callers (gRPC
         # threads, the Redis worker) may share one engine.
         self._lock = threading.Lock()
@@ -155,7 +157,11 @@ class HFEngine(Engine):
         if self._head is None:
             raise ValueError(f"model {self.name!r} has no output embeddings (lm_head); it is not a causal LM")
         text_config = self.model.config.get_text_config()
-        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        # soft-capping, logit_scale, logits_scaling: whatever the model's forward applies after its lm_head
+        self._transform = LogitTransform.from_config(text_config)
+        if head_method not in HEAD_METHODS:
+            raise ValueError(f"engine option head_method must be one of {HEAD_METHODS}, got {head_method!r}")
+        self.head_method = head_method
         self._vocab_size = int(self._head.weight.shape[0])
 
         model_limit = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
@@ -200,14 +206,17 @@ class HFEngine(Engine):
     # Final hidden states without the head.
     # ------------------------------------------------------------------------------------------------------
 
-    def _trunk_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._trunk(input_ids=input_ids, use_cache=False).last_hidden_state
+    def _trunk_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
-    def _output_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _output_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Costs one [B, 1, V] logits row and every layer's hidden states: only used when the trunk is not
         # reachable on its own.
         kw = {"logits_to_keep": 1} if self._keeps_logits else {}
-        return self.model(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw).hidden_states[-1]
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=True, **kw
+        )
+        return out.hidden_states[-1]
 
     @torch.inference_mode()
     def _pick_hidden_states(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -234,8 +243,7 @@ class HFEngine(Engine):
             except Exception as e:  # an architecture whose trunk wants other inputs: try the next way
                 log.debug("%s: %s failed on the probe: %s", self.name, label, e)
                 continue
-            if self._softcap is not None:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
+            logits = apply_logit_transform(logits, self._transform)
             if float((logits - reference).abs().max() / scale) < tol:
                 log.debug("%s: final hidden states from the %s", self.name, label)
                 return fn
@@ -256,40 +264,63 @@ class HFEngine(Engine):
         # The last token of a sequence predicts nothing: the forward runs on L-1 tokens per sequence.
         n_pred = np.array([len(a) - 1 for a in ids], dtype=np.int64)  # [R]
         out: list[NextTokenScores | None] = [None] * len(ids)
-        for batch in plan_batches(n_pred, self.max_batch_tokens, self.max_batch_size):
-            counts = n_pred[batch]  # [b]
-            if counts.max() == 0:
-                for i in batch:
-                    out[i] = _empty_scores(top_k)
-                continue
-            topk_ids, topk_lp, gold_lp = self._score_batch([ids[i] for i in batch], counts, top_k, temperature)
-            bounds = np.cumsum(counts)[:-1]
+        for i in np.flatnonzero(n_pred <= 0).tolist():
+            out[i] = _empty_scores(top_k)
+        live = np.flatnonzero(n_pred > 0)  # [R'] requests with at least one predicting position
+        if self.pack and live.size > 1:
+            capacity = row_capacity(n_pred[live], self.attn_implementation, self.max_batch_tokens)
+            rows = [live[r].tolist() for r in pack_rows(n_pred[live], capacity)]
+        else:
+            rows = [[i] for i in live.tolist()]
+        row_tokens = np.array([int(n_pred[r].sum()) for r in rows], dtype=np.int64)  # [rows]
+        for batch in plan_batches(row_tokens, self.max_batch_tokens, self.max_batch_size):
+            batch_rows = [rows[j] for j in batch]
+            topk_ids, topk_lp, gold_lp = self._score_rows(
+                [[ids[i] for i in row] for row in batch_rows], top_k, temperature
+            )
+            order = [i for row in batch_rows for i in row]  # requests in the order their positions come back
+            bounds = np.cumsum(n_pred[order])[:-1]
             for i, a, b, c in zip(
-                batch, np.split(topk_ids, bounds), np.split(topk_lp, bounds), np.split(gold_lp, bounds)
+                order, np.split(topk_ids, bounds), np.split(topk_lp, bounds), np.split(gold_lp, bounds)
             ):
                 out[i] = NextTokenScores(a, b, c)
         return out  # type: ignore[return-value]
 
-    def _score_batch(
-        self, seqs: list[np.ndarray], counts: np.ndarray, top_k: int, temperature: float
+    def _score_rows(
+        self, rows: list[list[np.ndarray]], top_k: int, temperature: float
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score one padded batch; rows come back concatenated in batch order, ``counts[b]`` per sequence."""
-        b, t = len(seqs), int(counts.max())
-        inputs = np.full((b, t), self._pad_id, dtype=np.int64)  # [B, T] every token but the last, right-padded
+        """Score one batch of rows, each row one or more sequences laid end to end (:mod:`fuseflow.packing`).
+
+        Positions come back concatenated row by row, sequence by sequence: ``len(seq) - 1`` per sequence.
+        """
+        pieces = [seq for row in rows for seq in row]
+        lens = np.array([len(seq) - 1 for seq in pieces], dtype=np.int64)  # [n] predicting positions each
+        per_row = np.array([len(row) for row in rows])  # [B]
+        row_len = np.add.reduceat(lens, np.cumsum(per_row) - per_row)  # [B]
+        b, t = len(rows), int(row_len.max())
+        real = np.arange(t)[None, :] < row_len[:, None]  # [B, T] right-padded rows
+        inputs = np.full((b, t), self._pad_id, dtype=np.int64)  # [B, T] each sequence minus its last token
         targets = np.zeros((b, t), dtype=np.int64)  # [B, T] the token each position predicts
-        for row, seq in enumerate(seqs):
-            inputs[row, : len(seq) - 1] = seq[:-1]
-            targets[row, : len(seq) - 1] = seq[1:]
-        real = np.arange(t)[None, :] < counts[:, None]  # [B, T]
+        inputs[real] = np.concatenate([seq[:-1] for seq in pieces])
+        targets[real] = np.concatenate([seq[1:] for seq in pieces])
+        position_ids = None
+        if per_row.max() > 1:
+            # Restarted positions mark the sequence boundaries; the padding tail of a row restarts too, so
+            # it is a segment of its own that no real position attends to.
+            tails = t - row_len  # [B]
+            positions = packed_positions(np.stack([row_len, tails], 1).reshape(-1)).reshape(b, t)  # [B, T]
+            positions[real] = packed_positions(lens)
+            position_ids = torch.from_numpy(positions).to(self.device)
         inputs_t = torch.from_numpy(inputs).to(self.device)
         real_t = torch.from_numpy(real).to(self.device)
         # No attention mask: with right padding and causal attention a real position only ever attends to
         # real positions, and an absent mask lets SDPA / flash kernels take their causal fast path.
-        hidden = self._hidden(inputs_t)  # [B, T, H]
+        hidden = self._hidden(inputs_t, position_ids)  # [B, T, H]
         hidden = hidden[real_t]  # [N, H]
         gold = torch.from_numpy(targets).to(self.device)[real_t]  # [N]
-        topk_ids, topk_lp, gold_lp = chunked_topk_logprobs(
-            hidden, gold, self._head, top_k, temperature, self.head_chunk_tokens, self._softcap
+        topk_ids, topk_lp, gold_lp = topk_logprobs_with_head(
+            hidden, self._head, gold, top_k, transform=self._transform.with_temperature(temperature),
+            chunk_tokens=self.head_chunk_tokens, method=self.head_method,
         )
         return (
             topk_ids.to(torch.int32).cpu().numpy(),

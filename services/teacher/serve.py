@@ -220,6 +220,8 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
     }
     if source.max_length:
         options["max_length"] = source.max_length
+    if source.attn_implementation:
+        options["attn_implementation"] = source.attn_implementation
     if source.engine == "hf":
         options["device"] = args.device or cfg.device
     return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, config=cfg, source=source)

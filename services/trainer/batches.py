@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fuseflow.models import Encoded, encode
+from fuseflow.packing import pack_rows, packed_positions, row_capacity
 from fuseflow.sparse import AlignedDist, Sample
 
 IGNORE = -100
@@ -24,16 +25,22 @@ class BatchError(ValueError):
 
 @dataclass
 class FusionBatch:
+    """One micro-batch in rows: a row holds one sample (padded layout) or several laid end to end (packed
+    layout, :mod:`fuseflow.packing`). Position ``p`` of a row predicts token ``p + 1`` of the same row; a
+    position whose next token belongs to another sample (or padding) has ``loss_mask`` False."""
+
     sample_ids: list[str]
     teachers: list[str]
     input_ids: torch.Tensor  # [B, L] int64
-    attention_mask: torch.Tensor  # [B, L] int64
-    labels: torch.Tensor  # [B, L-1] int64, IGNORE where padding
+    attention_mask: torch.Tensor | None  # [B, L] int64 (padded layout); None when packed
+    labels: torch.Tensor  # [B, L-1] int64, IGNORE where nothing is predicted
     loss_mask: torch.Tensor  # [B, L-1] bool
     teacher_ids: torch.Tensor | None  # [N, B, L-1, k] int64
     teacher_logprobs: torch.Tensor | None  # [N, B, L-1, k] float32
     teacher_gold: torch.Tensor | None  # [N, B, L-1] float32
     teacher_aligned: torch.Tensor | None  # [N, B, L-1] bool
+    position_ids: torch.Tensor | None = None  # [B, L] int64, restarting at each sample (packed layout only)
+    segment_ids: torch.Tensor | None = None  # [B, L-1] int64, the sample of each position (packed layout only)
 
     @property
     def num_tokens(self) -> int:
@@ -63,37 +70,73 @@ def collate(
     teachers: Sequence[str],
     top_k: int,
     encodings: Sequence[Encoded] | None = None,
+    *,
+    pack: bool = False,
+    attn_implementation: str | None = None,
 ) -> FusionBatch:
-    """Pad ``samples`` (target tokens) and stack each teacher's distributions. ``dists=None`` → CLM only."""
+    """Lay ``samples`` (target tokens) out in rows and stack each teacher's distributions the same way.
+    ``dists=None`` → CLM only.
+
+    ``pack=False``: one sample per row, right-padded, with an attention mask. ``pack=True``: samples are
+    packed first-fit-decreasing into rows (:func:`fuseflow.packing.row_capacity` for
+    ``attn_implementation``: one row for varlen kernels, rows no longer than the longest sample otherwise)
+    with restarted ``position_ids`` and no attention mask, so no FLOP goes to padding.
+    """
     encs = list(encodings) if encodings is not None else [encode(tokenizer, s.text) for s in samples]
-    b = len(samples)
-    lengths = [len(e.ids) for e in encs]
+    lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)  # [S]
     too_short = [s.id for s, n in zip(samples, lengths) if n < 2]
     if too_short:
         raise BatchError(f"samples {too_short} have fewer than 2 target tokens")
-    L = max(lengths)
+    if dists is not None and teachers:
+        _check_dists(samples, encs, dists, teachers)
+    if pack and len(samples) > 1:
+        rows = pack_rows(lengths, row_capacity(lengths, attn_implementation, int(lengths.sum())))
+    else:
+        rows = [[i] for i in range(len(samples))]
+    b = len(rows)
+    row_of = np.empty(len(samples), dtype=np.int64)  # [S]
+    offset = np.empty(len(samples), dtype=np.int64)  # [S] where each sample starts in its row
+    for r, row in enumerate(rows):  # loops over samples, never tokens
+        row_of[row] = r
+        offset[row] = np.cumsum(lengths[row]) - lengths[row]
+    row_len = np.bincount(row_of, weights=lengths, minlength=b).astype(np.int64)  # [B]
+    L = int(row_len.max())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = np.full((b, L), pad, dtype=np.int64)  # [B, L]
-    attention = np.zeros((b, L), dtype=np.int64)  # [B, L]
     labels = np.full((b, L - 1), IGNORE, dtype=np.int64)  # [B, L-1]
     mask = np.zeros((b, L - 1), dtype=bool)  # [B, L-1]
     for i, (s, e) in enumerate(zip(samples, encs)):
-        n = len(e.ids)
-        input_ids[i, :n] = e.ids
-        attention[i, :n] = 1
-        labels[i, : n - 1] = e.ids[1:]
-        mask[i, : n - 1] = loss_positions(e, s.loss_spans)
+        r, o, n = row_of[i], offset[i], len(e.ids)
+        input_ids[r, o : o + n] = e.ids
+        labels[r, o : o + n - 1] = e.ids[1:]
+        mask[r, o : o + n - 1] = loss_positions(e, s.loss_spans)
+    real = np.arange(L)[None, :] < row_len[:, None]  # [B, L]
+    packed = any(len(row) > 1 for row in rows)
+    position_ids = segment_ids = None
+    if packed:
+        # Restarts mark the samples; each row's padding tail restarts too (a segment nothing attends to).
+        seg = np.stack([row_len, L - row_len], 1).reshape(-1)  # [2B] content, tail per row
+        positions = packed_positions(seg).reshape(b, L)  # [B, L]
+        placed = np.array([i for row in rows for i in row], dtype=np.int64)  # [S] samples in row-major order
+        positions[real] = packed_positions(lengths[placed])
+        position_ids = torch.from_numpy(positions)
+        # Sample index per predicting position, for per-sample fusion (MinCE/AvgCE); padding gets its own.
+        segments = np.full((b, L), len(samples), dtype=np.int64)  # [B, L]
+        segments[real] = np.repeat(placed, lengths[placed])
+        segment_ids = torch.from_numpy(segments[:, :-1])
     out = FusionBatch(
         sample_ids=[s.id for s in samples],
         teachers=list(teachers),
         input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention),
+        attention_mask=None if packed else torch.from_numpy(real.astype(np.int64)),
         labels=torch.from_numpy(labels),
         loss_mask=torch.from_numpy(mask),
         teacher_ids=None,
         teacher_logprobs=None,
         teacher_gold=None,
         teacher_aligned=None,
+        position_ids=position_ids,
+        segment_ids=segment_ids,
     )
     if dists is None or not teachers:
         return out
@@ -102,9 +145,26 @@ def collate(
     t_lp = np.full((n_t, b, L - 1, top_k), -np.inf, dtype=np.float32)  # [N, B, L-1, k]
     t_gold = np.zeros((n_t, b, L - 1), dtype=np.float32)  # [N, B, L-1]
     t_al = np.zeros((n_t, b, L - 1), dtype=bool)  # [N, B, L-1]
-    for i, (s, e, per_teacher) in enumerate(zip(samples, encs, dists)):
-        n = len(e.ids) - 1
+    for i, per_teacher in enumerate(dists):
+        r, o, n = row_of[i], offset[i], lengths[i] - 1
         for j, name in enumerate(teachers):
+            d = per_teacher[name]
+            kk = min(top_k, d.top_k)
+            t_ids[j, r, o : o + n, :kk] = d.ids[:, :kk]
+            t_lp[j, r, o : o + n, :kk] = d.logprobs[:, :kk]
+            t_gold[j, r, o : o + n] = d.gold_logprobs
+            t_al[j, r, o : o + n] = d.aligned
+    out.teacher_ids = torch.from_numpy(t_ids)
+    out.teacher_logprobs = torch.from_numpy(t_lp)
+    out.teacher_gold = torch.from_numpy(t_gold)
+    out.teacher_aligned = torch.from_numpy(t_al)
+    return out
+
+
+def _check_dists(samples, encs, dists, teachers) -> None:
+    for s, e, per_teacher in zip(samples, encs, dists):
+        n = len(e.ids) - 1
+        for name in teachers:
             d = per_teacher.get(name)
             if d is None:
                 raise BatchError(f"sample {s.id}: no distribution from teacher {name!r}")
@@ -113,13 +173,3 @@ def collate(
                     f"sample {s.id}: teacher {name!r} sent {d.num_positions} positions, the target tokenizer "
                     f"gives {n}: teacher and trainer must use the same target tokenizer"
                 )
-            kk = min(top_k, d.top_k)
-            t_ids[j, i, :n, :kk] = d.ids[:, :kk]
-            t_lp[j, i, :n, :kk] = d.logprobs[:, :kk]
-            t_gold[j, i, :n] = d.gold_logprobs
-            t_al[j, i, :n] = d.aligned
-    out.teacher_ids = torch.from_numpy(t_ids)
-    out.teacher_logprobs = torch.from_numpy(t_lp)
-    out.teacher_gold = torch.from_numpy(t_gold)
-    out.teacher_aligned = torch.from_numpy(t_al)
-    return out

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fuseflow.kernels.head import LogitTransform, apply_logit_transform, token_nll_with_head
+
 DEFAULT_MAX_LENGTH = 2048
 # fp32 logits per chunk of positions: 2²⁶ floats = 256 MiB, e.g. 256 positions of a 262k vocabulary.
 LOGITS_CHUNK_ELEMENTS = 1 << 26
@@ -50,13 +52,9 @@ def bits_per_byte(nll: float, num_bytes: int) -> float:
 
 def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk: int) -> torch.Tensor:
     """``-log softmax(logits_fn(hidden))[target]`` for ``hidden [N, H]``, ``targets [N]`` → ``[N]`` fp32,
-    computing logits ``chunk`` positions at a time so ``[N, V]`` fp32 never exists."""
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
-    for a in range(0, targets.shape[0], chunk):
-        logits = logits_fn(hidden[a : a + chunk]).float()  # [C, V]
-        gold = logits.gather(1, targets[a : a + chunk, None]).squeeze(1)  # [C]
-        out[a : a + chunk] = torch.logsumexp(logits, dim=-1) - gold
-    return out
+    computing logits ``chunk`` positions at a time so ``[N, V]`` fp32 never exists; the fp32 logsumexp is
+    :func:`fuseflow.kernels.head.token_nll_with_head` (``logits_fn`` already applies the model's transform)."""
+    return token_nll_with_head(hidden, logits_fn, targets, chunk_tokens=chunk)
 
 
 def logits_function(model):
@@ -64,20 +62,10 @@ def logits_function(model):
     hidden state, including the output post-processing that some architectures apply (Gemma-2 soft-capping,
     Cohere ``logit_scale``, Granite ``logits_scaling``); :func:`evaluate_lm` checks it against the model."""
     head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
+    transform = LogitTransform.from_config(model.config)  # the one definition: fuseflow.kernels.head
 
     def logits_fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if scale is not None:
-            logits = logits * scale
-        if divide is not None:
-            logits = logits / divide
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        return apply_logit_transform(head(hidden), transform)  # in the head's dtype, as model.forward does
 
     return logits_fn
 

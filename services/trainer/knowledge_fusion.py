@@ -70,6 +70,7 @@ def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_toke
             max_batch_tokens=src.batch_tokens,
             head_chunk_tokens=src.head_chunk_tokens,
             **({"max_length": src.max_length} if src.max_length else {}),
+            **({"attn_implementation": src.attn_implementation} if src.attn_implementation else {}),
             **src.engine_options,
         )
         teachers.append(
@@ -138,7 +139,7 @@ def _train_target(cfg: FuseConfig, corpus: Corpus, out: Path, teachers, progress
     from .loop import init_distributed
 
     rank, world = init_distributed()
-    target = load(cfg.target.model, device=cfg.device)
+    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
     steps = total_steps(cfg, len(corpus.train), world)
     epochs = [corpus.train] * cfg.train.epochs
     stream = itertools.chain.from_iterable(

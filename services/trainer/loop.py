@@ -111,11 +111,14 @@ class FusionObjective(torch.nn.Module):
     The head is applied by :func:`fusion_loss` in token chunks, so ``[B, T, V]`` fp32 logits never exist.
     """
 
-    def __init__(self, model: torch.nn.Module, fusion: FusionConfig, chunk_tokens: int, zero_stage: int):
+    def __init__(
+        self, model: torch.nn.Module, fusion: FusionConfig, chunk_tokens: int, zero_stage: int, loss_impl: str = "fused"
+    ):
         super().__init__()
         self.model = model
         self.fusion = fusion
         self.chunk_tokens = chunk_tokens
+        self.loss_impl = loss_impl
         head = split_head(model)
         self._trunk, self._softcap = head.trunk, head.logit_softcap
         self._head = model.get_output_embeddings()
@@ -126,7 +129,12 @@ class FusionObjective(torch.nn.Module):
             deepspeed.zero.register_external_parameter(self, self._head.weight)
 
     def forward(self, batch: FusionBatch) -> tuple[LossParts, torch.Tensor | None]:
-        hidden = self._trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # use_cache=False: no KV cache is built in training, and transformers only reads packed position ids
+        # (restarts = sample boundaries) when there is no cache.
+        hidden = self._trunk(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
         hidden = hidden[:, :-1]  # [B, L-1, H]: position t predicts token t+1
         lam = self.fusion.lam
         fused_ids = fused_lp = teacher_ce = None
@@ -135,7 +143,7 @@ class FusionObjective(torch.nn.Module):
                 fused_ids, fused_lp = FUSIONS[self.fusion.function](
                     batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
                     batch.loss_mask,
-                    top_k=self.fusion.top_k,
+                    top_k=self.fusion.top_k, segments=batch.segment_ids,
                 )  # [B, L-1, k] each
                 teacher_ce = per_teacher_ce(batch.teacher_gold, batch.loss_mask, batch.teacher_aligned)  # [N]
         else:
@@ -152,6 +160,7 @@ class FusionObjective(torch.nn.Module):
             chunk_tokens=self.chunk_tokens,
             logit_softcap=self._softcap,
             lm_head_bias=getattr(self._head, "bias", None),
+            impl=self.loss_impl,
         )
         return parts, teacher_ce
 
@@ -241,9 +250,18 @@ def train(
     torch.manual_seed(0)
 
     model.train()
-    if train_cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-    objective = FusionObjective(model, fusion_cfg, train_cfg.loss_chunk_tokens, train_cfg.zero_stage)
+    if train_cfg.activation_checkpointing:
+        # transformers >= 5.x names it activation_checkpointing_enable (the old name is deprecated).
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None
+        )
+        if enable is None:
+            raise ValueError(f"{type(model).__name__} cannot checkpoint activations (train.activation_checkpointing)")
+        enable()
+    objective = FusionObjective(
+        model, fusion_cfg, train_cfg.loss_chunk_tokens, train_cfg.zero_stage, loss_impl=train_cfg.loss_impl
+    )
+    attn_implementation = getattr(model.config, "_attn_implementation", None)
     optimizer = torch.optim.AdamW(
         param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=tuple(train_cfg.betas)
     )
@@ -291,7 +309,14 @@ def train(
                 break
             samples = [s for s, _ in group]
             dists = [d for _, d in group] if teachers else None
-            batch = collate(samples, tokenizer, dists, teachers, fusion_cfg.top_k) if samples else empty_batch(tokenizer)
+            batch = (
+                collate(
+                    samples, tokenizer, dists, teachers, fusion_cfg.top_k,
+                    pack=train_cfg.pack, attn_implementation=attn_implementation,
+                )
+                if samples
+                else empty_batch(tokenizer)
+            )
             parts, teacher_ce = engine(batch)
             engine.backward(parts.loss)
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances it

@@ -231,7 +231,7 @@ def run_online(
         )
     out = Path(cfg.run_dir) / "fused"
     out.mkdir(parents=True, exist_ok=True)
-    target = load(cfg.target.model, device=cfg.device)
+    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
 
     samples, count = [], [-1]
     try:

@@ -217,3 +217,34 @@ def test_merge_duplicate_ids_matches_dict_reference(seed):
             want[token] = want.get(token, 0.0) + p
         got = {token: p for token, p in zip(out_ids[row].tolist(), out_probs[row].tolist()) if p > 0}
         assert got == pytest.approx({token: p for token, p in want.items() if p > 0}, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+@pytest.mark.parametrize("seed", [0, 3])
+def test_packed_rows_fuse_each_sample_as_its_own_row(name, seed):
+    """Two samples laid end to end in one row with ``segments`` fuse exactly as the same samples in two rows."""
+    ids, logprobs, gold, aligned, mask = make_batch(seed, b=2, t=7)
+    want_ids, want_lps = get_fusion(name)(ids, logprobs, gold, aligned, mask, top_k=3)  # [2, 7, 3]
+    packed = [x.reshape(x.shape[0], 1, 14, *x.shape[3:]) for x in (ids, logprobs, gold, aligned)]
+    segments = torch.arange(2).repeat_interleave(7)[None]  # [1, 14]
+    got_ids, got_lps = get_fusion(name)(*packed, mask.reshape(1, 14), top_k=3, segments=segments)
+    torch.testing.assert_close(got_lps.reshape(2, 7, 3), want_lps)
+    finite = torch.isfinite(want_lps)
+    assert torch.equal(got_ids.reshape(2, 7, 3)[finite], want_ids[finite])
+
+
+def test_segment_ce_matches_a_loop():
+    from fuseflow.fuse.fusion import segment_ce
+
+    _, _, gold, aligned, mask = make_batch(5, n=2, b=2, t=6)
+    segments = torch.tensor([[0, 0, 1, 1, 1, 4], [2, 2, 2, 3, 3, 3]])
+    got = segment_ce(gold, aligned, mask, segments)  # [N, B, T]
+    for n, b, t in itertools.product(range(2), range(2), range(6)):
+        s = int(segments[b, t])
+        vals = [
+            -float(gold[n, bb, tt])
+            for bb, tt in itertools.product(range(2), range(6))
+            if segments[bb, tt] == s and mask[bb, tt] and aligned[n, bb, tt]
+        ]
+        want = sum(vals) / len(vals) if vals else math.inf
+        assert float(got[n, b, t]) == pytest.approx(want, rel=1e-6)

@@ -1,5 +1,6 @@
 """Chunked sparse losses against a dense, unchunked reference: values and gradients w.r.t. the hidden state,
-the lm_head weight and bias; NaN-safety on one-hot fallback rows; the largest tensor the chunked path makes."""
+the lm_head weight and bias (both impls); NaN-safety on one-hot fallback rows; the largest tensor the chunked
+path makes (the fused path's: test_fused_linear_loss.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fuseflow.fuse.loss as loss_module
-from fuseflow.fuse.loss import LossParts, clm_loss, fusion_loss, per_teacher_ce, sparse_kl
+from fuseflow.fuse.loss import LOSS_IMPLS, LossParts, clm_loss, fusion_loss, per_teacher_ce, sparse_kl
 
 B, T, H, V, K = 2, 9, 16, 40, 5
 
@@ -72,14 +73,15 @@ CASES = {  # (temperature, softcap, bias)
 }
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 7, 1024])
-def test_fusion_loss_matches_dense_fp32(case, chunk_tokens):
+def test_fusion_loss_matches_dense_fp32(case, chunk_tokens, impl):
     temperature, softcap, bias = CASES[case]
     hidden, weight, lm_bias, labels, ids, lps, mask = make_inputs(0, bias=bias)
     assert int(mask.sum()) % 4 and int(mask.sum()) % 7  # the chunk sizes 4 and 7 leave a ragged last chunk
     parts = fusion_loss(hidden, weight, labels, ids, lps, mask, lam=0.7, temperature=temperature,
-                        chunk_tokens=chunk_tokens, logit_softcap=softcap, lm_head_bias=lm_bias)
+                        chunk_tokens=chunk_tokens, logit_softcap=softcap, lm_head_bias=lm_bias, impl=impl)
     ref_loss, ref_clm, ref_kl = dense_reference(
         hidden, weight, lm_bias, labels, ids, lps, mask, 0.7, temperature, softcap
     )
@@ -92,11 +94,12 @@ def test_fusion_loss_matches_dense_fp32(case, chunk_tokens):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
 @pytest.mark.parametrize("chunk_tokens", [3, 1024])
-def test_fusion_loss_matches_dense_bf16(chunk_tokens):
+def test_fusion_loss_matches_dense_bf16(chunk_tokens, impl):
     hidden, weight, lm_bias, labels, ids, lps, mask = make_inputs(1, dtype=torch.bfloat16, bias=True)
     parts = fusion_loss(hidden, weight, labels, ids, lps, mask, lam=0.9, temperature=2.0,
-                        chunk_tokens=chunk_tokens, logit_softcap=3.0, lm_head_bias=lm_bias)
+                        chunk_tokens=chunk_tokens, logit_softcap=3.0, lm_head_bias=lm_bias, impl=impl)
     assert parts.loss.dtype == torch.float32  # the log-softmax ran in fp32
     ref_loss, _, _ = dense_reference(hidden, weight, lm_bias, labels, ids, lps, mask, 0.9, 2.0, 3.0)
     torch.testing.assert_close(parts.loss, ref_loss, rtol=1e-4, atol=1e-5)
@@ -261,7 +264,8 @@ def _memory_probe(chunk_tokens: int, v: int = 4096, h: int = 8, b: int = 4, t: i
     mask = torch.ones(b, t, dtype=torch.bool)
     saved = SavedForBackward()
     with LargestTensor() as forward, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
-        parts = fusion_loss(hidden, weight, labels, ids, lps, mask, temperature=2.0, chunk_tokens=chunk_tokens)
+        parts = fusion_loss(hidden, weight, labels, ids, lps, mask, temperature=2.0, chunk_tokens=chunk_tokens,
+                            impl="chunked")
     with LargestTensor() as backward:
         parts.loss.backward()
     return forward.numel, backward.numel, saved.numel, b * t

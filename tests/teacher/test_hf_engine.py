@@ -87,6 +87,34 @@ def test_batched_equals_single(loaded, texts, arch):
         np.testing.assert_allclose(alone.gold_logprobs, scored.gold_logprobs, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_equal_padded_batches(loaded, texts, arch, attn):
+    """Sequences packed end to end (restarted position ids) score exactly as padded ones: attention never
+    crosses a sequence, Gemma-3's sliding-window layers included. The spy proves rows really held several."""
+    lm = loaded[arch]
+    lm.model.config._attn_implementation = attn  # both kernels that take the dense packed mask on CPU
+    try:
+        padded = HFEngine(lm, pack=False, max_batch_tokens=4096).score_texts(texts, top_k=4)
+        engine = HFEngine(lm, pack=True, max_batch_tokens=4096)
+        rows_seen = []
+        inner = engine._hidden
+
+        def spy(input_ids, position_ids=None):
+            rows_seen.append(position_ids is not None)  # position ids are passed only when a row holds several
+            return inner(input_ids, position_ids)
+
+        engine._hidden = spy
+        packed = engine.score_texts(texts, top_k=4)
+    finally:
+        lm.model.config._attn_implementation = "sdpa"
+    assert any(rows_seen)
+    for a, b in zip(padded, packed):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(b.gold_logprobs, a.gold_logprobs, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_divides_logits(loaded, texts, temperature):
     lm = loaded["gemma"]
@@ -122,7 +150,7 @@ def test_gemma_final_logit_softcapping(tiny_gemma, tmp_path, texts):
     config["final_logit_softcapping"] = 0.05
     (path / "config.json").write_text(json.dumps(config))
     engine = create_engine("hf", str(path), head_chunk_tokens=16)
-    assert engine._softcap == 0.05
+    assert engine._transform.softcap == 0.05
     out = engine.score_texts(texts[:3], top_k=4)
     for scored in out:
         assert_matches_dense(scored, engine.model, 4)

@@ -50,3 +50,70 @@ def test_loss_positions_follow_predicted_token(bpe_tokenizer):
     # slow reference: position t counts iff token t+1 starts inside the span
     assert keep.tolist() == [bool(start <= s < len(text)) for s in starts]
     assert keep.any() and not keep.all()
+
+
+def _samples_and_dists(tokenizer, texts, k=3):
+    samples = [Sample(f"s{i}", t) for i, t in enumerate(texts)]
+    encs = [encode(tokenizer, s.text) for s in samples]
+    dists = [{"t1": _dist(len(e.ids) - 1, k, i), "t2": _dist(len(e.ids) - 1, k, 50 + i)} for i, e in enumerate(encs)]
+    return samples, encs, dists
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hi.", "A much longer sentence about packing rows.", "Ok"]
+
+
+def test_packed_collate_lays_samples_end_to_end(bpe_tokenizer):
+    samples, encs, dists = _samples_and_dists(bpe_tokenizer, TEXTS)
+    padded = collate(samples, bpe_tokenizer, dists, ["t1", "t2"], top_k=3)
+    packed = collate(samples, bpe_tokenizer, dists, ["t1", "t2"], top_k=3, pack=True)
+    lengths = [len(e.ids) for e in encs]
+    # rows no longer than the longest sample (SDPA default): fewer rows than samples, nothing lost
+    assert packed.input_ids.shape[0] < len(samples) and packed.input_ids.shape[1] == max(lengths)
+    assert packed.attention_mask is None and packed.position_ids.shape == packed.input_ids.shape
+    assert packed.num_tokens == padded.num_tokens
+    # Slow reference: walk every row's positions and find each sample by its restarting position ids.
+    found = {}
+    for r in range(packed.input_ids.shape[0]):
+        pos = packed.position_ids[r].tolist()
+        starts = [p for p in range(len(pos)) if pos[p] == 0]
+        for a, b in zip(starts, starts[1:] + [len(pos)]):
+            ids = packed.input_ids[r, a:b].tolist()
+            match = [i for i, e in enumerate(encs) if e.ids.tolist() == ids and i not in found]
+            if not match:
+                continue  # the padding tail, a segment of its own
+            i = match[0]
+            found[i] = (r, a)
+            n = lengths[i]
+            assert packed.labels[r, a : a + n - 1].tolist() == encs[i].ids[1:].tolist()
+            assert packed.loss_mask[r, a : a + n - 1].all()
+            if a + n - 1 < packed.labels.shape[1]:  # the last token predicts nothing across the boundary
+                assert not packed.loss_mask[r, a + n - 1] and packed.labels[r, a + n - 1] == IGNORE
+            np.testing.assert_array_equal(packed.teacher_logprobs[1, r, a : a + n - 1].numpy(), dists[i]["t2"].logprobs)
+            np.testing.assert_array_equal(packed.teacher_ids[0, r, a : a + n - 1].numpy(), dists[i]["t1"].ids)
+    assert sorted(found) == list(range(len(samples)))
+
+
+def test_packed_batch_gives_the_padded_loss(tiny_llama, tiny_gemma):
+    """The trainer's objective on a packed micro-batch equals the padded one (attention never crosses samples)."""
+    import torch
+
+    from fuseflow.config import FusionConfig
+    from fuseflow.models import load
+    from fuseflow.trainer.loop import FusionObjective
+
+    for path in (tiny_llama, tiny_gemma):
+        lm = load(path)
+        samples, encs, dists = _samples_and_dists(lm.tokenizer, TEXTS)
+        ids_max = lm.model.config.vocab_size
+        for d in dists:
+            for t in d.values():
+                t.ids[:] %= ids_max
+        objective = FusionObjective(lm.model, FusionConfig(top_k=3), chunk_tokens=16, zero_stage=0)
+        losses = []
+        for pack in (False, True):
+            batch = collate(samples, lm.tokenizer, dists, ["t1", "t2"], top_k=3, pack=pack)
+            with torch.no_grad():
+                parts, _ = objective(batch)
+            losses.append((float(parts.loss), float(parts.clm), float(parts.kl), int(parts.n_tokens)))
+        assert losses[0][3] == losses[1][3]
+        np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5, atol=1e-6)

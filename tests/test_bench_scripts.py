@@ -1,0 +1,151 @@
+"""Smoke tests of the GPU-performance benchmarks at the tiny shape on CPU: they run, write the JSON they
+promise, and their helpers follow the conventions they state. Speed is never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    """Import ``bench/<name>.py`` under a unique module name (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"fuseflow_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_bench():
+    return _load("train")
+
+
+@pytest.fixture(scope="module")
+def score_bench():
+    return _load("score")
+
+
+@pytest.fixture(scope="module")
+def common(train_bench):
+    return sys.modules["common"]  # bench/common.py, imported by the scripts
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_train_script_writes_every_mode(train_bench, tmp_path):
+    out = tmp_path / "train.json"
+    args = ["--shape", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "32", "--warmup", "1",
+            "--steps", "1", "--activation-checkpointing", "--out", str(out)]
+    assert train_bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"clm", "fusion"}
+    assert result["tokens_per_step"] == 2 * 32
+    assert _positive(result["matmul_peak_flops"]) and _positive(result["params_n"])
+    for mode, row in result["modes"].items():
+        for key in ("step_s", "tokens_per_s", "mfu", "mfu_issue_convention", "mfu_with_recompute",
+                    "peak_memory_bytes", "loss_last"):
+            assert _positive(row[key]), (mode, key, row[key])
+        assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"], rel=1e-3)
+    assert math.isfinite(result["modes"]["fusion"]["overhead_vs_clm"])
+    assert result["environment"]["torch"] == torch.__version__
+
+
+def test_score_script_shape_mode(score_bench, tmp_path):
+    out = tmp_path / "score.json"
+    args = ["--shape", "tiny", "--device", "cpu", "--seq-len", "32", "--batch-tokens", "64", "--max-tokens", "128",
+            "--repeats", "1", "--pack", "--out", str(out)]
+    assert score_bench.main(args) == 0
+    result = json.loads(out.read_text())
+    # 4 sequences × 32 scored positions, no padding (equal lengths)
+    assert result["tokens"] == result["predicted_tokens"] == result["forward_tokens"] == 128
+    for contender in ("engine", "trunk", "dense"):
+        for key in ("s", "tok_s", "mfu", "mfu_issue_convention", "peak_memory_bytes"):
+            assert _positive(result[f"{contender}_{key}"]), (contender, key)
+    assert _positive(result["engine_over_trunk"])
+    assert "environment" in result
+
+
+def test_score_script_model_mode_keeps_its_keys(score_bench, tmp_path):
+    out = tmp_path / "score.json"
+    args = ["--model", "tiny", "--seq-len", "48", "--max-tokens", "192", "--repeats", "1", "--no-dense",
+            "--out", str(out)]
+    assert score_bench.main(args) == 0
+    result = json.loads(out.read_text())
+    for key in ("engine_s", "engine_tok_s", "engine_cpu_s", "engine_tok_per_cpu_s", "trunk_tok_s", "load_s"):
+        assert _positive(result[key]), key
+    assert "dense_s" not in result
+
+
+def test_random_teacher_rows_follow_the_aligned_dist_convention(train_bench):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 1000, (3, 50), generator=gen)  # [B, T]
+    rows = train_bench.random_teacher_rows(labels, n_teachers=2, k=10, vocab=1000, generator=gen)
+    ids, lp, gold, aligned = (rows[k] for k in ("teacher_ids", "teacher_logprobs", "teacher_gold", "teacher_aligned"))
+    assert ids.shape == lp.shape == (2, 3, 50, 10) and gold.shape == aligned.shape == (2, 3, 50)
+    assert 0 < aligned.float().mean() < 1
+    al = lp[aligned]  # [n, k]: finite, descending, top-k mass in (0, 1]
+    assert torch.isfinite(al).all() and (al[:, :-1] >= al[:, 1:]).all()
+    mass = al.exp().sum(-1)
+    assert (mass > 0.5).all() and (mass <= 1 + 1e-5).all()
+    # Unaligned: the one-hot gold fallback, gold logprob 0.
+    gold_ids = labels.expand(2, 3, 50)
+    assert (ids[~aligned][:, 0] == gold_ids[~aligned]).all() and (lp[~aligned][:, 0] == 0).all()
+    assert torch.isinf(lp[~aligned][:, 1:]).all() and (gold[~aligned] == 0).all()
+    # Aligned: the gold logprob is the top entry when the gold id is there, below the row otherwise.
+    hit = aligned & (ids[..., 0] == gold_ids)
+    assert torch.equal(gold[hit], lp[..., 0][hit])
+    miss = aligned & (ids[..., 0] != gold_ids)
+    assert (gold[miss] < lp[..., -1][miss]).all()
+
+
+def test_param_counts_of_the_real_shapes(common):
+    """Llama-3.2-1B has 1,235,814,400 parameters (tied head), Llama-2-7B 6,738,415,616 (untied)."""
+    one_b = common.param_counts(common.make_shape_model("llama-3.2-1b", torch.bfloat16, "meta"))
+    assert one_b.tied and one_b.total == 1_235_814_400 and one_b.n == one_b.total
+    assert one_b.trunk == one_b.total - 128256 * 2048
+    seven_b = common.param_counts(common.make_shape_model("llama-2-7b", torch.bfloat16, "meta"))
+    assert not seven_b.tied and seven_b.total == 6_738_415_616
+    assert seven_b.n == seven_b.total - 32000 * 4096 and seven_b.n_issue == seven_b.total
+
+
+def test_attention_flops_is_causal_half_of_full(common):
+    model = common.make_shape_model("tiny", torch.float32, "meta")
+    cfg = model.config
+    full = 4 * cfg.num_hidden_layers * cfg.hidden_size * 100**2  # QKᵀ + AV over every (query, key) pair
+    assert common.attention_flops(cfg, [100]) == full / 2
+
+
+def test_bench_objective_matches_the_trainers(train_bench, common):
+    """The bench rebuilds FusionObjective.forward (the trainer module imports pydantic/DeepSpeed): same loss."""
+    from fuseflow.config import FusionConfig
+    from fuseflow.trainer.batches import FusionBatch
+    from fuseflow.trainer.loop import FusionObjective
+
+    model = common.make_shape_model("tiny", torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    batch = train_bench.random_batch(2, 24, model.config.vocab_size, gen, "cpu")
+    rows = train_bench.random_teacher_rows(batch["labels"], 2, 10, model.config.vocab_size, gen)
+    ours = train_bench.BenchObjective(model, "avg_ce", 10, 16, None, False)
+    theirs = FusionObjective(model, FusionConfig(function="avg_ce", top_k=10, lam=0.9), 16, zero_stage=0)
+    fb = FusionBatch(sample_ids=["a", "b"], teachers=["t0", "t1"], **batch, **rows)
+    for teachers in (True, False):
+        b = {**batch, **rows} if teachers else batch
+        if not teachers:
+            fb.teacher_ids = fb.teacher_logprobs = fb.teacher_gold = fb.teacher_aligned = None
+        with torch.no_grad():
+            got, got_ce = ours(b, 0.9)
+            want, want_ce = theirs(fb)
+        for key in ("loss", "clm", "kl"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=0, atol=0)
+        assert (got_ce is None) == (want_ce is None)
