@@ -104,8 +104,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice); 1 is faster when other processes share the cores",
     )
+    p.add_argument(
+        "--min-seq-len", type=int, default=None,
+        help="with --shape: draw each sequence's length uniformly from [min-seq-len, seq-len] (default: all "
+        "seq-len), to measure what packing saves over padding",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.min_seq_len is not None and not (args.shape and 1 <= args.min_seq_len <= (args.seq_len or 10**9)):
+        p.error("--min-seq-len needs --shape and must be in [1, --seq-len]")
     cuda = args.device.startswith("cuda")
     if args.seq_len is None:
         args.seq_len = (2048 if cuda else 128) if args.shape else 512
@@ -130,10 +137,16 @@ def make_texts(tokenizer, seq_len: int, max_tokens: int) -> list[str]:
     return [text[offsets[i * body, 0] : offsets[(i + 1) * body - 1, 1]] for i in range(n_texts)]
 
 
-def random_ids(n_seqs: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
-    """``n_seqs`` sequences of ``length`` uniform random token ids (int32), for models without a tokenizer."""
+def random_ids(
+    n_seqs: int, length: int, vocab: int, seed: int = 0, min_length: int | None = None
+) -> list[np.ndarray]:
+    """``n_seqs`` sequences of uniform random token ids (int32), for models without a tokenizer: all of
+    ``length`` tokens, or lengths drawn uniformly from ``[min_length, length]`` (what packing is for)."""
     rng = np.random.default_rng(seed)
-    return list(rng.integers(0, vocab, size=(n_seqs, length), dtype=np.int32))  # n × [length]
+    if min_length is None:
+        return list(rng.integers(0, vocab, size=(n_seqs, length), dtype=np.int32))  # n × [length]
+    lengths = rng.integers(min_length, length + 1, size=n_seqs)  # [n]
+    return [rng.integers(0, vocab, size=int(n), dtype=np.int32) for n in lengths]
 
 
 class IdsOnlyTokenizer:
@@ -236,8 +249,11 @@ def main(argv=None) -> int:
     if args.shape:
         if args.seq_len + 1 > engine.max_length:
             raise ValueError(f"--seq-len {args.seq_len} + 1 exceeds the model's max_length {engine.max_length}")
-        ids = random_ids(max(1, args.max_tokens // args.seq_len), args.seq_len + 1, engine.vocab_size)
-        tokens = len(ids) * args.seq_len  # positions scored
+        ids = random_ids(
+            max(1, args.max_tokens // args.seq_len), args.seq_len + 1, engine.vocab_size,
+            min_length=None if args.min_seq_len is None else args.min_seq_len + 1,
+        )
+        tokens = int(sum(len(x) - 1 for x in ids))  # positions scored
         contenders = {"engine": lambda: engine._score(ids, args.top_k, 1.0)}
     else:
         texts = make_texts(engine.tokenizer, min(args.seq_len, engine.max_length), args.max_tokens)
@@ -278,6 +294,7 @@ def main(argv=None) -> int:
         "vocab": engine.vocab_size,
         "texts": len(ids),
         "seq_len": args.seq_len,
+        "min_seq_len": args.min_seq_len,
         "tokens": tokens,
         "predicted_tokens": predicted,
         "forward_tokens": forward_tokens,
@@ -316,7 +333,10 @@ def main(argv=None) -> int:
         ("attention / engine options", f"{result['attn_implementation']} / {options or 'defaults'}"),
         ("load average (1 min)", f"{result['load_average']}"),
         ("params total / N (non-emb + head) / vocab", f"{counts.total:,} / {counts.n:,} / {engine.vocab_size}"),
-        ("sequences × seq-len", f"{len(ids)} × {args.seq_len}"),
+        (
+            "sequences × seq-len",
+            f"{len(ids)} × {args.seq_len}" + (f" (≥ {args.min_seq_len})" if args.min_seq_len else ""),
+        ),
         ("tokens / predicted / engine trunk forward (padding incl.)", f"{tokens} / {predicted} / {forward_tokens}"),
         ("top-k / head chunk", f"{args.top_k} / {engine.head_chunk_tokens}"),
         ("matmul peak", f"{peak.flops / 1e12:.3f} TFLOP/s ({peak.label})"),

@@ -102,6 +102,9 @@ class TrainConfig(_Strict):
         True,
         description="pack a micro-batch's samples into rows with restarted position ids instead of padding them",
     )
+    compile: bool = Field(
+        False, description="torch.compile the target's decoder trunk (fused kernels; the first steps pay the compile)"
+    )
     loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the chunked lm_head loss")
     loss_impl: Literal["fused", "chunked"] = Field(
         "fused",

@@ -112,6 +112,7 @@ class HFEngine(Engine):
     :func:`fuseflow.models.load` or a :class:`~fuseflow.models.LoadedModel` already in memory (then
     ``device`` and ``dtype`` are the model's own). ``pack`` (default on) lays several sequences end to end
     in one row with restarted ``position_ids`` instead of padding them (:mod:`fuseflow.packing`);
+    ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes).
     ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``, ``triton``);
     ``attn_implementation`` picks transformers' attention kernel (``flash_attention_2`` / ``flex_attention``
     make packed rows truly variable-length; with the default SDPA rows are capped at the longest sequence).
@@ -132,6 +133,7 @@ class HFEngine(Engine):
         pack: bool = True,
         attn_implementation: str | None = None,
         head_method: str = "auto",
+        compile: bool = False,
     ):
         if isinstance(model, LoadedModel):
             # Already in memory (the in-process pipeline, tests): keep its device and dtype.
@@ -197,6 +199,10 @@ class HFEngine(Engine):
         self._pad_id = pad if pad is not None and 0 <= pad < self._vocab_size else 0
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._hidden = self._pick_hidden_states()
+        if compile:
+            # Fused kernels for the trunk (norms, rotary, MLP); dynamic shapes since packed rows vary in length.
+            # The first batch of each new shape family pays the compile (tens of seconds on CPU).
+            (self._trunk if self._hidden == self._trunk_hidden else self.model).compile(dynamic=True)
 
     @property
     def vocab_size(self) -> int:

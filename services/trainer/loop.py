@@ -261,6 +261,10 @@ def train(
     objective = FusionObjective(
         model, fusion_cfg, train_cfg.loss_chunk_tokens, train_cfg.zero_stage, loss_impl=train_cfg.loss_impl
     )
+    if train_cfg.compile:
+        # In place (nn.Module.compile): the trunk keeps its parameters, so DeepSpeed and checkpoints see the
+        # same module tree; dynamic shapes since (packed) batches vary in length.
+        objective._trunk.compile(dynamic=True)
     attn_implementation = getattr(model.config, "_attn_implementation", None)
     optimizer = torch.optim.AdamW(
         param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=tuple(train_cfg.betas)

@@ -296,3 +296,40 @@ def test_generate_errors(loaded):
         engine.generate(np.array([], dtype=np.int64), max_new_tokens=2)
     empty = engine.generate(np.arange(1, 4), max_new_tokens=0)
     assert empty.token_ids.shape == (0,) and empty.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_compiled_trunk_scores_like_eager(tiny_llama, texts):
+    """engine option compile: torch.compile'd trunk (dynamic shapes, packed rows) gives the eager scores."""
+    eager = HFEngine(load(tiny_llama), max_batch_tokens=2048).score_texts(texts, top_k=4)
+    engine = HFEngine(load(tiny_llama), max_batch_tokens=2048, compile=True)
+    assert engine._trunk._compiled_call_impl is not None
+    compiled = engine.score_texts(texts, top_k=4)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b.gold_logprobs, a.gold_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("logit_scale", [0.25, -0.5])
+def test_cohere_logit_scale(bpe_tokenizer, tmp_path, texts, logit_scale):
+    """Cohere multiplies its logits by ``logit_scale`` after the lm_head: the engine's logit transform must
+    follow, including a negative scale (top-k is then taken from the smallest raw logits)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CohereConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, logit_scale=logit_scale,
+        bos_token_id=bpe_tokenizer.bos_token_id, eos_token_id=bpe_tokenizer.eos_token_id,
+        pad_token_id=bpe_tokenizer.pad_token_id,
+    )
+    model = transformers.CohereForCausalLM(config)
+    with torch.no_grad():  # a larger scale than the init gives, so that a missing logit_scale would show
+        model.get_output_embeddings().weight.normal_(0, 2.0)
+    model.save_pretrained(tmp_path)
+    bpe_tokenizer.save_pretrained(tmp_path)
+    engine = HFEngine(str(tmp_path), head_chunk_tokens=7)
+    assert engine._transform.logit_scale == logit_scale
+    for scored in engine.score_texts(texts[:3], top_k=5):
+        assert_matches_dense(scored, engine.model, 5)
