@@ -135,7 +135,9 @@ class RedisTransport(Transport):
     """Redis-streams ``Transport`` of one run (see the module docstring for the keys and scripts).
 
     ``redis_url``: e.g. ``redis://:password@host:6379/0``. ``window``: samples in flight at most.
-    ``poll_s``: the longest ``submit`` sleeps between checks of a full window.
+    ``poll_s``: the longest ``submit`` sleeps between checks of a full window. ``max_deliveries``: how
+    often a sample may be delivered to one teacher before :meth:`reclaim_stale` dead-letters it (None: no
+    limit).
     """
 
     def __init__(
@@ -147,8 +149,12 @@ class RedisTransport(Transport):
         dead_maxlen: int = 100_000,
         poll_s: float = 0.05,
         client: redis.Redis | None = None,
+        max_deliveries: int | None = 5,
     ) -> None:
         super().__init__(run, teachers, window)
+        if max_deliveries is not None and max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1 or None, got {max_deliveries}")
+        self.max_deliveries = max_deliveries
         self.redis_url = redis_url
         self.dead_maxlen = int(dead_maxlen)
         self.poll_s = poll_s
@@ -282,8 +288,26 @@ class RedisTransport(Transport):
         return results
 
     def reclaim_stale(self, teacher: str, consumer: str, min_idle_ms: int, count: int) -> list[WorkItem]:
+        """Take over deliveries idle for ``min_idle_ms`` (their replica died). A sample already delivered
+        more than ``max_deliveries`` times is dead-lettered instead: every replica that took it died before
+        answering, so it is taken for a poison sample (one that crashes the process, which the worker's own
+        retry limit cannot catch) rather than handed to the next replica to kill."""
         self._check_teacher(teacher)
-        return self._work_items(self._autoclaim(self.k_work, teacher, consumer, min_idle_ms, count))
+        items = self._work_items(self._autoclaim(self.k_work, teacher, consumer, min_idle_ms, count))
+        if self.max_deliveries is None or not items:
+            return items
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.xpending_range(self.k_work, teacher, min=it.entry_id, max=it.entry_id, count=1)
+        delivered = [int(p[0]["times_delivered"]) if p else 0 for p in pipe.execute()]
+        poison = [(it, n) for it, n in zip(items, delivered) if n > self.max_deliveries]
+        if poison:
+            self.complete_many(teacher, [
+                (it, None, f"delivered {n} times to teacher {teacher} without an answer (over max_deliveries="
+                 f"{self.max_deliveries}): each replica that took it stopped before answering")
+                for it, n in poison
+            ])
+        return [it for it, n in zip(items, delivered) if n <= self.max_deliveries]
 
     def _autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list:
         claimed: list = []

@@ -107,15 +107,17 @@ class HFEngine(Engine):
     Options: ``device`` ("cpu", "cuda", "cuda:1"), ``dtype`` ("auto": bf16 on CUDA, fp32 on CPU),
     ``max_length`` (default: the model's ``max_position_embeddings``, capped by the tokenizer's
     ``model_max_length``), ``max_top_k`` (default: no cap below the vocabulary), ``max_batch_tokens``
-    (padded tokens per forward), ``max_batch_size``, ``head_chunk_tokens`` (rows of logits per lm_head call;
-    default: as many as fit in 256 MiB of fp32), ``name``. ``model`` is a reference for
-    :func:`fuseflow.models.load` or a :class:`~fuseflow.models.LoadedModel` already in memory (then
-    ``device`` and ``dtype`` are the model's own). ``pack`` (default on) lays several sequences end to end
-    in one row with restarted ``position_ids`` instead of padding them (:mod:`fuseflow.packing`);
-    ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes).
-    ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``, ``triton``);
+    (tokens per forward, row padding included), ``max_batch_size`` (rows per forward), ``head_chunk_tokens``
+    (positions per lm_head call; default: as many as fit in 256 MiB of fp32), ``name``. ``model`` is a
+    reference for :func:`fuseflow.models.load` or a :class:`~fuseflow.models.LoadedModel` already in memory
+    (then ``device`` and ``dtype`` are the model's own).
+
+    Speed options (``docs/performance.md``): ``pack`` (default on) lays several sequences end to end in one
+    row with restarted ``position_ids`` instead of padding them (:mod:`fuseflow.packing`);
     ``attn_implementation`` picks transformers' attention kernel (``flash_attention_2`` / ``flex_attention``
-    make packed rows truly variable-length; with the default SDPA rows are capped at the longest sequence).
+    make packed rows truly variable-length; with the default SDPA rows are capped at the longest sequence);
+    ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``,
+    ``triton``); ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes).
     """
 
     def __init__(

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "distributions back (needs --config); --redis without URL uses env FUSEFLOW_REDIS_URL")
     work.add_argument("--run", metavar="RUN", default=None, help="run name (default: env FUSEFLOW_RUN, else the "
                       "config's run_dir name)")
+    work.add_argument("--max-deliveries", type=int, default=5, help="dead-letter a sample taken over from dead "
+                      "replicas more than this many times: a poison sample that kills the process (default 5)")
 
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-texts", type=int, default=256, help="sequences per request (default 256)")
@@ -112,6 +114,8 @@ def serve(args: argparse.Namespace) -> int:
     spec = resolve_spec(args)
     if args.redis == "":
         raise UsageError("--redis without a URL needs env FUSEFLOW_REDIS_URL (e.g. redis://:PASSWORD@redis:6379/0)")
+    if args.max_deliveries < 1:
+        raise UsageError(f"--max-deliveries must be >= 1, got {args.max_deliveries}")
     options = ServerOptions(
         host=args.host,
         port=args.port,
@@ -300,7 +304,9 @@ def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: thr
         temperature=1.0,  # the fusion temperature is applied once, in the trainer's loss
         stats_texts=stats_texts,
     )
-    transport = RedisTransport(args.redis, run, teachers=[s.key for s in cfg.sources])
+    transport = RedisTransport(
+        args.redis, run, teachers=[s.key for s in cfg.sources], max_deliveries=args.max_deliveries
+    )
     consumer = f"{socket.gethostname()}-{os.getpid()}"
 
     def work() -> None:

@@ -109,3 +109,25 @@ def test_unreachable_redis_names_the_url():
 
     with pytest.raises(redis.ConnectionError, match="redis_url"):
         RedisTransport("redis://127.0.0.1:1/0", "x", ["a"])
+
+
+def test_a_sample_every_replica_dies_on_is_dead_lettered(redis_server, run_name, make_dist):
+    """A poison sample kills each replica that takes it (no answer, no error): after ``max_deliveries``
+    deliveries the next takeover dead-letters it instead of handing it on, and the run goes on."""
+    tr = RedisTransport(redis_server.url, run_name, ["llama"], max_deliveries=3)
+    tr.submit(samples(2))
+    first = tr.claim_work("llama", "replica-0", count=1, block_ms=50)  # replica-0 dies holding s0
+    assert [it.sample.id for it in first] == ["s0"]
+    for n in (1, 2):  # replicas 1 and 2 take it over and die too: deliveries 2 and 3
+        [again] = tr.reclaim_stale("llama", f"replica-{n}", min_idle_ms=0, count=10)
+        assert again.sample.id == "s0"
+    assert tr.reclaim_stale("llama", "replica-3", min_idle_ms=0, count=10) == []  # delivery 4 > 3
+    [dead] = tr.dead_letters()
+    assert dead["sample_id"] == "s0" and "delivered 4 times" in dead["reason"] and "max_deliveries=3" in dead["reason"]
+    assert tr.stats()["dead_letters"] == 1
+    # the healthy sample still flows to the trainer
+    [ok] = tr.claim_work("llama", "replica-3", count=10, block_ms=50)
+    tr.complete_work("llama", ok, dist=make_dist(3, 2, seed=0))
+    assert [r.sample.id for r in tr.next_ready("rank0", count=10, block_ms=100)] == ["s1"]
+    with pytest.raises(ValueError, match="max_deliveries must be >= 1"):
+        RedisTransport(redis_server.url, run_name, ["llama"], max_deliveries=0)
