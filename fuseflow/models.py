@@ -319,7 +319,16 @@ def split_head(model: torch.nn.Module) -> HeadSpec:
             f"{type(model).__name__}: cannot find its decoder trunk and lm_head; fuseflow supports decoder-only "
             "causal LMs from transformers"
         )
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scaled = {k: v for k in ("logit_scale", "logits_scaling") if (v := getattr(config, k, None)) not in (None, 1, 1.0)}
+    if scaled:
+        # The training loss applies the head and Gemma's soft-cap itself; a logit scale it does not know
+        # would train on logits the model never produces.
+        raise ModelLoadError(
+            f"{type(model).__name__} scales its logits ({scaled}); the fusion loss supports soft-capping only, "
+            "so this model cannot be a training target (it can be a teacher: the hf engine applies the scale)"
+        )
+    cap = getattr(config, "final_logit_softcapping", None)
     return HeadSpec(trunk=trunk, weight=head.weight, bias=getattr(head, "bias", None), logit_softcap=cap or None)
 
 
