@@ -115,6 +115,15 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
 
+    @model_validator(mode="after")
+    def _zero3_needs_fused_loss(self) -> "TrainConfig":
+        if self.zero_stage == 3 and self.loss_impl == "chunked":
+            raise ValueError(
+                "zero_stage 3 needs loss_impl: fused — the chunked loss recomputes the lm_head in the backward, "
+                "after ZeRO-3 has released the gathered head weight"
+            )
+        return self
+
 
 class EvalConfig(_Strict):
     max_length: int = Field(512, gt=8)
@@ -155,9 +164,9 @@ C = TypeVar("C", bound=BaseModel)
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``train.lr=3e-5`` → (["train", "lr"], 3e-5); the value is parsed as YAML."""
-    if "=" not in item:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
-    key, raw = item.split("=", 1)
     value = yaml.safe_load(raw)
     if isinstance(value, str):
         try:  # YAML 1.1 reads "3e-5" (no dot) as a string
@@ -168,31 +177,44 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key.sub=value`` on ``data`` in place; a numeric part indexes a list (``sources.0.model=x``)."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for i, part in enumerate(path[:-1]):
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
             if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
-        if isinstance(node, list):
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
+                index = int(part) if part.lstrip("-").isdigit() else None
+                if index is None or not -len(node) <= index < len(node):
+                    where = ".".join(path[:i])
+                    raise ConfigError(f"override {item!r}: {where} has {len(node)} items; {part!r} is not an index")
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is not a section")
     return data
+
+
+def validation_message(error: Any) -> str:
+    """One pydantic error's message, in fuseflow's wording: a forbidden extra key is an ``unknown field (typo?)``,
+    and pydantic's ``Value error, `` prefix on a validator's own message is dropped."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field (typo?)"
+    return error["msg"].removeprefix("Value error, ")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid field(s)"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (typo?)"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {validation_message(e)}")
     return "\n".join(lines)
 
 
