@@ -15,8 +15,8 @@ This module imports Triton at import time; :mod:`fuseflow.kernels.head` imports 
 Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported; slow, for tests).
 
 Status: checked against the torch reference under the interpreter (``tests/kernels/test_head_kernels.py``);
-NOT yet compiled or timed on a GPU (``bench/head.py`` does both). ``method="auto"`` falls back to the torch
-methods, with a warning, if the kernel fails to compile or launch.
+NOT yet compiled or timed on a GPU (``bench/head.py`` does both), so ``method="auto"`` never picks it: it
+runs only when asked for (``method="triton"``, engine option ``head_method: triton``).
 The soft-cap's tanh is computed as ``2·sigmoid(2y) − 1`` (absolute error ~1e-7·cap, well inside fp32
 logprob noise) so that the kernel uses only portable ``tl`` functions.
 """
