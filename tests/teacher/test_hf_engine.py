@@ -333,3 +333,20 @@ def test_cohere_logit_scale(bpe_tokenizer, tmp_path, texts, logit_scale):
     assert engine._transform.logit_scale == logit_scale
     for scored in engine.score_texts(texts[:3], top_k=5):
         assert_matches_dense(scored, engine.model, 5)
+
+
+@pytest.mark.slow
+def test_flex_attention_packs_whole_batches_into_one_row(tiny_llama, texts):
+    """With a varlen kernel (flex_attention runs on CPU too) rows take the whole batch budget, and the
+    block-sparse document mask keeps sequences apart: scores equal the padded SDPA ones."""
+    padded = HFEngine(load(tiny_llama), pack=False, max_batch_tokens=8192).score_texts(texts, top_k=4)
+    engine = HFEngine(tiny_llama, max_batch_tokens=8192, attn_implementation="flex_attention")
+    assert engine.attn_implementation == "flex_attention"
+    rows = []
+    inner = engine._hidden
+    engine._hidden = lambda ids, pos=None: (rows.append(ids.shape), inner(ids, pos))[1]
+    packed = engine.score_texts(texts, top_k=4)
+    assert rows and rows[0][0] == 1  # one row held every sequence of the batch
+    for a, b in zip(padded, packed):
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b.gold_logprobs, a.gold_logprobs, atol=1e-4, rtol=0)
