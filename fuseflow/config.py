@@ -213,8 +213,9 @@ def validation_message(error: Any) -> str:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid field(s)"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {validation_message(e)}")
+        loc = ".".join(str(p) for p in e["loc"])
+        # A whole-config check (a model validator) has no location: its message names the fields itself.
+        lines.append(f"  {loc}: {validation_message(e)}" if loc else f"  {validation_message(e)}")
     return "\n".join(lines)
 
 

@@ -57,3 +57,35 @@ def tiny_qwen(tmp_path_factory, bpe_tokenizer):
     from fuseflow.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen"), "qwen2", tokenizer=bpe_tokenizer, seed=2)
+
+
+def _redis_binary_or_skip() -> None:
+    from fuseflow.wire.redis_server import RedisServerError, find_server_binary
+
+    try:
+        find_server_binary()
+    except RedisServerError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One Redis-protocol server (valkey/redis) for the session. Tests share it: each uses its own run name and
+    none stops it; a test that stops, kills or restarts its server takes ``restartable_redis_server``."""
+    from fuseflow.wire.redis_server import RedisServer
+
+    _redis_binary_or_skip()
+    with RedisServer(appendonly=False) as server:
+        yield server
+
+
+@pytest.fixture
+def restartable_redis_server(tmp_path_factory):
+    """A Redis-protocol server of this test alone, with the append-only file on (``appendfsync always``) and its
+    data dir (``server.log`` too) kept under the test's tmp dirs: it survives ``stop()``/``kill()`` +
+    ``start()``/``restart()``."""
+    from fuseflow.wire.redis_server import RedisServer
+
+    _redis_binary_or_skip()
+    with RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=True, appendfsync="always") as server:
+        yield server

@@ -19,6 +19,17 @@ def test_config_error_is_one_line_naming_the_field(tmp_path, capsys):
     assert "train.lrr: unknown field" in err and "Traceback" not in err
 
 
+def test_merge_config_errors_name_the_field_and_the_override(tmp_path, capsys):
+    p = tmp_path / "merge.yaml"
+    p.write_text("method: linear\nbase: b\nmodels: [m]\noutput: o\nmodles: [a]\n")
+    assert main(["merge", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fuseflow merge: error: ") and "Traceback" not in err
+    assert "modles: unknown field (typo?)" in err
+    assert main(["merge", str(p), "threads"]) == 2
+    assert "override 'threads' is not of the form key=value" in capsys.readouterr().err
+
+
 def test_config_prints_every_default(tmp_path, capsys):
     p = tmp_path / "run.yaml"
     p.write_text("target: {model: x}\nsources: [{model: y}]\n")

@@ -35,8 +35,9 @@ def test_bad_value_is_named(tmp_path):
 
 
 def test_unknown_fusion_function(tmp_path):
-    with pytest.raises(ConfigError, match="unknown fusion function 'max_ce'"):
+    with pytest.raises(ConfigError, match="unknown fusion function 'max_ce'") as e:
         load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.function=max_ce"])
+    assert "fusion.function: unknown fusion function" in str(e.value)  # no pydantic "Value error, " prefix
 
 
 def test_duplicate_source_names(tmp_path):
@@ -47,8 +48,26 @@ def test_duplicate_source_names(tmp_path):
 def test_overrides_parse_yaml_values_and_index_lists():
     data = apply_overrides({"sources": [{"model": "a"}]}, ["train.lr=3e-5", "sources.0.model=z", "baseline=none"])
     assert data == {"sources": [{"model": "z"}], "train": {"lr": 3e-5}, "baseline": "none"}
+    assert apply_overrides({"models": ["a", "b"]}, ["models.-1=c"]) == {"models": ["a", "c"]}
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["=3"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sources.1.model=z", "sources has 1 items; '1' is not an index"),
+        ("sources.x.model=z", "sources has 1 items; 'x' is not an index"),
+        ("sources.-2=z", "sources has 1 items; '-2' is not an index"),
+        ("sources.0.model.x=1", "sources.0.model is not a section"),
+    ],
+)
+def test_overrides_that_miss_the_structure_are_config_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({"sources": [{"model": "a"}]}, [override])
+    assert str(e.value) == f"override {override!r}: {message}"
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

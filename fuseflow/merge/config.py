@@ -1,5 +1,8 @@
 """The ``fuseflow merge`` config: one pydantic model, validated at load, every error naming its field.
 
+It is read by :func:`fuseflow.config.load_config`, as every fuseflow config: YAML, ``key=value`` overrides,
+:class:`fuseflow.config.ConfigError` naming each offending field.
+
 A method's ``parameters`` are checked against the keyword-only arguments of its registered function
 (names, types, defaults): the function's signature is the single statement of what a method accepts.
 """
@@ -21,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from fuseflow.config import validation_message
 
 from .methods import MERGE_METHODS, MergeMethod, get_method
 
@@ -67,7 +72,7 @@ def validate_parameters(method_name: str, params: dict[str, Any], n_models: int)
     except ValidationError as e:
         allowed = ", ".join(spec) or "none"
         raise ValueError(
-            "; ".join(f"parameters.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            "; ".join(f"parameters.{'.'.join(map(str, err['loc']))}: {validation_message(err)}" for err in e.errors())
             + f" (method {method_name!r} takes: {allowed})"
         ) from None
     for name, (tp, _) in spec.items():
@@ -103,16 +108,3 @@ class MergeConfig(BaseModel):
     def _check_parameters(self) -> "MergeConfig":
         self.parameters = validate_parameters(self.method, self.parameters, len(self.models))
         return self
-
-
-class ConfigError(ValueError):
-    """An invalid merge config; the message names the field."""
-
-
-def format_validation_error(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(msg if msg.startswith("parameters.") or not loc else f"{loc}: {msg}")
-    return "; ".join(lines)

@@ -13,15 +13,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
-from pydantic import ValidationError
 
+from fuseflow.config import ConfigError
+from fuseflow.config import load_config as load_run_config
 from fuseflow.models import ModelLoadError, resolve
 
-from .config import ConfigError, MergeConfig, format_validation_error, method_parameters
+from .config import MergeConfig, method_parameters
 from .execute import execute_plan
 from .methods import MERGE_METHODS, get_method
 from .plan import MergeCheckError, MergePlan, build_plan
@@ -37,39 +37,11 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``key.sub=value`` pairs on the raw config (values parsed as YAML: ``0.1``, ``true``, ``[a, b]``)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. parameters.select_topk=0.1")
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-    return raw
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> MergeConfig:
-    """Read and validate a merge config; :class:`ConfigError` names the field at fault."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields (method, base, models, ...), got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return MergeConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {format_validation_error(e)}") from None
+    """Read and validate a merge config with the shared loader (:func:`fuseflow.config.load_config`: YAML,
+    ``key=value`` overrides such as ``parameters.select_topk=0.1`` or ``models.0=dir``); :class:`ConfigError`
+    names each field at fault."""
+    return load_run_config(MergeConfig, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -152,11 +152,11 @@ def test_killed_trainer_resumes_and_trains_every_sample_exactly_once(setup, tmp_
     assert seen["pending_at_kill"] > 0  # the killed trainer held unacked samples: they came back
 
 
-def test_run_survives_a_redis_restart(setup, tmp_path, redis_server):
+def test_run_survives_a_redis_restart(setup, tmp_path, restartable_redis_server):
     def restart(trainer, log):
-        redis_server.stop()  # graceful: the append-only file is flushed
+        restartable_redis_server.stop()  # graceful: the append-only file is flushed
         time.sleep(2.0)  # long enough for every client's own retries to give up
-        redis_server.start()
+        restartable_redis_server.start()
 
-    text = _run_trainer_with_fault(setup, tmp_path, redis_server, "redis-restart", restart)
+    text = _run_trainer_with_fault(setup, tmp_path, restartable_redis_server, "redis-restart", restart)
     assert "Redis unavailable" in text  # the trainer did see the outage, and rode it out

@@ -196,17 +196,12 @@ def test_serve_main_serves_until_sigterm_then_drains(tiny_llama, tmp_path, monke
     assert 'fuseflow_teacher_requests_total{code="OK",method="Score"} 1.0' in seen["metrics"]
 
 
-def test_serve_with_redis_is_also_the_runs_worker(tiny_llama, tmp_path, monkeypatch):
+def test_serve_with_redis_is_also_the_runs_worker(tiny_llama, tmp_path, monkeypatch, redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.sparse import Sample
     from fuseflow.teacher.aligner import TeacherAligner
-    from fuseflow.wire.redis_server import RedisServer, RedisServerError, find_server_binary
     from fuseflow.wire.redis_streams import RedisTransport
 
-    try:
-        find_server_binary()
-    except RedisServerError as e:
-        pytest.skip(str(e))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "demo"), "target": {"model": str(tiny_llama)},
@@ -218,22 +213,21 @@ def test_serve_with_redis_is_also_the_runs_worker(tiny_llama, tmp_path, monkeypa
     monkeypatch.delenv("PROBE_TOKEN", raising=False)
     monkeypatch.delenv("FUSEFLOW_TEACHER_TOKEN", raising=False)
     seen = {}
-    with RedisServer(appendonly=False) as redis_server:
 
-        def probe(c):
-            with RedisTransport(redis_server.url, "demo", teachers=["llama"]) as dispatcher:
-                dispatcher.submit(samples)
-                ready = []
-                while len(ready) < len(samples):
-                    ready += dispatcher.next_ready("rank0", count=8, block_ms=30_000)
-                dispatcher.ack_ready(ready)
-            seen["ready"] = {r.sample.id: r.dists["llama"] for r in ready}
-            seen["scored"] = c.score_texts([TEXT], top_k=2)  # gRPC clients share the engine meanwhile
+    def probe(c):
+        with RedisTransport(redis_server.url, "demo", teachers=["llama"]) as dispatcher:
+            dispatcher.submit(samples)
+            ready = []
+            while len(ready) < len(samples):
+                ready += dispatcher.next_ready("rank0", count=8, block_ms=30_000)
+            dispatcher.ack_ready(ready)
+        seen["ready"] = {r.sample.id: r.dists["llama"] for r in ready}
+        seen["scored"] = c.score_texts([TEXT], top_k=2)  # gRPC clients share the engine meanwhile
 
-        code = serve_in_this_process([
-            "--config", str(config), "--source", "llama", "--redis", redis_server.url, "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(free_port()), "--grace-s", "5",
-        ], port, probe)
+    code = serve_in_this_process([
+        "--config", str(config), "--source", "llama", "--redis", redis_server.url, "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", str(free_port()), "--grace-s", "5",
+    ], port, probe)
     assert code == 0 and sorted(seen["ready"]) == ["s0", "s1", "s2"]
     tok = load_tokenizer(tiny_llama)
     reference = TeacherAligner("llama", create_engine("hf", str(tiny_llama)), tok, vocab_map_method="exact", top_k=4)

@@ -115,25 +115,24 @@ def test_restarted_dispatcher_resumes_at_its_recorded_position(make_transport):
 
 
 @pytest.mark.integration
-def test_dispatcher_rides_out_a_redis_outage(tmp_path):
-    from fuseflow.wire.redis_server import RedisServer
+def test_dispatcher_rides_out_a_redis_outage(restartable_redis_server):
     from fuseflow.wire.redis_streams import RedisTransport
 
-    with RedisServer(data_dir=tmp_path / "redis", appendonly=True, appendfsync="always") as server:
-        tr = RedisTransport(server.url, "outage", TEACHERS, window=4, poll_s=0.01)
-        seq = samples(12)
-        d = Dispatcher(tr, seq, chunk=2, poll_s=0.05)
-        d.start()
-        trained = train_some(tr, 4)
-        server.stop()
-        time.sleep(2.0)  # the dispatcher, blocked on a full window, loses its connection
-        server.start()
-        deadline = time.monotonic() + 20
-        while not tr.is_finished() and time.monotonic() < deadline:
-            trained += train_some(tr, 4)
-        d.join_checked(5)
-        assert trained == [s.id for s in seq]
-        tr.close()
+    server = restartable_redis_server
+    tr = RedisTransport(server.url, "outage", TEACHERS, window=4, poll_s=0.01)
+    seq = samples(12)
+    d = Dispatcher(tr, seq, chunk=2, poll_s=0.05)
+    d.start()
+    trained = train_some(tr, 4)
+    server.stop()
+    time.sleep(2.0)  # the dispatcher, blocked on a full window, loses its connection
+    server.start()
+    deadline = time.monotonic() + 20
+    while not tr.is_finished() and time.monotonic() < deadline:
+        trained += train_some(tr, 4)
+    d.join_checked(5)
+    assert trained == [s.id for s in seq]
+    tr.close()
 
 
 def test_feed_reports_a_window_too_small_for_a_checkpoint_interval():

@@ -80,18 +80,6 @@ def make_transport(request):
         tr.close()
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    from fuseflow.wire.redis_server import RedisServer, RedisServerError, find_server_binary
-
-    try:
-        find_server_binary()
-    except RedisServerError as e:
-        pytest.skip(str(e))
-    with RedisServer(appendonly=False) as server:
-        yield server
-
-
 def texts(n, prefix="s"):
     return [Sample(f"{prefix}{i}", f"sample text {i} " * (1 + i % 3)) for i in range(n)]
 
@@ -240,26 +228,25 @@ def test_is_retryable():
 
 
 @pytest.mark.integration
-def test_worker_survives_a_redis_restart(tmp_path):
+def test_worker_survives_a_redis_restart(restartable_redis_server):
     """The server goes away for 2 s mid-run (graceful stop, append-only file on): no crash, no lost work."""
-    from fuseflow.wire.redis_server import RedisServer
     from fuseflow.wire.redis_streams import RedisTransport
 
-    with RedisServer(data_dir=tmp_path / "redis", appendonly=True, appendfsync="always") as server:
-        tr = RedisTransport(server.url, "restart", ["alpha"], window=64, poll_s=0.01)
-        samples = texts(30)
-        tr.submit(samples)
-        tr.finish_submissions()
-        w = Workers()
-        w.start(FakeAligner("alpha", delay_s=0.02), tr, "a0", batch_size=2, block_ms=50)
-        got = drain(tr, 8)
-        server.stop()  # down long enough for redis-py's own retries to give up
-        time.sleep(2.0)
-        server.start()
-        got.update(drain(tr, 30 - len(got)))
-        stats = w.stop()
-        assert not w.errors
-        assert sorted(got) == sorted(s.id for s in samples)
-        assert stats["a0"].retries > 0  # it did see the outage
-        assert tr.is_finished()
-        tr.close()
+    server = restartable_redis_server
+    tr = RedisTransport(server.url, "restart", ["alpha"], window=64, poll_s=0.01)
+    samples = texts(30)
+    tr.submit(samples)
+    tr.finish_submissions()
+    w = Workers()
+    w.start(FakeAligner("alpha", delay_s=0.02), tr, "a0", batch_size=2, block_ms=50)
+    got = drain(tr, 8)
+    server.stop()  # down long enough for redis-py's own retries to give up
+    time.sleep(2.0)
+    server.start()
+    got.update(drain(tr, 30 - len(got)))
+    stats = w.stop()
+    assert not w.errors
+    assert sorted(got) == sorted(s.id for s in samples)
+    assert stats["a0"].retries > 0  # it did see the outage
+    assert tr.is_finished()
+    tr.close()

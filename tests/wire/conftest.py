@@ -1,4 +1,4 @@
-"""Fixtures of the wire tests: a Redis-protocol server for the session and random aligned distributions."""
+"""Fixtures of the wire tests: random aligned distributions (the Redis-protocol server is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,6 @@ import numpy as np
 import pytest
 
 from fuseflow.sparse import AlignedDist
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    """One valkey/redis server for the session; every test uses its own run name on it."""
-    from fuseflow.wire.redis_server import RedisServer, RedisServerError, find_server_binary
-
-    try:
-        find_server_binary()
-    except RedisServerError as e:
-        pytest.skip(str(e))
-    with RedisServer(appendonly=False) as server:
-        yield server
 
 
 @pytest.fixture(scope="session")
