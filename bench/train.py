@@ -10,8 +10,8 @@ Modes, interleaved across repeats on one model and one optimizer:
 The step is ``FusionObjective.forward`` of ``fuseflow.trainer.loop`` rebuilt from the same functions
 (``split_head`` → trunk → ``hidden[:, :-1]`` → ``FUSIONS[fn]`` and ``per_teacher_ce`` under no_grad →
 ``fusion_loss``, fused or chunked per ``--loss-impl``), because ``loop`` imports the run config (pydantic)
-and DeepSpeed, which a bare GPU box lacks. Then backward, clip-norm 1.0 and AdamW (β 0.9/0.95, wd 0.1 off norms; fused on
-CUDA) — DeepSpeed's engine only with ``--deepspeed``. Batches live on the device (no host copy is timed).
+and DeepSpeed, which a bare GPU box lacks. Then backward, clip-norm 1.0 and AdamW (β 0.9/0.95, wd 0.1 off
+norms; fused on CUDA) — DeepSpeed's engine only with ``--deepspeed``. Batches live on the device (no host copy is timed).
 
 Tokens are ``B × T`` (the positions the trunk runs); MFU = ``6·N·tokens/s`` over a bf16 matmul peak measured
 in the run (``8·N`` "with recompute" under ``--activation-checkpointing``), ``N`` = non-embedding params +
