@@ -41,6 +41,16 @@ def row_capacity(lengths: Sequence[int] | np.ndarray, attn_implementation: str |
     return max(longest, 1)
 
 
+def as_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``lengths`` as a 1-D int64 array of non-negative sequence lengths, or a ValueError naming the bad one."""
+    lengths = np.asarray(lengths, dtype=np.int64)  # [N]
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}")
+    if lengths.size and lengths.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lengths.min())} at index {int(lengths.argmin())}")
+    return lengths
+
+
 def pack_rows(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """First-fit-decreasing bin packing of sequence indices into rows of at most ``capacity`` tokens.
 
@@ -51,11 +61,7 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[i
     """
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    lengths = np.asarray(lengths, dtype=np.int64)  # [N]
-    if lengths.ndim != 1:
-        raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}")
-    if lengths.size and lengths.min() < 0:
-        raise ValueError(f"lengths must be >= 0, got {int(lengths.min())} at index {int(lengths.argmin())}")
+    lengths = as_lengths(lengths)  # [N]
     order = np.argsort(-lengths, kind="stable")  # [N] longest first, ties in input order
     rows: list[list[int]] = []
     free = np.zeros(0, dtype=np.int64)  # [R] room left in each open row

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fuseflow.packing import as_lengths
+
 
 def plan_batches(lengths: Sequence[int] | np.ndarray, max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Group request indices into batches, longest first.
@@ -26,11 +28,7 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, max_batch_tokens: int, max
         raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    lengths = np.asarray(lengths, dtype=np.int64)  # [N]
-    if lengths.ndim != 1:
-        raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}")
-    if lengths.size and lengths.min() < 0:
-        raise ValueError(f"lengths must be >= 0, got {int(lengths.min())} at index {int(lengths.argmin())}")
+    lengths = as_lengths(lengths)  # [N]
     # Stable sort on the negated lengths: longest first, equal lengths keep request order.
     order = np.argsort(-lengths, kind="stable")  # [N]
 
