@@ -228,6 +228,9 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
         options["attn_implementation"] = source.attn_implementation
     if source.engine == "hf":
         options["device"] = args.device or cfg.device
+    # The source's own engine options (vllm: tensor_parallel_size, …; hf: pack, head_method, compile), as
+    # `fuseflow fuse` passes them; they win over the defaults above.
+    options.update(source.engine_options)
     return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, config=cfg, source=source)
 
 

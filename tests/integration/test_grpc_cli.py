@@ -243,7 +243,8 @@ def write_config(path, tiny_llama, tiny_gemma) -> str:
         "run_dir": str(path / "runs" / "demo"),
         "target": {"model": str(tiny_llama)},
         "sources": [
-            {"name": "gemma", "model": str(tiny_gemma), "batch_tokens": 1024, "max_length": 256},
+            {"name": "gemma", "model": str(tiny_gemma), "batch_tokens": 1024, "max_length": 256,
+             "engine_options": {"head_method": "torch", "pack": False}},
             {"name": "llama", "model": str(tiny_llama)},
         ],
     }
@@ -259,7 +260,7 @@ def test_config_source_sets_the_engine_options(tiny_llama, tiny_gemma, tmp_path)
     assert (spec.name, spec.kind, spec.model) == ("gemma", "hf", str(tiny_gemma))
     assert spec.options == {
         "dtype": "float32", "max_batch_tokens": 1024, "head_chunk_tokens": 1024, "max_top_k": 16,
-        "name": "gemma", "max_length": 256, "device": "cpu",
+        "name": "gemma", "max_length": 256, "device": "cpu", "head_method": "torch", "pack": False,
     }
 
 
