@@ -6,7 +6,9 @@ concatenates sequences into rows and restarts ``position_ids`` at 0 at each sequ
 sequence:
 
 - ``flash_attention_2`` turns them into ``cu_seqlens`` for the varlen kernel (true variable length: no
-  attention FLOP crosses a sequence boundary);
+  attention FLOP crosses a sequence boundary) — only for a batch of one row (``_is_packed_sequence`` in
+  transformers' ``modeling_flash_attention_utils``): with several rows it would attend across sequences, so
+  callers give varlen kernels one packed row per forward;
 - ``flex_attention`` builds a block-sparse document mask (blocks across sequences are skipped);
 - ``sdpa`` / ``eager`` get a dense block-diagonal mask: correct, but a row of ``S`` tokens costs ``S²``
   attention. :func:`row_capacity` therefore caps rows at the longest sequence for those kernels, so a

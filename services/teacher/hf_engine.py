@@ -24,7 +24,7 @@ import torch
 
 from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_transform, topk_logprobs_with_head
 from fuseflow.models import LoadedModel, load
-from fuseflow.packing import pack_rows, packed_positions, row_capacity
+from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity
 from fuseflow.teacher.batching import plan_batches
 from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
 
@@ -281,7 +281,10 @@ class HFEngine(Engine):
         else:
             rows = [[i] for i in live.tolist()]
         row_tokens = np.array([int(n_pred[r].sum()) for r in rows], dtype=np.int64)  # [rows]
-        for batch in plan_batches(row_tokens, self.max_batch_tokens, self.max_batch_size):
+        # A varlen kernel gets one packed row per forward: rows already fill the token budget, and
+        # transformers' flash-attention path reads packed position ids only from a batch of one row.
+        per_forward = 1 if self.pack and is_varlen(self.attn_implementation) else self.max_batch_size
+        for batch in plan_batches(row_tokens, self.max_batch_tokens, per_forward):
             batch_rows = [rows[j] for j in batch]
             topk_ids, topk_lp, gold_lp = self._score_rows(
                 [[ids[i] for i in row] for row in batch_rows], top_k, temperature

@@ -90,6 +90,8 @@ def collate(
     if dists is not None and teachers:
         _check_dists(samples, encs, dists, teachers)
     if pack and len(samples) > 1:
+        # Varlen kernels get the whole micro-batch as one row (flash-attention reads packed position ids only
+        # from a batch of one row); dense masks get rows no longer than the longest sample.
         rows = pack_rows(lengths, row_capacity(lengths, attn_implementation, int(lengths.sum())))
     else:
         rows = [[i] for i in range(len(samples))]

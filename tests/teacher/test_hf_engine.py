@@ -350,3 +350,24 @@ def test_flex_attention_packs_whole_batches_into_one_row(tiny_llama, texts):
     for a, b in zip(padded, packed):
         np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=1e-4, rtol=0)
         np.testing.assert_allclose(b.gold_logprobs, a.gold_logprobs, atol=1e-4, rtol=0)
+
+
+def test_varlen_kernels_get_one_packed_row_per_forward(loaded, texts, monkeypatch):
+    """flash_attention_2 reads packed position ids only from a batch of one row (several rows would attend
+    across sequences): the engine hands a varlen kernel one row per forward. The kernel itself is not on this
+    CPU, so the model runs SDPA while the engine plans for flash_attention_2; rows are made short (capacity
+    100) so that several would fit one forward's budget."""
+    import fuseflow.teacher.hf_engine as hf
+
+    lm = loaded["llama"]
+    padded = HFEngine(lm, pack=False).score_texts(texts, top_k=3)
+    monkeypatch.setattr(hf, "row_capacity", lambda lengths, attn, budget: max(100, int(max(lengths))))
+    engine = HFEngine(lm, max_batch_tokens=4096)
+    engine.attn_implementation = "flash_attention_2"
+    shapes = []
+    inner = engine._hidden
+    engine._hidden = lambda ids, pos=None: (shapes.append((ids.shape[0], pos is not None)), inner(ids, pos))[1]
+    packed = engine.score_texts(texts, top_k=3)
+    assert len(shapes) > 1 and all(b == 1 for b, _ in shapes) and any(p for _, p in shapes)
+    for a, b in zip(padded, packed):
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=ATOL, rtol=0)
