@@ -27,6 +27,7 @@ from fuseflow.models import LoadedModel, load
 from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity
 from fuseflow.teacher.batching import plan_batches
 from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
+from fuseflow.teacher.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class HFEngine(Engine):
     ``attn_implementation`` picks transformers' attention kernel (``flash_attention_2`` / ``flex_attention``
     make packed rows truly variable-length; with the default SDPA rows are capped at the longest sequence);
     ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``,
-    ``triton``); ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes).
+    ``triton``); ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes); ``prefix_cache``
+    keeps the KV caches of that many recent generations for prompts that extend them
+    (:mod:`fuseflow.teacher.prefix_cache`; 0 turns it off).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class HFEngine(Engine):
         attn_implementation: str | None = None,
         head_method: str = "auto",
         compile: bool = False,
+        prefix_cache: int = 4,
     ):
         if isinstance(model, LoadedModel):
             # Already in memory (the in-process pipeline, tests): keep its device and dtype.
@@ -149,6 +153,7 @@ class HFEngine(Engine):
             )
         self.model = loaded.model.eval()
         self.pack = bool(pack)
+        self.prefix_cache = PrefixCache(prefix_cache)
         self.attn_implementation = getattr(self.model.config, "_attn_implementation", None) or attn_implementation
         # One forward at a time: a forward already uses every core / the whole GPU, and callers (gRPC
         # threads, the Redis worker) may share one engine.
@@ -366,14 +371,14 @@ class HFEngine(Engine):
             generator.manual_seed(int(seed))
         kw = {"logits_to_keep": 1} if self._keeps_logits else {}
 
-        step_input = torch.from_numpy(prompt)[None].to(self.device)  # [1, P], then [1, 1]
-        cache = None
+        cache, fed = self.prefix_cache.take(prompt)  # a KV cache of prompt[:fed], or none
+        step_input = torch.from_numpy(prompt[fed:])[None].to(self.device)  # [1, P - fed], then [1, 1]
         tokens: list[int] = []
         logprobs: list[float] = []
         finish = "length"
         for _ in range(max_new_tokens):
             out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, **kw)
-            cache = out.past_key_values
+            cache, fed = out.past_key_values, fed + step_input.shape[1]
             logits = out.logits[0, -1].float()  # [V], the model's own head (soft-capping included)
             token = sample_next_token(logits, temperature, top_p, generator)
             tokens.append(token)
@@ -382,6 +387,8 @@ class HFEngine(Engine):
                 finish = "stop"
                 break
             step_input = torch.tensor([[token]], dtype=torch.int64, device=self.device)  # [1, 1]
+        # The cache holds every token fed so far: the prompt and the generated tokens but the last.
+        self.prefix_cache.put(np.concatenate([prompt, np.asarray(tokens, dtype=prompt.dtype)])[:fed], cache)
         return Generated(
             token_ids=np.asarray(tokens, dtype=np.int32),
             logprobs=np.asarray(logprobs, dtype=np.float32),
