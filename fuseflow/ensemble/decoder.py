@@ -369,8 +369,7 @@ class CoolFusionDecoder:
                 firsts.append(_first_true(enc.offsets[:, 1] > len(state.text), default=enc.ids.size))
                 seqs.append(seq)
                 which.append(u)
-            for u, k, s in zip(which, firsts, source.teacher.score_ids(seqs, top_k=1) if seqs else []):
-                rows = np.asarray(s.gold_logprobs, dtype=np.float64)[max(k - 1, 0) :]  # row t predicts token t+1
+            for u, rows in zip(which, _candidate_logprobs(source.teacher, seqs, firsts)):
                 sums[u], counts[u] = rows.sum(), rows.size
             return sums, counts, encs
 
@@ -443,6 +442,21 @@ class CoolFusionDecoder:
             return 0
         (enc,) = self.sources[0].encode([req.prompt.texts[0] + text], req.prompt.add_special_tokens)
         return int((enc.offsets[:, 1] > len(req.prompt.texts[0])).sum())
+
+
+def _candidate_logprobs(teacher, seqs: list[np.ndarray], firsts: list[int]) -> list[np.ndarray]:
+    """Per sequence, the logprobs (float64) of its tokens from ``max(first, 1)`` on: the candidate's tokens
+    (token 0 has no prediction). An in-process hf engine scores only those tails on its prefix KV cache
+    (``score_tails``); any other teacher scores the whole sequences (``score_ids``)."""
+    if not seqs:
+        return []
+    starts = [max(k, 1) for k in firsts]
+    if hasattr(teacher, "score_tails"):
+        return [np.asarray(r, dtype=np.float64) for r in teacher.score_tails(seqs, starts)]
+    return [  # row t predicts token t + 1
+        np.asarray(s.gold_logprobs, dtype=np.float64)[start - 1 :]
+        for s, start in zip(teacher.score_ids(seqs, top_k=1), starts)
+    ]
 
 
 def _eos_of(source: EnsembleSource) -> int:

@@ -26,7 +26,7 @@ from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_tran
 from fuseflow.models import LoadedModel, load
 from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity
 from fuseflow.teacher.batching import plan_batches
-from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
+from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, ScoreError, register_engine
 from fuseflow.teacher.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,43 @@ class HFEngine(Engine):
             topk_lp.cpu().numpy(),
             gold_lp.cpu().numpy(),
         )
+
+    def score_tails(self, seqs: Sequence[np.ndarray], starts: Sequence[int]) -> list[np.ndarray]:
+        """Log-probability of each token ``seqs[i][starts[i]:]`` given everything before it: ``[L_i - start_i]``
+        fp32 per sequence, temperature 1, the model's own logits (soft-capping included).
+
+        For callers that score continuations of a context they already ran, as Cool-Fusion's reranking does:
+        sequences are run one at a time on the :attr:`prefix_cache`, so a candidate costs its new tokens, not
+        its context. The values are those of :meth:`score_ids`' gold logprobs at the same positions.
+        """
+        seqs = [np.asarray(s, dtype=np.int64) for s in seqs]
+        if len(starts) != len(seqs):
+            raise ScoreError(f"score_tails: {len(seqs)} sequences but {len(starts)} starts")
+        for i, (seq, start) in enumerate(zip(seqs, starts)):
+            if not 1 <= start <= len(seq) or len(seq) > self.max_length:
+                raise ScoreError(
+                    f"score_tails: sequence {i} has {len(seq)} tokens (max_length {self.max_length}) and start "
+                    f"{start}; start must be in [1, {len(seq)}]", i,
+                )
+            if seq.min() < 0 or seq.max() >= self._vocab_size:
+                raise ScoreError(f"score_tails: sequence {i} has ids outside [0, {self._vocab_size})", i)
+        with self._lock, torch.inference_mode():
+            return [self._score_tail(seq, int(start)) for seq, start in zip(seqs, starts)]
+
+    def _score_tail(self, seq: np.ndarray, start: int) -> np.ndarray:
+        if start == len(seq):
+            return np.zeros(0, dtype=np.float32)
+        inputs = seq[:-1]  # position t predicts token t + 1
+        cache, fed = self.prefix_cache.take(inputs[:start])  # a KV cache of inputs[:fed], fed < start
+        kw = {"logits_to_keep": len(inputs) - (start - 1)} if self._keeps_logits else {}
+        out = self.model(
+            input_ids=torch.from_numpy(inputs[fed:])[None].to(self.device), past_key_values=cache, use_cache=True, **kw
+        )
+        logits = out.logits[0, -(len(inputs) - (start - 1)) :].float()  # [L - start, V] positions start-1 … L-2
+        gold = torch.from_numpy(seq[start:]).to(self.device)  # [L - start]
+        logprobs = logits.gather(1, gold[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # [L - start]
+        self.prefix_cache.put(inputs, out.past_key_values)
+        return logprobs.cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------------------------------------------------
     # Generation.

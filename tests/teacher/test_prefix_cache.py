@@ -79,3 +79,36 @@ def test_a_sliding_window_that_cannot_roll_back_falls_back_to_a_full_run(tiny_ge
     for (t1, lp1), (t2, lp2) in zip(plain, cached):
         assert t1 == t2
         np.testing.assert_allclose(lp2, lp1, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen"])
+def test_score_tails_equal_score_ids_and_reuse_the_context(models, arch):
+    """Cool-Fusion's rerank: candidates continuing one context, scored after a generation of that context.
+    The tail logprobs equal score_ids' gold logprobs; the context is not run again."""
+    lm = models[arch]
+    engine = HFEngine(lm, prefix_cache=4)
+    rng = np.random.default_rng(3)
+    context = np.asarray(lm.tokenizer("The class statement defines a new class")["input_ids"], dtype=np.int64)
+    engine.generate(context, max_new_tokens=4)
+    before = engine.prefix_cache.reused_tokens
+    seqs = [np.concatenate([context, rng.integers(5, 300, size=n)]) for n in (1, 3, 6)]
+    starts = [len(context) - 2, len(context), len(context) + 2]
+    tails = engine.score_tails(seqs, starts)
+    assert engine.prefix_cache.reused_tokens - before >= 3 * (len(context) - 3)
+    full = engine.score_ids(seqs, top_k=1)
+    for seq, start, tail, scored in zip(seqs, starts, tails, full):
+        assert tail.shape == (len(seq) - start,) and tail.dtype == np.float32
+        np.testing.assert_allclose(tail, scored.gold_logprobs[start - 1 :], atol=1e-4, rtol=0)
+    assert engine.score_tails([seqs[0]], [len(seqs[0])])[0].shape == (0,)
+
+
+def test_score_tails_errors(models):
+    from fuseflow.teacher.engine import ScoreError
+
+    engine = HFEngine(models["llama"])
+    with pytest.raises(ScoreError, match="start must be in"):
+        engine.score_tails([np.arange(5)], [0])
+    with pytest.raises(ScoreError, match="outside"):
+        engine.score_tails([np.array([1, 10**6])], [1])
+    with pytest.raises(ScoreError, match="2 sequences but 1 starts"):
+        engine.score_tails([np.arange(5), np.arange(4)], [1])
