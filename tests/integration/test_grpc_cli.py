@@ -125,7 +125,8 @@ def test_generate(run, engine):
     prompt = np.asarray(engine.tokenizer("Once upon")["input_ids"])
     ref = engine.generate(prompt, 5)
     assert code == 0 and [t["id"] for t in got["tokens"]] == ref.token_ids.tolist()
-    assert [t["logprob"] for t in got["tokens"]] == ref.logprobs.tolist()
+    # to fp32 rounding: a generation that reuses the engine's prefix KV cache rounds differently than a full run
+    np.testing.assert_allclose([t["logprob"] for t in got["tokens"]], ref.logprobs, atol=1e-5, rtol=0)
     assert got["text"] == engine.tokenizer.decode(ref.token_ids.tolist()) and got["finish_reason"] == "length"
     code, out, _ = run("generate", "Once upon", "--max-new-tokens", "3")
     assert code == 0 and "finish_reason: length" in out and len(out.strip().splitlines()) == 1 + 3 + 2

@@ -132,7 +132,8 @@ def test_tokenize_and_generate_match_the_engine(engine, serve):
     assert plain.token_ids.tolist() == enc["input_ids"][1:] and plain.tokens is None
     ref = engine.generate(tok.token_ids, 6)
     np.testing.assert_array_equal(greedy.token_ids, ref.token_ids)
-    np.testing.assert_array_equal(greedy.logprobs, ref.logprobs)
+    # to fp32 rounding: a generation that reuses the engine's prefix KV cache rounds differently than a full run
+    np.testing.assert_allclose(greedy.logprobs, ref.logprobs, atol=1e-5, rtol=0)
     ref_s = engine.generate(tok.token_ids, 6, temperature=0.8, top_p=0.9, seed=3)
     np.testing.assert_array_equal(sampled.token_ids, ref_s.token_ids)
     stop_at = greedy.token_ids.tolist().index(int(greedy.token_ids[1])) + 1
