@@ -101,6 +101,7 @@ class TeacherClient:
         else:
             self._channel = grpc.insecure_channel(address, options)
         self._stub = pb_grpc.TeacherServiceStub(self._channel)
+        self._tails_unimplemented = False  # the teacher answered ScoreTails with UNIMPLEMENTED: use Score
         self._info: TeacherInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -225,6 +226,28 @@ class TeacherClient:
             logprobs=decode_array(reply.logprobs, "logprobs").astype(np.float32, copy=False),  # [N]
             finish_reason=reply.finish_reason,
         )
+
+    def score_tails(self, seqs: Sequence[np.ndarray], starts: Sequence[int]) -> list[np.ndarray]:
+        """As the hf engine's ``score_tails``: the logprob of each token from ``starts[i]`` on, ``[L - start]``
+        float32 per sequence. A teacher whose engine lacks it (UNIMPLEMENTED, e.g. vllm) is asked for whole
+        sequences with ``score_ids`` instead, once and from then on."""
+        if not self._tails_unimplemented:
+            request = pb.ScoreTailsRequest(
+                sequences=[encode_array(np.asarray(a), "<i4") for a in seqs], starts=[int(s) for s in starts]
+            )
+            try:
+                reply = self._call("ScoreTails", self._stub.ScoreTails, request)
+            except TeacherError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._tails_unimplemented = True
+            else:
+                return [
+                    decode_array(a, f"logprobs[{i}]").astype(np.float32, copy=False)
+                    for i, a in enumerate(reply.logprobs)
+                ]
+        scored = self.score_ids(seqs, top_k=1, return_tokens=False)
+        return [np.asarray(s.gold_logprobs, dtype=np.float32)[int(start) - 1 :] for s, start in zip(scored, starts)]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """The teacher's token string of each id (e.g. to print top-k alternatives).

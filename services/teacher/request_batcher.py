@@ -100,9 +100,12 @@ class _ScoreJob:
 
 @dataclass(eq=False)
 class _GenerateJob:
+    """One call of an engine method that runs alone (generate, score_tails), in queue order."""
+
     kwargs: dict
     future: Future
     enqueued: float = field(default_factory=time.monotonic)
+    method: str = "generate"
 
     @property
     def finished(self) -> bool:
@@ -299,6 +302,13 @@ class RequestBatcher:
         self._enqueue(job)
         return job.future
 
+    def submit_call(self, method: str, **kwargs) -> Future:
+        """Queue one call of the engine's ``method`` that is not merged with others (``score_tails``); the
+        future holds its result or its error."""
+        job = _GenerateJob(kwargs, Future(), method=method)
+        self._enqueue(job)
+        return job.future
+
     def _check_request(self, top_k: int, temperature: float) -> None:
         # The engine's own checks, so a merged batch never fails on them (messages stay the engine's).
         self.engine._check_top_k(top_k)
@@ -482,11 +492,11 @@ class RequestBatcher:
             return
         t0 = time.perf_counter()
         try:
-            result = self.engine.generate(**job.kwargs)
+            result = getattr(self.engine, job.method)(**job.kwargs)
         except Exception as e:
             job.future.set_exception(e)
             return
-        if self.observer is not None:
+        if self.observer is not None and job.method == "generate":
             self.observer.observe_batch(1, 1, len(result.token_ids), time.perf_counter() - t0)
         job.future.set_result(result)
 

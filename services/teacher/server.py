@@ -44,9 +44,14 @@ class AuthError(Exception):
     """Missing or wrong bearer token."""
 
 
+class Unimplemented(Exception):
+    """The served engine has no such method (ScoreTails on an engine without a prefix cache)."""
+
+
 # The one place where errors become status codes; first match wins, anything else is INTERNAL.
 STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),  # too many texts or tokens in one request
     ((Cancelled, CancelledError), grpc.StatusCode.CANCELLED),
@@ -243,6 +248,22 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             logprobs=encode_array(result.logprobs, "<f4"),  # [N]
             finish_reason=result.finish_reason,
         )
+
+    @_rpc
+    def ScoreTails(self, request: pb.ScoreTailsRequest, context) -> pb.ScoreTailsResponse:
+        if not hasattr(self.batcher.engine, "score_tails"):
+            raise Unimplemented(f"the {self.batcher.engine.kind} engine has no ScoreTails; use Score")
+        self._check_count(len(request.sequences), "sequences")
+        seqs = [decode_array(a, f"sequences[{i}]") for i, a in enumerate(request.sequences)]  # each [L]
+        total = sum(len(s) for s in seqs)
+        if total > self.options.max_tokens:
+            raise RequestTooLarge(
+                f"request holds {total} tokens, more than the server's limit of {self.options.max_tokens} per "
+                "request; send fewer or shorter sequences"
+            )
+        future = self.batcher.submit_call("score_tails", seqs=seqs, starts=list(request.starts))
+        context.add_callback(future.cancel)
+        return pb.ScoreTailsResponse(logprobs=[encode_array(r, "<f4") for r in future.result()])
 
     def _check_count(self, n: int, what: str) -> None:
         if n > self.options.max_texts:

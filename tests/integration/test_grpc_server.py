@@ -20,6 +20,7 @@ from fuseflow.models import builtin_text
 from fuseflow.teacher.engine import create_engine
 from fuseflow.teacher.server import SERVICE_NAME, ServerOptions, build_server
 from fuseflow.wire.client import TeacherClient, TeacherRequestError, TeacherUnavailable
+from fuseflow.wire.codec import encode_array
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2_grpc as pb_grpc
 
@@ -310,7 +311,7 @@ def test_health_and_reflection(engine, serve):
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
     files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in described.file_descriptor_response.file_descriptor_proto]
     services = {s.name: [m.name for m in s.method] for f in files for s in f.service}
-    assert services["TeacherService"] == ["Info", "Tokenize", "Score", "Generate"]
+    assert services["TeacherService"] == ["Info", "Tokenize", "Score", "Generate", "ScoreTails"]
 
 
 class GatedEngine:
@@ -387,3 +388,46 @@ def test_a_cancelled_stream_stops_its_remaining_work(engine, serve, texts):
         assert time.monotonic() < deadline, "the request never left the queue"
         time.sleep(0.01)
     assert sum(counting.calls) < len(many) // 2
+
+
+class _NoTailsEngine:
+    """An engine without score_tails (as vllm's): everything else delegated to a real one."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name == "score_tails":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_score_tails_over_grpc_and_the_fallback_for_engines_without_it(engine, serve):
+    """ScoreTails returns the engine's tail logprobs; a server whose engine lacks it answers UNIMPLEMENTED
+    and the client falls back to whole-sequence Score, with the same numbers."""
+    rng = np.random.default_rng(5)
+    context = rng.integers(5, 400, size=30)
+    seqs = [np.concatenate([context, rng.integers(5, 400, size=n)]) for n in (2, 5)]
+    starts = [30, 28]
+    want = [s.gold_logprobs[start - 1 :] for s, start in zip(engine.score_ids(seqs, top_k=1), starts)]
+    _, address = serve(engine)
+    with TeacherClient(address) as client:
+        got = client.score_tails(seqs, starts)
+        assert not client._tails_unimplemented
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+    _, address = serve(_NoTailsEngine(engine))
+    with TeacherClient(address) as client:
+        with pytest.raises(grpc.RpcError) as raw:  # what the server answers
+            client._stub.ScoreTails(pb.ScoreTailsRequest(sequences=[encode_array(seqs[0], "<i4")], starts=[30]))
+        assert raw.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        got = client.score_tails(seqs, starts)
+        assert client._tails_unimplemented
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+    _, address = serve(engine)
+    with TeacherClient(address) as client, pytest.raises(TeacherRequestError, match="start must be in"):
+        client.score_tails([seqs[0]], [0])

@@ -169,3 +169,17 @@ class GenerateResponse(_message.Message):
     logprobs: Array
     finish_reason: str
     def __init__(self, token_ids: _Optional[_Union[Array, _Mapping]] = ..., logprobs: _Optional[_Union[Array, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class ScoreTailsRequest(_message.Message):
+    __slots__ = ("sequences", "starts")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[Array]
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., starts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ScoreTailsResponse(_message.Message):
+    __slots__ = ("logprobs",)
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _containers.RepeatedCompositeFieldContainer[Array]
+    def __init__(self, logprobs: _Optional[_Iterable[_Union[Array, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class TeacherServiceStub:
                 request_serializer=fuseflow_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fuseflow_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ScoreTails = channel.unary_unary(
+                '/fuseflow.v1.TeacherService/ScoreTails',
+                request_serializer=fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsRequest.SerializeToString,
+                response_deserializer=fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -90,6 +95,15 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreTails(self, request, context):
+        """Logprob of each token from `starts[i]` on, given everything before it (Cool-Fusion's reranking of
+        candidates that continue one context). Engines with a prefix KV cache run only the new tokens; engines
+        without the method answer UNIMPLEMENTED and clients fall back to Score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=fuseflow_dot_v1_dot_teacher__pb2.GenerateRequest.FromString,
                     response_serializer=fuseflow_dot_v1_dot_teacher__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ScoreTails': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreTails,
+                    request_deserializer=fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsRequest.FromString,
+                    response_serializer=fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class TeacherService:
             '/fuseflow.v1.TeacherService/Generate',
             fuseflow_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
             fuseflow_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreTails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuseflow.v1.TeacherService/ScoreTails',
+            fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsRequest.SerializeToString,
+            fuseflow_dot_v1_dot_teacher__pb2.ScoreTailsResponse.FromString,
             options,
             channel_credentials,
             insecure,
