@@ -89,3 +89,22 @@ def restartable_redis_server(tmp_path_factory):
     _redis_binary_or_skip()
     with RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=True, appendfsync="always") as server:
         yield server
+
+
+class _Without:
+    """``obj`` with attribute ``name`` hidden (``hasattr`` is False), everything else delegated."""
+
+    def __init__(self, obj, name: str):
+        self._obj, self._hidden = obj, name
+
+    def __getattr__(self, name):
+        if name == self._hidden:
+            raise AttributeError(name)
+        return getattr(self._obj, name)
+
+
+@pytest.fixture(scope="session")
+def without_attribute():
+    """``without_attribute(obj, name)``: ``obj`` as a caller sees one that lacks ``name`` (an engine without
+    ``score_tails``, as vllm's)."""
+    return _Without

@@ -118,26 +118,19 @@ def test_greedy_is_deterministic(llama_source, gemma_source):
     assert all(s.winner in s.proposers for s in first.segments)
 
 
-class _ScoreIdsOnly:
-    """A teacher seen the way a remote one is: whole-sequence score_ids, no score_tails, no prefix cache."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        if name == "score_tails":
-            raise AttributeError(name)
-        return getattr(self._engine, name)
-
-
-def test_tail_scoring_on_the_prefix_cache_decodes_like_whole_sequence_scoring(llama_source, gemma_source):
+def test_tail_scoring_on_the_prefix_cache_decodes_like_whole_sequence_scoring(
+    llama_source, gemma_source, without_attribute
+):
     """The in-process reranking path (score_tails on cached contexts) and the served-teacher path
     (score_ids of whole sequences) pick the same candidates."""
     import dataclasses
 
     params = DecodeParams(max_tokens=20)
     cached = _decode([llama_source, gemma_source], params, TINY_PROMPT, rerank="mean_bits_per_byte")
-    plain_sources = [dataclasses.replace(s, teacher=_ScoreIdsOnly(s.teacher)) for s in (llama_source, gemma_source)]
+    plain_sources = [  # each teacher as a served vllm one looks: whole-sequence score_ids only
+        dataclasses.replace(s, teacher=without_attribute(s.teacher, "score_tails"))
+        for s in (llama_source, gemma_source)
+    ]
     plain = _decode(plain_sources, params, TINY_PROMPT, rerank="mean_bits_per_byte")
     assert cached.text == plain.text and len(cached.segments) > 1
     for a, b in zip(cached.segments, plain.segments):

@@ -390,19 +390,7 @@ def test_a_cancelled_stream_stops_its_remaining_work(engine, serve, texts):
     assert sum(counting.calls) < len(many) // 2
 
 
-class _NoTailsEngine:
-    """An engine without score_tails (as vllm's): everything else delegated to a real one."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        if name == "score_tails":
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
-def test_score_tails_over_grpc_and_the_fallback_for_engines_without_it(engine, serve):
+def test_score_tails_over_grpc_and_the_fallback_for_engines_without_it(engine, serve, without_attribute):
     """ScoreTails returns the engine's tail logprobs; a server whose engine lacks it answers UNIMPLEMENTED
     and the client falls back to whole-sequence Score, with the same numbers."""
     rng = np.random.default_rng(5)
@@ -418,7 +406,7 @@ def test_score_tails_over_grpc_and_the_fallback_for_engines_without_it(engine, s
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
-    _, address = serve(_NoTailsEngine(engine))
+    _, address = serve(without_attribute(engine, "score_tails"))  # as a vllm engine
     with TeacherClient(address) as client:
         with pytest.raises(grpc.RpcError) as raw:  # what the server answers
             client._stub.ScoreTails(pb.ScoreTailsRequest(sequences=[encode_array(seqs[0], "<i4")], starts=[30]))
