@@ -108,3 +108,33 @@ def without_attribute():
     """``without_attribute(obj, name)``: ``obj`` as a caller sees one that lacks ``name`` (an engine without
     ``score_tails``, as vllm's)."""
     return _Without
+
+
+@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.integration)])
+def make_transport(request):
+    """``make_transport(teachers=None, window=64, run=None)``: a fresh transport of the parametrised kind, the
+    in-process one or Redis streams on the session's server; ``teachers`` defaults to the test module's
+    ``TEACHERS``. Every transport made is reset and closed at teardown."""
+    import uuid
+
+    from fuseflow.wire.inprocess import InProcessTransport
+
+    made = []
+
+    def make(teachers=None, window=64, run=None):
+        teachers = request.module.TEACHERS if teachers is None else teachers
+        if request.param == "inprocess":
+            tr = InProcessTransport(run or "test", teachers, window=window)
+        else:
+            from fuseflow.wire.redis_streams import RedisTransport
+
+            server = request.getfixturevalue("redis_server")
+            tr = RedisTransport(server.url, run or f"t-{uuid.uuid4().hex[:8]}", teachers, window=window, poll_s=0.01)
+        made.append(tr)
+        return tr
+
+    yield make
+    for tr in made:
+        if hasattr(tr, "reset"):
+            tr.reset()
+        tr.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -16,28 +15,6 @@ from fuseflow.wire.inprocess import InProcessTransport
 
 TEACHERS = ["t"]
 DIST = AlignedDist(np.zeros((2, 2), np.int32), np.zeros((2, 2), np.float32), np.zeros(2, np.float32), np.ones(2, bool))
-
-
-@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.integration)])
-def make_transport(request):
-    made = []
-
-    def make(window=64, run=None):
-        if request.param == "inprocess":
-            tr = InProcessTransport("d", TEACHERS, window=window)
-        else:
-            from fuseflow.wire.redis_streams import RedisTransport
-
-            server = request.getfixturevalue("redis_server")
-            tr = RedisTransport(server.url, run or f"d-{uuid.uuid4().hex[:8]}", TEACHERS, window=window, poll_s=0.01)
-        made.append(tr)
-        return tr
-
-    yield make
-    for tr in made:
-        if hasattr(tr, "reset"):
-            tr.reset()
-        tr.close()
 
 
 def samples(n, prefix="s"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import zlib
 
 import numpy as np
@@ -56,28 +55,6 @@ class FakeAligner:
             raise ValueError("one bad text fails the whole batch")
         return [AlignedResult(s, None, "empty text") if not s.text.strip() else AlignedResult(s, expected_dist(self.name, s))
                 for s in samples]
-
-
-@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.integration)])
-def make_transport(request):
-    made = []
-
-    def make(teachers=TEACHERS, window=64):
-        if request.param == "inprocess":
-            tr = InProcessTransport("w", teachers, window=window)
-        else:
-            from fuseflow.wire.redis_streams import RedisTransport
-
-            server = request.getfixturevalue("redis_server")
-            tr = RedisTransport(server.url, f"w-{uuid.uuid4().hex[:8]}", teachers, window=window, poll_s=0.01)
-        made.append(tr)
-        return tr
-
-    yield make
-    for tr in made:
-        if hasattr(tr, "reset"):
-            tr.reset()
-        tr.close()
 
 
 def texts(n, prefix="s"):

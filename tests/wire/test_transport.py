@@ -4,39 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import zlib
 
 import numpy as np
 import pytest
 
 from fuseflow.sparse import Sample
-from fuseflow.wire.inprocess import InProcessTransport
 
 TEACHERS = ["llama", "gemma"]
-
-
-@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.integration)])
-def make_transport(request):
-    """``make_transport(teachers=TEACHERS, window=64, run=None)``: a fresh transport of the parametrised kind."""
-    made = []
-
-    def make(teachers=TEACHERS, window=64, run=None):
-        if request.param == "inprocess":
-            tr = InProcessTransport(run or "test", teachers, window=window)
-        else:
-            from fuseflow.wire.redis_streams import RedisTransport
-
-            server = request.getfixturevalue("redis_server")
-            tr = RedisTransport(server.url, run or f"t-{uuid.uuid4().hex[:8]}", teachers, window=window, poll_s=0.01)
-        made.append(tr)
-        return tr
-
-    yield make
-    for tr in made:
-        if hasattr(tr, "reset"):
-            tr.reset()
-        tr.close()
 
 
 def samples(n: int, prefix: str = "s") -> list[Sample]:
