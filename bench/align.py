@@ -22,6 +22,7 @@ import numpy as np
 
 from fuseflow.align.project import project_to_target
 from fuseflow.align.sequence import align_mined_dp, align_offsets
+from fuseflow.align.levenshtein import levenshtein_python
 from fuseflow.align.tokens import as_numpy_strings, vocab_info
 from fuseflow.align.vocab import build_vocab_map, mined_map
 from fuseflow.models import builtin_text, encode, load_tokenizer, make_tiny_tokenizer
@@ -34,16 +35,6 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def _lev_python(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def _fusellm_dtw_python(src: list[str], tgt: list[str]) -> None:
     """The reference's cost profile: one edit-distance call per DP cell, full matrix, pure Python."""
     n, m = len(src), len(tgt)
@@ -52,7 +43,7 @@ def _fusellm_dtw_python(src: list[str], tgt: list[str]) -> None:
     for i in range(n):
         a = src[i].replace(" ", "")
         for j in range(m):
-            d[i + 1][j + 1] = _lev_python(a, tgt[j].replace(" ", "")) + min(d[i][j + 1], d[i + 1][j], d[i][j])
+            d[i + 1][j + 1] = levenshtein_python(a, tgt[j].replace(" ", "")) + min(d[i][j + 1], d[i + 1][j], d[i][j])
 
 
 def main(argv: list[str] | None = None) -> int:

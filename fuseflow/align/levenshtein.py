@@ -17,6 +17,18 @@ from fuseflow.align.tokens import code_points
 _BATCH_PAIRS = 1 << 17
 
 
+def levenshtein_python(a: str, b: str) -> int:
+    """The textbook dynamic program on one pair, row by row in plain Python: the slow reference the tests check
+    the array versions against, and the per-pair cost FuseLLM's own alignment pays (``bench/align.py``)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def levenshtein_padded(a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray) -> np.ndarray:
     """Edit distance of each row pair: ``a [P, Wa]`` / ``b [P, Wb]`` code points with lengths ``la``/``lb [P]``.
 

@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 
 from fuseflow.align import vocab as vocab_mod
+from fuseflow.align.levenshtein import levenshtein_python
 from fuseflow.align.tokens import as_numpy_strings, vocab_info
 from fuseflow.align.vocab import VOCAB_MAPS, build_vocab_map, exact_map, mined_map, role_map, stats_map
-
-
-def _lev(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def _vocab(rng: random.Random, n: int, alphabet: str = "abcde ") -> list[str]:
@@ -34,7 +25,7 @@ def _brute_mined(src: list[str], tgt: list[str], tgt_skip: set[int]) -> list[tup
     """FuseLLM's find_best_mapping, as a plain loop: (target id, distance) per source token."""
     out = []
     for s in src:
-        best = min((_lev(s, t), j) for j, t in enumerate(tgt) if j not in tgt_skip)
+        best = min((levenshtein_python(s, t), j) for j, t in enumerate(tgt) if j not in tgt_skip)
         out.append((best[1], best[0]))
     return out
 
@@ -69,7 +60,7 @@ def test_mined_pruned_is_consistent_and_certified_at_distance_one():
     got, dist = mined_map(as_numpy_strings(src), as_numpy_strings(tgt), window=2, return_distance=True)
     ref = _brute_mined(src, tgt, set())
     for i, s in enumerate(src):
-        assert dist[i] == _lev(s, tgt[got[i]])  # the reported distance is the real one
+        assert dist[i] == levenshtein_python(s, tgt[got[i]])  # the reported distance is the real one
         assert dist[i] >= ref[i][1]  # pruning can only lose the minimum, never beat it
         if dist[i] <= 1:
             assert dist[i] == ref[i][1]
