@@ -5,17 +5,16 @@ metrics and the gradients w.r.t. the hidden state, the lm_head weight and bias; 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fuseflow.fuse.loss import LOSS_IMPLS, clm_loss, fusion_loss
+from loss_reference import dense_reference
 
 B, T, H, V, K = 2, 9, 6, 23, 5
 
@@ -44,34 +43,13 @@ def make_inputs(seed: int, dtype=torch.float64, bias: bool = True):
     return trunk, weight, lm_bias, labels, ids, lps.to(dtype), mask
 
 
-def dense_reference(hidden, weight, bias, labels, ids, lps, mask, lam, temperature, softcap, scale_by_t2=True):
-    """Full ``[B, T, V]`` logits; the teacher scattered into a dense ``[B, T, V]`` p in Python loops."""
-    logits = F.linear(hidden, weight, bias).double()  # [B, T, V]
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logq = F.log_softmax(logits, -1)
-    logq_t = F.log_softmax(logits / temperature, -1)
-    p = torch.zeros(B, T, V, dtype=torch.float64)
-    for b, t in itertools.product(range(B), range(T)):
-        finite = [(int(i), float(lp) / temperature) for i, lp in zip(ids[b, t], lps[b, t]) if lp > -math.inf]
-        z = sum(math.exp(s) for _, s in finite)
-        for i, s in finite:
-            p[b, t, i] += math.exp(s) / z
-    log_p = torch.where(p > 0, p.log(), torch.zeros(()))
-    kl_pos = (p * (log_p - logq_t)).sum(-1) * (temperature**2 if scale_by_t2 else 1.0)  # [B, T]
-    ce_pos = -logq.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    m = mask.double()
-    clm = (ce_pos * m).sum() / m.sum()
-    kl = (kl_pos * m).sum() / m.sum()
-    return lam * clm + (1 - lam) * kl, clm, kl
-
-
 def loss_and_grads(impl, inputs, *, lam, temperature, softcap, chunk_tokens, scale_by_t2=True):
     trunk, weight, lm_bias, labels, ids, lps, mask = inputs
     hidden = trunk[:, :-1]  # [B, T, H]: the trainer's slice, not contiguous
     if impl == "dense":
         loss, clm, kl = dense_reference(
-            hidden, weight, lm_bias, labels, ids, lps, mask, lam, temperature, softcap, scale_by_t2
+            hidden, weight, lm_bias, labels, ids, lps, mask, lam, temperature, softcap, scale_by_t2,
+            dtype=torch.float64,
         )
         n = mask.sum()
     else:

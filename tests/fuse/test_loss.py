@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 import fuseflow.fuse.loss as loss_module
 from fuseflow.fuse.loss import LOSS_IMPLS, LossParts, clm_loss, fusion_loss, per_teacher_ce, sparse_kl
+from loss_reference import dense_reference
 
 B, T, H, V, K = 2, 9, 16, 40, 5
 
@@ -38,28 +39,6 @@ def make_inputs(seed: int, dtype=torch.float32, bias: bool = False, fallback_sha
     ids[..., 0] = torch.where(fallback, labels.clamp(min=0), ids[..., 0])
     lps[fallback] = torch.tensor([0.0] + [-math.inf] * (K - 1))
     return hidden, weight, lm_bias, labels, ids, lps, mask
-
-
-def dense_reference(hidden, weight, bias, labels, ids, lps, mask, lam, temperature, softcap, scale_by_t2=True):
-    """Unchunked: full [B, T, V] logits; the teacher scattered into a dense [B, T, V] tensor in loops."""
-    logits = F.linear(hidden, weight, bias).float()  # [B, T, V]
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logq = logits.log_softmax(-1)
-    logq_t = (logits / temperature).log_softmax(-1)
-    p = torch.zeros(B, T, V, dtype=torch.float32)
-    for b, t in itertools.product(range(B), range(T)):
-        finite = [(int(i), float(lp) / temperature) for i, lp in zip(ids[b, t], lps[b, t]) if lp > -math.inf]
-        z = sum(math.exp(s) for _, s in finite)
-        for i, s in finite:
-            p[b, t, i] += math.exp(s) / z
-    log_p = torch.where(p > 0, p.log(), torch.zeros(()))
-    kl_pos = (p * (log_p - logq_t)).sum(-1) * (temperature**2 if scale_by_t2 else 1.0)  # [B, T]
-    ce_pos = -logq.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    m = mask.float()
-    clm = (ce_pos * m).sum() / m.sum()
-    kl = (kl_pos * m).sum() / m.sum()
-    return lam * clm + (1 - lam) * kl, clm, kl
 
 
 def grads(loss, tensors):
