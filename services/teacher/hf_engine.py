@@ -49,27 +49,6 @@ _AUTO_HEAD_CHUNK_BYTES = 256 << 20
 # ----------------------------------------------------------------------------------------------------------
 
 
-def chunked_topk_logprobs(
-    hidden: torch.Tensor,
-    gold_ids: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    top_k: int,
-    temperature: float = 1.0,
-    chunk_tokens: int = 1024,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k next-token logprobs and the gold token's logprob, ``chunk_tokens`` rows of logits at a time.
-
-    ``hidden`` [N, H] final hidden states, ``gold_ids`` [N] the actual next tokens, ``head`` the lm_head
-    (logits in its own dtype). The model's soft-cap (Gemma-2/3: ``cap·tanh(z / cap)``) and the temperature
-    are applied in fp32 and normalised with an fp32 logsumexp: ``logprob = z - logsumexp(z)``; top-k runs on
-    the raw logits (the transform is monotone). The math is :func:`fuseflow.kernels.head.topk_logprobs_with_head`.
-    Returns ids [N, k] int64, logprobs [N, k] float32 (descending), gold logprobs [N] float32.
-    """
-    transform = LogitTransform(softcap=softcap or None, temperature=temperature)
-    return topk_logprobs_with_head(hidden, head, gold_ids, top_k, transform=transform, chunk_tokens=chunk_tokens)
-
-
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """One token from ``logits`` [V] (fp32): argmax at temperature 0, else nucleus sampling
     (Holtzman et al. 2020: the smallest set of tokens whose probability reaches ``top_p``)."""

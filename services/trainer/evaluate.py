@@ -50,13 +50,6 @@ def bits_per_byte(nll: float, num_bytes: int) -> float:
     return nll / math.log(2) / num_bytes if num_bytes else float("nan")
 
 
-def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk: int) -> torch.Tensor:
-    """``-log softmax(logits_fn(hidden))[target]`` for ``hidden [N, H]``, ``targets [N]`` → ``[N]`` fp32,
-    computing logits ``chunk`` positions at a time so ``[N, V]`` fp32 never exists; the fp32 logsumexp is
-    :func:`fuseflow.kernels.head.token_nll_with_head` (``logits_fn`` already applies the model's transform)."""
-    return token_nll_with_head(hidden, logits_fn, targets, chunk_tokens=chunk)
-
-
 def logits_function(model):
     """hidden ``[..., H]`` → logits ``[..., V]`` exactly as ``model.forward`` computes them from the final
     hidden state, including the output post-processing that some architectures apply (Gemma-2 soft-capping,
@@ -168,9 +161,10 @@ def evaluate_lm(
                         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                     ).last_hidden_state  # [B, T, H]
                     predicts = attention_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
-                    token_nll = chunked_token_nll(
-                        hidden[:, :-1][predicts], input_ids[:, 1:][predicts], logits_fn, chunk
-                    )  # [N]
+                    # logits_fn applies the model's logit transform; chunk positions of logits at a time
+                    token_nll = token_nll_with_head(
+                        hidden[:, :-1][predicts], logits_fn, input_ids[:, 1:][predicts], chunk_tokens=chunk
+                    )  # [N] fp32
                     nll += float(token_nll.double().sum())
                     tokens += token_nll.shape[0]
                     num_windows += len(batch)

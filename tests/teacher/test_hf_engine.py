@@ -11,7 +11,8 @@ import torch
 
 from fuseflow.models import builtin_text, load
 from fuseflow.teacher.engine import ScoreError, create_engine
-from fuseflow.teacher.hf_engine import HFEngine, chunked_topk_logprobs
+from fuseflow.kernels.head import LogitTransform, topk_logprobs_with_head
+from fuseflow.teacher.hf_engine import HFEngine
 
 ATOL = 2e-5
 
@@ -162,14 +163,17 @@ def test_gemma_final_logit_softcapping(tiny_gemma, tmp_path, texts):
     assert np.abs(uncapped - out[0].gold_logprobs).max() > 1e-2
 
 
-def test_chunked_topk_logprobs_on_random_tensors():
+def test_the_engines_head_epilogue_on_random_tensors():
+    """The engine's head path (fuseflow.kernels.head with the model's head module) against a dense reference."""
     torch.manual_seed(0)
     hidden = torch.randn(37, 16)  # [N, H]
     head = torch.nn.Linear(16, 300, bias=True)
     gold = torch.randint(0, 300, (37,))  # [N]
     full = torch.log_softmax(head(hidden).float() / 0.7, dim=-1)  # [N, V]
     for chunk in (1, 4, 37, 50):
-        ids, lp, gl = chunked_topk_logprobs(hidden, gold, head, 8, temperature=0.7, chunk_tokens=chunk)
+        ids, lp, gl = topk_logprobs_with_head(
+            hidden, head, gold, 8, transform=LogitTransform(temperature=0.7), chunk_tokens=chunk
+        )
         values, ref_ids = torch.topk(full, 8, dim=-1)
         torch.testing.assert_close(lp, values)
         torch.testing.assert_close(ids, ref_ids)
