@@ -86,3 +86,24 @@ def packed_positions(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths  # [n]
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)  # [ΣL]
+
+
+def row_layout(
+    lengths: Sequence[int] | np.ndarray, per_row: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of sequences laid end to end, right-padded to the longest row.
+
+    ``lengths [n]`` are the sequences' lengths in row-major placement order and ``per_row [B]`` how many of
+    them each (non-empty) row holds. Returns ``(real [B, W] bool, position_ids [B, W])`` with ``W`` the
+    longest row: positions restart at 0 at every sequence, and each row's padding tail restarts too, so it
+    is a segment of its own that no real position attends to.
+    """
+    lengths = as_lengths(lengths)  # [n]
+    per_row = np.asarray(per_row, dtype=np.int64)  # [B]
+    row_len = np.add.reduceat(lengths, np.cumsum(per_row) - per_row)  # [B]
+    width = int(row_len.max())
+    real = np.arange(width)[None, :] < row_len[:, None]  # [B, W]
+    positions = packed_positions(np.stack([row_len, width - row_len], 1).reshape(-1)).reshape(-1, width)  # [B, W]
+    positions[real] = packed_positions(lengths)
+    return real, positions
+

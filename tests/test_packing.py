@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity
+from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity, row_layout
 
 
 def ffd_reference(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -67,3 +66,12 @@ def test_row_capacity_depends_on_the_kernel():
     assert row_capacity([5, 120, 40], "flash_attention_2", 4096) == 4096
     assert row_capacity([5, 9000], "flex_attention", 4096) == 9000  # a sequence over budget still fits
     assert is_varlen("flash_attention_2") and not is_varlen("sdpa") and not is_varlen(None)
+
+
+def test_row_layout_marks_real_positions_and_restarts():
+    real, positions = row_layout([3, 2, 4, 1], [2, 2])  # rows: [3, 2] and [4, 1]
+    assert real.tolist() == [[True] * 5, [True] * 5]
+    assert positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    real, positions = row_layout([4, 2], [1, 1])  # the second row is padded: its tail restarts as well
+    assert real.tolist() == [[True] * 4, [True, True, False, False]]
+    assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]

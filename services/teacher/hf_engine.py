@@ -24,7 +24,7 @@ import torch
 
 from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_transform, topk_logprobs_with_head
 from fuseflow.models import LoadedModel, load
-from fuseflow.packing import is_varlen, pack_rows, packed_positions, row_capacity
+from fuseflow.packing import is_varlen, pack_rows, row_capacity, row_layout
 from fuseflow.teacher.batching import plan_batches
 from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, ScoreError, register_engine
 from fuseflow.teacher.prefix_cache import PrefixCache
@@ -291,21 +291,14 @@ class HFEngine(Engine):
         pieces = [seq for row in rows for seq in row]
         lens = np.array([len(seq) - 1 for seq in pieces], dtype=np.int64)  # [n] predicting positions each
         per_row = np.array([len(row) for row in rows])  # [B]
-        row_len = np.add.reduceat(lens, np.cumsum(per_row) - per_row)  # [B]
-        b, t = len(rows), int(row_len.max())
-        real = np.arange(t)[None, :] < row_len[:, None]  # [B, T] right-padded rows
-        inputs = np.full((b, t), self._pad_id, dtype=np.int64)  # [B, T] each sequence minus its last token
-        targets = np.zeros((b, t), dtype=np.int64)  # [B, T] the token each position predicts
+        real, positions = row_layout(lens, per_row)  # [B, T] right-padded rows, restarted positions
+        inputs = np.full(real.shape, self._pad_id, dtype=np.int64)  # [B, T] each sequence minus its last token
+        targets = np.zeros(real.shape, dtype=np.int64)  # [B, T] the token each position predicts
         inputs[real] = np.concatenate([seq[:-1] for seq in pieces])
         targets[real] = np.concatenate([seq[1:] for seq in pieces])
-        position_ids = None
-        if per_row.max() > 1:
-            # Restarted positions mark the sequence boundaries; the padding tail of a row restarts too, so
-            # it is a segment of its own that no real position attends to.
-            tails = t - row_len  # [B]
-            positions = packed_positions(np.stack([row_len, tails], 1).reshape(-1)).reshape(b, t)  # [B, T]
-            positions[real] = packed_positions(lens)
-            position_ids = torch.from_numpy(positions).to(self.device)
+        # Position ids only where a row holds several sequences: otherwise the default ones are the same and
+        # their absence keeps the kernels' causal fast path.
+        position_ids = torch.from_numpy(positions).to(self.device) if per_row.max() > 1 else None
         inputs_t = torch.from_numpy(inputs).to(self.device)
         real_t = torch.from_numpy(real).to(self.device)
         # No attention mask: with right padding and causal attention a real position only ever attends to

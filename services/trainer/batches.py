@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fuseflow.models import Encoded, encode
-from fuseflow.packing import pack_rows, packed_positions, row_capacity
+from fuseflow.packing import pack_rows, row_capacity, row_layout
 from fuseflow.sparse import AlignedDist, Sample
 
 IGNORE = -100
@@ -96,13 +96,14 @@ def collate(
     else:
         rows = [[i] for i in range(len(samples))]
     b = len(rows)
+    placed = np.array([i for row in rows for i in row], dtype=np.int64)  # [S] samples in row-major order
     row_of = np.empty(len(samples), dtype=np.int64)  # [S]
     offset = np.empty(len(samples), dtype=np.int64)  # [S] where each sample starts in its row
     for r, row in enumerate(rows):  # loops over samples, never tokens
         row_of[row] = r
         offset[row] = np.cumsum(lengths[row]) - lengths[row]
-    row_len = np.bincount(row_of, weights=lengths, minlength=b).astype(np.int64)  # [B]
-    L = int(row_len.max())
+    real, positions = row_layout(lengths[placed], [len(row) for row in rows])  # [B, L] each
+    L = real.shape[1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = np.full((b, L), pad, dtype=np.int64)  # [B, L]
     labels = np.full((b, L - 1), IGNORE, dtype=np.int64)  # [B, L-1]
@@ -112,16 +113,10 @@ def collate(
         input_ids[r, o : o + n] = e.ids
         labels[r, o : o + n - 1] = e.ids[1:]
         mask[r, o : o + n - 1] = loss_positions(e, s.loss_spans)
-    real = np.arange(L)[None, :] < row_len[:, None]  # [B, L]
     packed = any(len(row) > 1 for row in rows)
     position_ids = segment_ids = None
     if packed:
-        # Restarts mark the samples; each row's padding tail restarts too (a segment nothing attends to).
-        seg = np.stack([row_len, L - row_len], 1).reshape(-1)  # [2B] content, tail per row
-        positions = packed_positions(seg).reshape(b, L)  # [B, L]
-        placed = np.array([i for row in rows for i in row], dtype=np.int64)  # [S] samples in row-major order
-        positions[real] = packed_positions(lengths[placed])
-        position_ids = torch.from_numpy(positions)
+        position_ids = torch.from_numpy(positions)  # restarts mark the samples (and each row's padding tail)
         # Sample index per predicting position, for per-sample fusion (MinCE/AvgCE); padding gets its own.
         segments = np.full((b, L), len(samples), dtype=np.int64)  # [B, L]
         segments[real] = np.repeat(placed, lengths[placed])
