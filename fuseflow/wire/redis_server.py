@@ -92,7 +92,9 @@ class RedisServer:
         self.start_timeout_s = start_timeout_s
         self._binary = Path(binary) if binary is not None else None
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        # Absolute: the server runs with data_dir as its working directory, where a relative config path or
+        # ``dir`` would be resolved a second time (issue 15: `stack up` with run_dir: runs/quickstart).
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
         self._proc: subprocess.Popen | None = None
         self._log_file = None
         atexit.register(self._atexit)

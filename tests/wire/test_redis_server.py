@@ -61,3 +61,16 @@ def test_password_lifecycle_and_cleanup():
 def test_server_that_cannot_start_shows_its_log(tmp_path):
     with pytest.raises(RedisServerError, match="exited with code"):
         RedisServer(data_dir=tmp_path, options={"no-such-option": "1"}).start()
+
+
+@pytest.mark.integration
+def test_relative_data_dir_is_taken_from_the_callers_directory(tmp_path, monkeypatch):
+    """`fuseflow stack up` passes run_dir/redis as written in the config (relative); the server's own working
+    directory is data_dir, so a relative path used there would name a folder inside itself (issue 15)."""
+    monkeypatch.chdir(tmp_path)
+    with RedisServer(data_dir="runs/q/redis", appendonly=True) as server:
+        assert server.client().ping()
+        server.client().set("k", "v")
+        assert server.data_dir == tmp_path / "runs/q/redis"
+    assert (tmp_path / "runs/q/redis/server.conf").exists()
+    assert not (tmp_path / "runs/q/redis/runs").exists()
