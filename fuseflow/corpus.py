@@ -1,7 +1,8 @@
 """Corpora: stream documents from what the user brings, split them by document into train / held-out, and
 cut them into :class:`~fuseflow.sparse.Sample` pieces that fit the target model's context.
 
-Sources (``CorpusConfig.source``): ``builtin`` (the interpreter's help topics, one document per topic), or a
+Sources (``CorpusConfig.source``): ``builtin`` (the interpreter's help topics, one document per topic),
+``manpages:LANG`` (Debian's translated manual pages, e.g. ``manpages:de``, as prose: :mod:`fuseflow.manpages`), or a
 path to a JSONL file (``text`` or ``messages`` per line; ``.jsonl.gz`` too), a Parquet file, a ``.txt`` /
 ``.md`` file, a folder of any one of those kinds, or an HF ``datasets`` directory written by
 ``save_to_disk``. Everything is streamed: JSONL line by line, Parquet batch by batch, ``datasets``
@@ -10,6 +11,11 @@ memory-mapped batch by batch, text folders one file at a time.
 A document's ``index`` is its ordinal in the source (JSONL: non-blank line; Parquet / ``datasets``: row;
 folder: file in sorted path order). Sample ids (``f"{index}:{piece}"``) and the held-out split derive from
 it alone, so they are the same on every run over the same files: resume and deduplication rely on that.
+
+Several corpora mix with weights (``corpus.sources: [{name, source, weight, …}]``, issue 11): each is split
+into train / held-out on its own (so every corpus has held-out documents to report on), training documents
+are interleaved in proportion to the weights, and a document carries its corpus ``name``; its sample ids are
+``f"{name}/{index}:{piece}"``, still a function of the document's ordinal in its own source alone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -42,12 +48,38 @@ class CorpusError(ValueError):
     """A corpus that cannot be read as configured; the message names the file, line or config field."""
 
 
-class CorpusConfig(BaseModel):
-    """The ``corpus:`` section of a run config."""
+class CorpusSourceConfig(BaseModel):
+    """One corpus of a mix (``corpus.sources[i]``). Held-out settings left unset take the ``corpus:`` section's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field("builtin", description="'builtin' or a path to a file or folder")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="reported per corpus; prefixes sample ids")
+    source: str = Field(description="'builtin', 'manpages:LANG', or a path to a file or folder")
+    weight: float = Field(1.0, gt=0, description="share of the training documents, relative to the others")
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    hf_split: str = "train"
+    max_documents: PositiveInt | None = None
+    held_out_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    held_out_documents: NonNegativeInt | None = None
+
+    @model_validator(mode="after")
+    def _one_held_out_rule(self) -> "CorpusSourceConfig":
+        if self.held_out_documents is not None and self.held_out_fraction:
+            raise ValueError("set held_out_fraction or held_out_documents, not both")
+        return self
+
+
+class CorpusConfig(BaseModel):
+    """The ``corpus:`` section of a run config: one ``source``, or a weighted mix of ``sources``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field("builtin", description="'builtin', 'manpages:LANG', or a path to a file or folder")
+    sources: list[CorpusSourceConfig] | None = Field(
+        None, min_length=1, description="several corpora mixed by weight, each split and reported on its own"
+    )
     format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
     text_field: str = "text"
     messages_field: str = "messages"
@@ -61,7 +93,35 @@ class CorpusConfig(BaseModel):
     def _one_held_out_rule(self) -> "CorpusConfig":
         if self.held_out_documents is not None and self.held_out_fraction > 0:
             raise ValueError("set corpus.held_out_fraction or corpus.held_out_documents, not both")
+        if self.sources is not None:
+            clash = sorted({"source", "format", "text_field", "messages_field", "hf_split"} & self.model_fields_set)
+            if clash:
+                raise ValueError(f"corpus.sources is set: give {', '.join(clash)} per source (corpus.sources[i]), not here")
+            names = [s.name for s in self.sources]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"corpus.sources: names must be unique, {dup} repeated")
         return self
+
+    def corpora(self) -> list[tuple[str, float, "CorpusConfig"]]:
+        """(name, weight, single-source config) of each corpus; one unnamed corpus when ``sources`` is unset.
+
+        A source's unset held-out settings take this section's; ``seed`` is shared, and the split of a
+        corpus depends only on its own documents.
+        """
+        if self.sources is None:
+            return [("", 1.0, self)]
+        out = []
+        for src in self.sources:
+            own = src.held_out_documents is not None or src.held_out_fraction is not None
+            held = (
+                {"held_out_documents": src.held_out_documents, "held_out_fraction": src.held_out_fraction or 0.0}
+                if own
+                else {"held_out_documents": self.held_out_documents, "held_out_fraction": self.held_out_fraction}
+            )
+            fields = src.model_dump(exclude={"name", "weight", "held_out_documents", "held_out_fraction"})
+            out.append((src.name, src.weight, CorpusConfig(**fields, **held, seed=self.seed)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -72,6 +132,7 @@ class Document:
     text: str | None = None
     messages: tuple[Message, ...] | None = None
     origin: str = ""  # "file.jsonl:12", "file.parquet#row 7": where errors point
+    corpus: str = ""  # the name in corpus.sources; "" for a single-source corpus
 
     @property
     def is_chat(self) -> bool:
@@ -87,19 +148,51 @@ def iter_documents(config: CorpusConfig, part: Part = "train") -> Iterator[Docum
     """Stream the documents of ``config`` (the first ``max_documents``), restricted to ``part``.
 
     ``part`` defaults to ``"train"`` so that held-out documents cannot reach training by accident; pass
-    ``"held_out"`` for evaluation, ``"all"`` for everything.
+    ``"held_out"`` for evaluation, ``"all"`` for everything. A mix (``sources``) yields its corpora's
+    documents interleaved by weight (:func:`interleave`), each tagged with its corpus name.
     """
+    if config.sources is not None:
+        return interleave([(weight, _tagged(sub, name, part)) for name, weight, sub in config.corpora()])
     docs: Iterator[Document] = _read_source(config)
     if config.max_documents is not None:
         docs = islice(docs, config.max_documents)
     return docs if part == "all" else split_held_out(docs, config, part)
 
 
+def _tagged(config: CorpusConfig, name: str, part: Part) -> Iterator[Document]:
+    return (replace(d, corpus=name) for d in iter_documents(config, part))
+
+
+def interleave(streams: Sequence[tuple[float, Iterable[Document]]]) -> Iterator[Document]:
+    """Merge document streams so that every prefix holds them in proportion to their weights (stride
+    scheduling: next comes the stream whose ``(taken + 1) / weight`` is smallest, ties to the first listed).
+    A stream that runs out drops out; the others go on in their proportions, so every document is used once.
+    Deterministic: the same streams give the same order on every run.
+    """
+    iters = [iter(s) for _, s in streams]
+    weights = np.array([w for w, _ in streams], dtype=np.float64)  # [S]
+    taken = np.zeros(len(iters), dtype=np.float64)  # [S]
+    live = np.ones(len(iters), dtype=bool)  # [S]
+    while live.any():
+        due = np.where(live, (taken + 1) / weights, np.inf)  # [S]
+        i = int(np.argmin(due))
+        doc = next(iters[i], None)
+        if doc is None:
+            live[i] = False
+            continue
+        taken[i] += 1
+        yield doc
+
+
 def count_documents(config: CorpusConfig) -> int:
     """Number of documents :func:`iter_documents` sees with ``part="all"``, without parsing them."""
+    if config.sources is not None:
+        return sum(count_documents(sub) for _, _, sub in config.corpora())
     fmt, files = _resolve(config)
     if fmt == "builtin":
         n = len(_builtin_topics())
+    elif fmt == "manpages":
+        n = sum(1 for _ in _manpage_documents(config.source))
     elif fmt == "jsonl":
         n = sum(_count_jsonl_lines(f) for f in files)
     elif fmt == "parquet":
@@ -117,6 +210,9 @@ def _read_source(config: CorpusConfig) -> Iterator[Document]:
         topics = _builtin_topics()
         for i, key in enumerate(sorted(topics)):
             yield Document(index=i, text=topics[key], origin=f"builtin:{key}")
+        return
+    if fmt == "manpages":
+        yield from _manpage_documents(config.source)
         return
     records = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf": _hf_records}
     index = 0
@@ -136,10 +232,24 @@ def _builtin_topics() -> dict[str, str]:
     return topics
 
 
+def _manpage_documents(source: str) -> Iterator[Document]:
+    from fuseflow import manpages
+
+    try:
+        for i, (origin, text) in enumerate(manpages.iter_pages(manpages.language_of(source))):
+            yield Document(index=i, text=text, origin=origin)
+    except manpages.ManpagesMissing as e:
+        raise CorpusError(str(e)) from None
+
+
 def _resolve(config: CorpusConfig) -> tuple[str, list[Path]]:
     """(format, files in reading order) for ``config``; an HF directory is its single 'file'."""
     if config.source == "builtin":
         return "builtin", []
+    if config.source.startswith("manpages:"):
+        if not config.source[len("manpages:"):].isalpha():
+            raise CorpusError(f"corpus.source {config.source!r}: expected manpages:LANG, e.g. manpages:de")
+        return "manpages", []
     path = Path(config.source).expanduser()
     if not path.exists():
         raise CorpusError(f"corpus.source {config.source!r} does not exist (a path, or 'builtin')")
@@ -527,8 +637,19 @@ def make_samples(
             piece_text = text[start:end]
             piece_spans = None if spans is None else _clip_spans(spans, start, end)
             if piece_text.strip() and piece_spans != ():
-                yield Sample(id=f"{doc.index}:{piece}", text=piece_text, loss_spans=piece_spans)
+                yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans)
             piece += 1
+
+
+def sample_id(doc: Document, piece: int) -> str:
+    """``"{index}:{piece}"``, prefixed ``"{corpus}/"`` for a document of a mix: stable across runs."""
+    return f"{doc.corpus}/{doc.index}:{piece}" if doc.corpus else f"{doc.index}:{piece}"
+
+
+def corpus_of(sample_id: str) -> str:
+    """The corpus name a sample id carries (``"de/12:0"`` → ``"de"``); ``""`` for a single-source corpus."""
+    name, sep, _ = sample_id.partition("/")
+    return name if sep else ""
 
 
 def _as_document(position: int, item) -> Document:

@@ -425,3 +425,135 @@ def test_long_chat_pieces_carry_clipped_spans(bpe_tokenizer):
         assert (piece_mask == assistant_chars[start : start + len(sample.text)]).all(), sample.id
         covered[start : start + len(sample.text)] |= piece_mask
     assert (covered == assistant_chars).all()  # every assistant character lands in some piece's spans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixing corpora (corpus.sources) and the translated manual pages (issue 11).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_texts(folder, prefix, n):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.txt").write_text(f"{prefix} document number {i}.\n\nIt has two paragraphs.\n")
+    return str(folder)
+
+
+def test_interleave_keeps_weights_on_every_prefix_and_uses_every_document_once():
+    from fuseflow.corpus import interleave
+
+    a = [Document(index=i, text="a", corpus="a") for i in range(30)]
+    b = [Document(index=i, text="b", corpus="b") for i in range(10)]
+    out = list(interleave([(2.0, a), (1.0, b)]))
+    names = [d.corpus for d in out]
+    for n in (3, 9, 30):  # b runs out after 30 documents of the mix
+        assert names[:n].count("a") == 2 * n // 3
+    assert sorted((d.corpus, d.index) for d in out) == sorted([("a", i) for i in range(30)] + [("b", i) for i in range(10)])
+    assert [d.index for d in out if d.corpus == "a"] == list(range(30))  # each stream keeps its order
+
+
+def test_mix_holds_out_per_corpus_and_tags_documents(tmp_path):
+    cfg = CorpusConfig(
+        sources=[
+            {"name": "en", "source": write_texts(tmp_path / "en", "English", 20)},
+            {"name": "de", "source": write_texts(tmp_path / "de", "Deutsch", 12), "weight": 0.5, "held_out_documents": 2},
+        ],
+        held_out_documents=3,
+    )
+    held = list(iter_documents(cfg, "held_out"))
+    assert sorted(d.corpus for d in held) == ["de", "de", "en", "en", "en"]
+    train = list(iter_documents(cfg, "train"))
+    assert len(train) == 20 + 12 - 5
+    assert not {(d.corpus, d.index) for d in held} & {(d.corpus, d.index) for d in train}
+    assert count_documents(cfg) == 32
+    # each corpus splits exactly as it would alone: adding a corpus never moves another's held-out documents
+    alone = CorpusConfig(source=str(tmp_path / "en"), held_out_documents=3)
+    assert [d.index for d in held if d.corpus == "en"] == [d.index for d in iter_documents(alone, "held_out")]
+
+
+def test_mixed_sample_ids_carry_the_corpus_and_are_stable(tmp_path, bpe_tokenizer):
+    from fuseflow.corpus import corpus_of
+
+    cfg = CorpusConfig(sources=[
+        {"name": "en", "source": write_texts(tmp_path / "en", "English", 4)},
+        {"name": "de", "source": write_texts(tmp_path / "de", "Deutsch", 4)},
+    ])
+    ids = [s.id for s in make_samples(iter_documents(cfg), bpe_tokenizer, 64)]
+    assert ids == [s.id for s in make_samples(iter_documents(cfg), bpe_tokenizer, 64)]
+    assert ids[:4] == ["en/0:0", "de/0:0", "en/1:0", "de/1:0"]
+    assert [corpus_of(i) for i in ids[:2]] == ["en", "de"] and corpus_of("3:0") == ""
+    single = [s.id for s in make_samples(iter_documents(CorpusConfig(source=str(tmp_path / "en"))), bpe_tokenizer, 64)]
+    assert single[:2] == ["0:0", "1:0"]  # a single corpus keeps its unprefixed ids
+
+
+@pytest.mark.parametrize(
+    "corpus, field",
+    [
+        ({"sources": [{"name": "en", "source": "builtin", "weight": 0}]}, "corpus.sources.0.weight"),
+        ({"sources": [{"name": "a b", "source": "builtin"}]}, "corpus.sources.0.name"),
+        ({"sources": [{"name": "en"}]}, "corpus.sources.0.source"),
+        ({"sources": [{"name": "en", "source": "builtin", "typo": 1}]}, "corpus.sources.0.typo"),
+        ({"sources": [{"name": "en", "source": "builtin"}, {"name": "en", "source": "builtin"}]}, "names must be unique"),
+        ({"source": "builtin", "sources": [{"name": "en", "source": "builtin"}]}, "give source per source"),
+        ({"sources": []}, "corpus.sources"),
+    ],
+)
+def test_mix_config_errors_name_the_field(corpus, field):
+    from fuseflow.config import ConfigError, FuseConfig, load_config
+
+    overrides = [f"target.model=x", "sources=[{model: x}]", f"corpus={json.dumps(corpus)}"]
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(FuseConfig, None, overrides)
+
+
+TROFF = r""".\" a comment
+.de XX
+.  ft B
+..
+.TH LS 1 "2023" "GNU" "Benutzerbefehle"
+.SH BEZEICHNUNG
+ls \- Verzeichnisinhalte auflisten
+.SH BESCHREIBUNG
+Auflistung von Informationen über die \fIDATEI\fPen (standardmäßig
+das aktuelle Verzeichnis).
+.PP
+Siehe
+.BR dir (1)
+und \(lqmehr\(rq.
+.TP
+\fB\-a\fR, \fB\-\-all\fR
+Einträge nicht ignorieren.
+"""
+
+
+def test_troff_to_prose_keeps_the_words_and_drops_the_markup():
+    from fuseflow.manpages import troff_to_prose
+
+    assert troff_to_prose(TROFF) == (
+        "BEZEICHNUNG\n\nls - Verzeichnisinhalte auflisten\n\nBESCHREIBUNG\n\n"
+        "Auflistung von Informationen über die DATEIen (standardmäßig das aktuelle Verzeichnis).\n\n"
+        "Siehe dir(1) und “mehr”.\n\n-a, --all Einträge nicht ignorieren.\n"
+    )
+
+
+def test_manpages_source_reads_pages_in_path_order(tmp_path, monkeypatch):
+    import fuseflow.manpages as manpages
+
+    (tmp_path / "xx" / "man1").mkdir(parents=True)
+    for name in ("b.1.gz", "a.1.gz"):
+        (tmp_path / "xx" / "man1" / name).write_bytes(gzip.compress(TROFF.replace("ls", name[0]).encode()))
+    monkeypatch.setattr(manpages, "MAN_ROOT", tmp_path)
+    docs = list(iter_documents(CorpusConfig(source="manpages:xx"), "all"))
+    assert [d.origin.rsplit("/", 1)[1] for d in docs] == ["a.1.gz", "b.1.gz"]
+    assert docs[0].text.startswith("BEZEICHNUNG\n\na - Verzeichnisinhalte")
+    assert count_documents(CorpusConfig(source="manpages:xx")) == 2
+
+
+def test_missing_manpages_say_how_to_install_them(tmp_path, monkeypatch):
+    import fuseflow.manpages as manpages
+
+    monkeypatch.setattr(manpages, "MAN_ROOT", tmp_path)
+    with pytest.raises(CorpusError, match=r"apt-get install -y --no-install-recommends manpages-zz"):
+        list(iter_documents(CorpusConfig(source="manpages:zz"), "all"))
+    with pytest.raises(CorpusError, match="manpages:LANG"):
+        list(iter_documents(CorpusConfig(source="manpages:../x"), "all"))
