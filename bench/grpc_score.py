@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fuseflow.models import builtin_text, make_tiny_model
-from fuseflow.teacher.engine import create_engine
+from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import ServerOptions, build_server
 from fuseflow.wire.client import TeacherClient
 

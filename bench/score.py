@@ -50,8 +50,8 @@ from common import (  # noqa: E402
 )
 
 from fuseflow.models import LoadedModel, builtin_text, make_tiny_model  # noqa: E402
-from fuseflow.teacher.batching import plan_batches  # noqa: E402
-from fuseflow.teacher.hf_engine import HFEngine  # noqa: E402
+from fuseflow.score.batching import plan_batches  # noqa: E402
+from fuseflow.score.hf_engine import HFEngine  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ PASSTHROUGH = {
     "query": ("fuseflow.query", "ad-hoc gRPC client for a teacher: info, tokenize, score, generate"),
     "train": ("fuseflow.trainer.online", "online DeepSpeed trainer consuming aligned distributions from Redis"),
     "stack": ("fuseflow.stack", "the local stack as processes: Redis, one teacher per source, the trainer"),
-    "serve-ensemble": ("fuseflow.ensemble.gateway", "Cool-Fusion OpenAI-compatible gateway over gRPC teachers"),
+    "serve-ensemble": ("fuseflow.gateway.server", "Cool-Fusion OpenAI-compatible gateway over gRPC teachers"),
     "eval-ensemble": ("fuseflow.ensemble.evaluate", "accuracy and latency of each source alone vs Cool-Fusion"),
 }
 

@@ -98,7 +98,7 @@ class ScoreError(ValueError):
 
 @dataclass
 class Generated:
-    """A continuation sampled by an engine's ``generate`` (:class:`fuseflow.teacher.engine.Engine`).
+    """A continuation sampled by an engine's ``generate`` (:class:`fuseflow.score.engine.Engine`).
 
     ``logprobs`` are the model's raw next-token logprobs of the chosen tokens (temperature 1, before top-p),
     as vLLM's default ``logprobs_mode="raw_logprobs"``: Cool-Fusion reranks segments by the models' own

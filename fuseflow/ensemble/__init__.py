@@ -4,8 +4,10 @@
 - :mod:`~fuseflow.ensemble.rerank` — how every source's scores of every candidate are combined (registry);
 - :mod:`~fuseflow.ensemble.sources` — a teacher (engine or gRPC client) + its local tokenizer;
 - :mod:`~fuseflow.ensemble.decoder` — the decoding loop, and the single-model mode for comparison;
-- :mod:`~fuseflow.ensemble.gateway` — ``fuseflow serve-ensemble``: the OpenAI-compatible HTTP API;
 - :mod:`~fuseflow.ensemble.evaluate`, :mod:`~fuseflow.ensemble.tasks` — ``fuseflow eval-ensemble``.
+
+The OpenAI-compatible HTTP server over this package, ``fuseflow serve-ensemble``, is the service
+``fuseflow.gateway`` (services/gateway).
 """
 
 from fuseflow.ensemble.decoder import Completion, CoolFusionDecoder, DecodeParams, Segment, generate_single

@@ -147,7 +147,7 @@ def _build_source(spec: SourceSpec, index: int):
 
     where = f"sources[{index}] ({spec.name!r})"
     if spec.model is not None:
-        from fuseflow.teacher.engine import create_engine
+        from fuseflow.score.engine import create_engine
 
         engine = create_engine(spec.engine, spec.model, name=spec.name, **spec.engine_options)
         return EnsembleSource.from_engine(engine, name=spec.name)

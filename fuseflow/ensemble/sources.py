@@ -27,7 +27,7 @@ _DECODE_TAIL = 8
 
 
 class Teacher(Protocol):
-    """What the decoder needs of a teacher: :class:`fuseflow.teacher.engine.Engine` and
+    """What the decoder needs of a teacher: :class:`fuseflow.score.engine.Engine` and
     :class:`fuseflow.wire.client.TeacherClient` both provide it."""
 
     max_length: int
@@ -59,7 +59,7 @@ class EnsembleSource:
 
     @classmethod
     def from_engine(cls, engine, name: str | None = None) -> "EnsembleSource":
-        """An in-process engine (:class:`~fuseflow.teacher.engine.Engine`): its own tokenizer and limits."""
+        """An in-process engine (:class:`~fuseflow.score.engine.Engine`): its own tokenizer and limits."""
         return cls(
             name=name or engine.name,
             teacher=engine,

@@ -27,7 +27,7 @@ class AlignedResult:
 
 
 class TeacherAligner:
-    """``engine`` (a :class:`fuseflow.teacher.engine.Engine`) → aligned distributions for target tokens."""
+    """``engine`` (a :class:`fuseflow.score.engine.Engine`) → aligned distributions for target tokens."""
 
     def __init__(
         self,

@@ -199,7 +199,7 @@ class Engine(abc.ABC):
 ENGINES: dict[str, type[Engine]] = {}
 
 # Engines shipped with fuseflow, imported on first use so that `vllm` is only imported when asked for.
-_BUILTIN_MODULES = {"hf": "fuseflow.teacher.hf_engine", "vllm": "fuseflow.teacher.vllm_engine"}
+_BUILTIN_MODULES = {"hf": "fuseflow.score.hf_engine", "vllm": "fuseflow.score.vllm_engine"}
 
 
 def register_engine(kind: str) -> Callable[[type[Engine]], type[Engine]]:

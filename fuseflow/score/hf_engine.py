@@ -1,7 +1,7 @@
 """The ``hf`` engine: a transformers causal LM scored in packed rows with a chunked head.
 
 Batches: requests are packed end to end into rows (:mod:`fuseflow.packing`: restarted position ids, no
-padding FLOPs) and the rows grouped under a token budget (:mod:`fuseflow.teacher.batching`).
+padding FLOPs) and the rows grouped under a token budget (:mod:`fuseflow.score.batching`).
 
 Memory: the decoder trunk gives ``[B, T, H]`` hidden states; only the positions that predict a real token
 are kept (``[N, H]``) and the lm_head runs on ``head_chunk_tokens`` of them at a time
@@ -25,9 +25,9 @@ import torch
 from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_transform, topk_logprobs_with_head
 from fuseflow.models import LoadedModel, load
 from fuseflow.packing import is_varlen, pack_rows, row_capacity, row_layout
-from fuseflow.teacher.batching import plan_batches
-from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, ScoreError, register_engine
-from fuseflow.teacher.prefix_cache import PrefixCache
+from fuseflow.score.batching import plan_batches
+from fuseflow.score.engine import Engine, Generated, NextTokenScores, ScoreError, register_engine
+from fuseflow.score.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class HFEngine(Engine):
     ``head_method`` is :mod:`fuseflow.kernels.head`'s top-k method (``auto``, ``torch``, ``block``,
     ``triton``); ``compile`` runs the trunk through ``torch.compile`` (dynamic shapes); ``prefix_cache``
     keeps the KV caches of that many recent generations for prompts that extend them
-    (:mod:`fuseflow.teacher.prefix_cache`; 0 turns it off).
+    (:mod:`fuseflow.score.prefix_cache`; 0 turns it off).
     """
 
     def __init__(

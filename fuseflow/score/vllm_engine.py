@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fuseflow.sparse import ScoredText
-from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, register_engine
+from fuseflow.score.engine import Engine, Generated, NextTokenScores, register_engine
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def scored_text_from_output(
 
 
 def generated_from_completion(completion: Any, stop_token_ids: Sequence[int]) -> Generated:
-    """A :class:`~fuseflow.teacher.engine.Generated` from a vLLM ``CompletionOutput`` sampled with
+    """A :class:`~fuseflow.score.engine.Generated` from a vLLM ``CompletionOutput`` sampled with
     ``logprobs=0`` (each position holds the sampled token's entry).
 
     ``finish_reason`` is "stop" when the last token is one of ``stop_token_ids`` (the engine sets

@@ -1,7 +1,7 @@
 """Client of a served teacher (``fuseflow.v1.TeacherService``) with the engine's own surface.
 
 ``TeacherClient.score_texts`` / ``score_ids`` / ``generate`` take and return what
-:class:`fuseflow.teacher.engine.Engine`'s methods do (``ScoredText``, ``Generated``), so Cool-Fusion and
+:class:`fuseflow.score.engine.Engine`'s methods do (``ScoredText``, ``Generated``), so Cool-Fusion and
 the teacher worker can hold a local engine or a remote teacher without knowing which. Errors come back as
 exceptions of the same kinds: a rejected input raises :class:`TeacherRequestError`, a ``ScoreError``
 (hence a ``ValueError``) carrying the offending input's ``index`` when the server named one.

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from fuseflow.ensemble.config import EnsembleConfig, build_decoder, build_sources, load_ensemble_config
 from fuseflow.ensemble.decoder import Completion, DecodeParams, StreamEvent, stream_single
-from fuseflow.ensemble.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
-from fuseflow.ensemble.protocol import (
+from fuseflow.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from fuseflow.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
@@ -43,7 +43,7 @@ from fuseflow.ensemble.protocol import (
 )
 from fuseflow.ensemble.sources import EnsembleSource, Prompt, chat_prompt, completion_prompt
 
-log = logging.getLogger("fuseflow.ensemble.gateway")
+log = logging.getLogger("fuseflow.gateway.server")
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

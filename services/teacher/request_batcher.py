@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from fuseflow.sparse import ScoredText
-from fuseflow.teacher.engine import Engine, Generated, ScoreError
+from fuseflow.score.engine import Engine, Generated, ScoreError
 
 log = logging.getLogger(__name__)
 

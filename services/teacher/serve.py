@@ -129,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
     options.validate()
     run_worker = import_worker() if args.redis else None  # fail before loading a model for minutes
 
-    from fuseflow.teacher.engine import create_engine
+    from fuseflow.score.engine import create_engine
     from fuseflow.teacher.metrics import TeacherMetrics
     from fuseflow.teacher.request_batcher import RequestBatcher
 
@@ -288,7 +288,7 @@ def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: thr
     """The run's teacher worker on a thread, scoring through ``batcher`` (shared with gRPC clients)."""
     from fuseflow.corpus import iter_documents
     from fuseflow.models import load_tokenizer
-    from fuseflow.teacher.aligner import TeacherAligner
+    from fuseflow.score.aligner import TeacherAligner
     from fuseflow.wire.redis_streams import RedisTransport
 
     cfg = spec.config

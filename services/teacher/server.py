@@ -25,7 +25,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fuseflow.teacher.engine import Engine, ScoreError
+from fuseflow.score.engine import Engine, ScoreError
 from fuseflow.teacher.metrics import TeacherMetrics
 from fuseflow.teacher.request_batcher import Cancelled, RequestBatcher, RequestTooLarge, ShuttingDown
 from fuseflow.wire.client import ERROR_INDEX_KEY

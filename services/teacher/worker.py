@@ -79,7 +79,7 @@ def run_worker(
     block_ms: int = 1000,
     reclaim_idle_ms: int = 30_000,
 ) -> WorkerStats:
-    """Serve ``aligner`` (a :class:`fuseflow.teacher.aligner.TeacherAligner`; its ``name`` is the teacher's name
+    """Serve ``aligner`` (a :class:`fuseflow.score.aligner.TeacherAligner`; its ``name`` is the teacher's name
     in the run) on ``transport`` as replica ``consumer`` until ``stop_event`` is set; returns what it did.
 
     Each round: take back deliveries idle for ``reclaim_idle_ms`` (a replica that died; checked every

@@ -57,8 +57,8 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
 
 
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts):
-    from fuseflow.teacher.aligner import TeacherAligner
-    from fuseflow.teacher.engine import create_engine
+    from fuseflow.score.aligner import TeacherAligner
+    from fuseflow.score.engine import create_engine
 
     teachers = []
     for src in sources:

@@ -7,7 +7,7 @@ import numpy as np
 
 from fuseflow.ensemble.sources import EnsembleSource
 from fuseflow.sparse import ScoredText
-from fuseflow.teacher.engine import Generated
+from fuseflow.score.engine import Generated
 
 LIKED, DISLIKED = -0.5, -6.0
 

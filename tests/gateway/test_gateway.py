@@ -9,7 +9,7 @@ import pytest
 
 from fuseflow.ensemble.config import EnsembleConfig
 from fuseflow.ensemble.decoder import DecodeParams, generate_single
-from fuseflow.ensemble.gateway import EnsembleService, create_app
+from fuseflow.gateway.server import EnsembleService, create_app
 from fuseflow.ensemble.sources import chat_prompt, completion_prompt
 
 PROMPT = "The value of the expression is"

@@ -29,7 +29,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def engines(tiny_llama, tiny_gemma):
-    from fuseflow.teacher.engine import create_engine
+    from fuseflow.score.engine import create_engine
 
     return {"llama": create_engine("hf", str(tiny_llama), name="llama"),
             "gemma": create_engine("hf", str(tiny_gemma), name="gemma")}
@@ -56,7 +56,7 @@ def gateway(teachers, tiny_llama, tiny_gemma, tmp_path_factory):
     import uvicorn
 
     from fuseflow.ensemble.config import build_sources, load_ensemble_config
-    from fuseflow.ensemble.gateway import EnsembleService, create_app
+    from fuseflow.gateway.server import EnsembleService, create_app
 
     tmp = tmp_path_factory.mktemp("gateway")
     (tmp / "token").write_text("s3cret\n")

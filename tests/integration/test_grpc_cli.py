@@ -16,7 +16,7 @@ import yaml
 
 from fuseflow import query
 from fuseflow.teacher import serve as serve_cli
-from fuseflow.teacher.engine import create_engine
+from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import ServerOptions, build_server
 from fuseflow.wire.client import TeacherClient
 
@@ -200,7 +200,7 @@ def test_serve_main_serves_until_sigterm_then_drains(tiny_llama, tmp_path, monke
 def test_serve_with_redis_is_also_the_runs_worker(tiny_llama, tmp_path, monkeypatch, redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.sparse import Sample
-    from fuseflow.teacher.aligner import TeacherAligner
+    from fuseflow.score.aligner import TeacherAligner
     from fuseflow.wire.redis_streams import RedisTransport
 
     config = tmp_path / "run.yaml"

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from google.protobuf import descriptor_pb2
 
 from fuseflow.models import builtin_text
-from fuseflow.teacher.engine import create_engine
+from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import SERVICE_NAME, ServerOptions, build_server
 from fuseflow.wire.client import TeacherClient, TeacherRequestError, TeacherUnavailable
 from fuseflow.wire.codec import encode_array

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fuseflow.teacher.engine import (
+from fuseflow.score.engine import (
     ENGINES,
     Engine,
     Generated,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fuseflow.models import builtin_text, load
-from fuseflow.teacher.engine import ScoreError, create_engine
+from fuseflow.score.engine import ScoreError, create_engine
 from fuseflow.kernels.head import LogitTransform, topk_logprobs_with_head
-from fuseflow.teacher.hf_engine import HFEngine
+from fuseflow.score.hf_engine import HFEngine
 
 ATOL = 2e-5
 
@@ -361,7 +361,7 @@ def test_varlen_kernels_get_one_packed_row_per_forward(loaded, texts, monkeypatc
     across sequences): the engine hands a varlen kernel one row per forward. The kernel itself is not on this
     CPU, so the model runs SDPA while the engine plans for flash_attention_2; rows are made short (capacity
     100) so that several would fit one forward's budget."""
-    import fuseflow.teacher.hf_engine as hf
+    import fuseflow.score.hf_engine as hf
 
     lm = loaded["llama"]
     padded = HFEngine(lm, pack=False).score_texts(texts, top_k=3)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuseflow.teacher.batching import padded_tokens, plan_batches
+from fuseflow.score.batching import padded_tokens, plan_batches
 
 
 def _check_plan(lengths, budget, max_size, batches):

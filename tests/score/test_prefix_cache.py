@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuseflow.models import load
-from fuseflow.teacher.hf_engine import HFEngine
-from fuseflow.teacher.prefix_cache import PrefixCache, common_prefix_length
+from fuseflow.score.hf_engine import HFEngine
+from fuseflow.score.prefix_cache import PrefixCache, common_prefix_length
 
 
 @given(st.lists(st.integers(0, 3), max_size=12), st.lists(st.integers(0, 3), max_size=12))
@@ -103,7 +103,7 @@ def test_score_tails_equal_score_ids_and_reuse_the_context(models, arch):
 
 
 def test_score_tails_errors(models):
-    from fuseflow.teacher.engine import ScoreError
+    from fuseflow.score.engine import ScoreError
 
     engine = HFEngine(models["llama"])
     with pytest.raises(ScoreError, match="start must be in"):

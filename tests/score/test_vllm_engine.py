@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fuseflow.teacher.engine import create_engine
-from fuseflow.teacher.vllm_engine import (
+from fuseflow.score.engine import create_engine
+from fuseflow.score.vllm_engine import (
     apply_temperature,
     generated_from_completion,
     group_by_token_budget,
@@ -381,7 +381,7 @@ def sample_texts():
 @pytest.mark.parametrize("fake_vllm", [(True, None), (False, None)], indirect=True, ids=["flat", "dicts"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_engine_scores_match_hf_engine(fake_vllm, tiny_llama, temperature):
-    from fuseflow.teacher.hf_engine import HFEngine
+    from fuseflow.score.hf_engine import HFEngine
 
     k = 5
     engine = create_engine("vllm", str(tiny_llama), max_call_tokens=300, tensor_parallel_size=2)
@@ -423,7 +423,7 @@ def test_engine_scores_match_hf_engine(fake_vllm, tiny_llama, temperature):
 
 @pytest.mark.parametrize("fake_vllm", [(True, None)], indirect=True)
 def test_engine_generate_matches_hf_engine(fake_vllm, tiny_llama):
-    from fuseflow.teacher.hf_engine import HFEngine
+    from fuseflow.score.hf_engine import HFEngine
 
     engine = create_engine("vllm", str(tiny_llama))
     hf = HFEngine(str(tiny_llama))
@@ -481,7 +481,7 @@ def test_real_vllm_matches_hf_engine(tiny_llama):
     pytest.importorskip("vllm", reason="vllm is not installed (pip install 'fuseflow[gpu]')")
     if not torch.cuda.is_available():
         pytest.skip("vllm needs a CUDA device")
-    from fuseflow.teacher.hf_engine import HFEngine
+    from fuseflow.score.hf_engine import HFEngine
 
     engine = create_engine("vllm", str(tiny_llama), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3)
     hf = HFEngine(str(tiny_llama), device="cuda", dtype="float32")

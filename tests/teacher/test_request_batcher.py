@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from fuseflow.teacher.engine import Engine, Generated, NextTokenScores, ScoreError
+from fuseflow.score.engine import Engine, Generated, NextTokenScores, ScoreError
 from fuseflow.teacher.request_batcher import Cancelled, RequestBatcher, RequestTooLarge, ShuttingDown
 
 VOCAB = 97

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fuseflow.sparse import AlignedDist, Sample
-from fuseflow.teacher.aligner import AlignedResult
+from fuseflow.score.aligner import AlignedResult
 from fuseflow.teacher.worker import EngineFailure, is_retryable, run_worker
 from fuseflow.wire.inprocess import InProcessTransport
 

@@ -1,0 +1,2 @@
+"""``fuseflow.gateway``: ``fuseflow serve-ensemble``, the Cool-Fusion OpenAI-compatible HTTP server — a thin
+FastAPI shell over :mod:`fuseflow.ensemble` (request schemas in :mod:`.protocol`, Prometheus in :mod:`.metrics`)."""
