@@ -19,7 +19,7 @@ How every text is scored, identically for every model so that bits per byte stay
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -88,24 +88,25 @@ def prefix_token(tokenizer) -> int | None:
     return int(prefix)
 
 
-def _windows(texts: Iterable[str], tokenizer, max_length: int, counts: dict) -> Iterator[np.ndarray]:
-    """Token windows ``[≤ max_length]`` of every text; adds the text's bytes and count to ``counts``."""
+def _windows(texts: Iterable[str], tokenizer, max_length: int, counts: dict) -> Iterator[tuple[int, np.ndarray]]:
+    """(text number, token window ``[≤ max_length]``) of every text; adds each text's bytes to ``counts``."""
     prefix = prefix_token(tokenizer)
-    for text in texts:
+    for number, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         ids = np.asarray(([prefix] if prefix is not None else []) + list(ids), dtype=np.int64)  # [n]
         counts["texts"] += 1
         counts["bytes"] += len(text.encode("utf-8"))
+        counts["text_bytes"].append(len(text.encode("utf-8")))
         for start, end in rolling_windows(len(ids), max_length):
-            yield ids[start:end]
+            yield number, ids[start:end]
 
 
-def _batches(windows: list[np.ndarray], batch_tokens: int) -> Iterator[list[np.ndarray]]:
+def _batches(windows: list[tuple[int, np.ndarray]], batch_tokens: int) -> Iterator[list[tuple[int, np.ndarray]]]:
     """Longest first; a batch holds as many windows as fit ``rows × longest ≤ batch_tokens`` (at least one)."""
-    windows = sorted(windows, key=len, reverse=True)
+    windows = sorted(windows, key=lambda w: len(w[1]), reverse=True)
     i = 0
     while i < len(windows):
-        rows = max(1, batch_tokens // len(windows[i]))
+        rows = max(1, batch_tokens // len(windows[i][1]))
         yield windows[i : i + rows]
         i += rows
 
@@ -129,7 +130,8 @@ def evaluate_lm(
     ``progress``: tqdm bar in tokens; ``None`` shows it when stderr is a terminal.
 
     Returns ``nll`` (nats, summed), ``tokens`` (predicted), ``bytes`` (UTF-8), ``texts``, ``windows``,
-    ``nll_per_token``, ``perplexity`` and ``bpb`` (bits per byte); nan ratios when nothing was scored.
+    ``nll_per_token``, ``perplexity`` and ``bpb`` (bits per byte); nan ratios when nothing was scored; and per
+    text, in input order, ``text_nll`` and ``text_bytes`` (per-corpus figures and bootstraps over documents).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if max_length is None:
@@ -142,7 +144,8 @@ def evaluate_lm(
     chunk = chunk_tokens or max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    counts = {"texts": 0, "bytes": 0}
+    counts: dict = {"texts": 0, "bytes": 0, "text_bytes": []}
+    text_nll: dict[int, float] = {}
     nll, tokens, num_windows = 0.0, 0, 0
     checked = False
     was_training = model.training
@@ -152,7 +155,8 @@ def evaluate_lm(
         with torch.inference_mode():
             windows = _windows(texts, tokenizer, max_length, counts)
             for group in _buffered(windows, BUFFER_BATCHES * batch_tokens):
-                for batch in _batches(group, batch_tokens):
+                for numbered in _batches(group, batch_tokens):
+                    numbers, batch = [n for n, _ in numbered], [w for _, w in numbered]
                     input_ids, attention_mask = _pad(batch, pad_id, device)  # [B, T], [B, T]
                     if not checked:
                         _check_logits(model, decoder, logits_fn, input_ids[:1, : min(16, len(batch[0]))])
@@ -166,6 +170,10 @@ def evaluate_lm(
                         hidden[:, :-1][predicts], logits_fn, input_ids[:, 1:][predicts], chunk_tokens=chunk
                     )  # [N] fp32
                     nll += float(token_nll.double().sum())
+                    row_nll = torch.zeros(len(batch), dtype=torch.float64, device=token_nll.device)  # [B]
+                    row_nll.index_add_(0, predicts.nonzero()[:, 0], token_nll.double())
+                    for number, value in zip(numbers, row_nll.tolist()):
+                        text_nll[number] = text_nll.get(number, 0.0) + value
                     tokens += token_nll.shape[0]
                     num_windows += len(batch)
                     bar.update(token_nll.shape[0])
@@ -182,14 +190,53 @@ def evaluate_lm(
         "nll_per_token": nll / tokens if tokens else float("nan"),
         "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
         "bpb": bits_per_byte(nll, counts["bytes"]) if tokens else float("nan"),
+        "text_nll": [text_nll.get(i, 0.0) for i in range(counts["texts"])],
+        "text_bytes": counts["text_bytes"],
     }
 
 
-def _buffered(windows: Iterable[np.ndarray], limit_tokens: int) -> Iterator[list[np.ndarray]]:
+def group_bpb(text_nll: Sequence[float], text_bytes: Sequence[int], groups: Sequence[str]) -> dict[str, float]:
+    """Bits per byte of each group of texts (e.g. per corpus): summed nll over summed bytes within a group."""
+    nll, nbytes, names = np.asarray(text_nll, float), np.asarray(text_bytes, float), np.asarray(groups)  # [N] each
+    return {str(g): bits_per_byte(float(nll[names == g].sum()), int(nbytes[names == g].sum())) for g in dict.fromkeys(groups)}
+
+
+def bootstrap_bpb(
+    text_nll: Sequence[float],
+    text_bytes: Sequence[int],
+    baseline_nll: Sequence[float] | None = None,
+    num_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Bits per byte of a set of documents and its percentile-bootstrap interval, resampling documents with
+    replacement (the unit that was sampled; tokens within a document are not independent).
+
+    With ``baseline_nll`` (the same documents under another model) it is the *paired* bootstrap of the
+    difference ``bpb − baseline bpb``: both models are resampled on the same documents, so document
+    difficulty, which both share, cancels out. Returns ``value``, ``low``, ``high``, ``std``.
+    """
+    nll = np.asarray(text_nll, dtype=np.float64)  # [N]
+    if baseline_nll is not None:
+        nll = nll - np.asarray(baseline_nll, dtype=np.float64)
+    nbytes = np.asarray(text_bytes, dtype=np.float64)  # [N]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(nll), size=(num_resamples, len(nll)))  # [R, N]
+    samples = nll[picks].sum(1) / math.log(2) / nbytes[picks].sum(1)  # [R]
+    alpha = (1 - level) / 2
+    return {
+        "value": float(nll.sum() / math.log(2) / nbytes.sum()),
+        "low": float(np.quantile(samples, alpha)),
+        "high": float(np.quantile(samples, 1 - alpha)),
+        "std": float(samples.std(ddof=1)),
+    }
+
+
+def _buffered(windows: Iterable[tuple[int, np.ndarray]], limit_tokens: int) -> Iterator[list[tuple[int, np.ndarray]]]:
     buffer, size = [], 0
     for window in windows:
         buffer.append(window)
-        size += len(window)
+        size += len(window[1])
         if size >= limit_tokens:
             yield buffer
             buffer, size = [], 0

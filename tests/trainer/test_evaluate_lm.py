@@ -191,3 +191,33 @@ def test_nothing_to_score_and_mode_restored(tiny_llama):
     assert model.training
     with pytest.raises(ValueError, match="max_length must be at least 2"):
         evaluate_lm(model, tok, ["x"], max_length=1)
+
+
+def test_per_text_nll_matches_each_text_scored_alone(tiny_llama):
+    model, tok = load(tiny_llama)
+    got = evaluate_lm(model, tok, TEXTS, max_length=96, batch_tokens=300)
+    assert got["text_bytes"] == [len(t.encode("utf-8")) for t in TEXTS]
+    assert sum(got["text_nll"]) == pytest.approx(got["nll"], rel=1e-9)
+    for text, nll in zip(TEXTS, got["text_nll"]):
+        assert nll == pytest.approx(evaluate_lm(model, tok, [text], max_length=96)["nll"], rel=1e-5, abs=1e-6)
+
+
+def test_group_bpb_sums_within_each_group():
+    got = ev.group_bpb([1.0, 2.0, 4.0], [10, 20, 40], ["de", "en", "de"])
+    assert list(got) == ["de", "en"]
+    assert got["de"] == pytest.approx(bits_per_byte(5.0, 50)) and got["en"] == pytest.approx(bits_per_byte(2.0, 20))
+
+
+def test_paired_bootstrap_brackets_the_difference_and_shrinks_with_pairing():
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(500, 3000, size=40)
+    difficulty = rng.uniform(0.5, 2.0, size=40) * nbytes  # shared by both models: varies a lot
+    base = difficulty
+    better = difficulty * 0.97 + rng.normal(0, 2, size=40)  # 3 % fewer nats on every document
+    paired = ev.bootstrap_bpb(better, nbytes, baseline_nll=base, seed=1)
+    assert paired["value"] == pytest.approx(bits_per_byte(better.sum() - base.sum(), nbytes.sum()))
+    assert paired["low"] < paired["value"] < paired["high"] < 0  # a consistent gain is resolved
+    unpaired_width = [ev.bootstrap_bpb(x, nbytes, seed=1) for x in (better, base)]
+    assert paired["high"] - paired["low"] < min(u["high"] - u["low"] for u in unpaired_width) / 5
+    same = ev.bootstrap_bpb(base, nbytes, baseline_nll=base)
+    assert same["low"] == same["high"] == same["value"] == 0.0
