@@ -75,8 +75,7 @@ class FusionConfig(_Strict):
     def _known_fusion(cls, v: str) -> str:
         from fuseflow.fuse.fusion import FUSIONS
 
-        if v not in FUSIONS:
-            raise ValueError(f"unknown fusion function {v!r}; choose one of {sorted(FUSIONS)}")
+        FUSIONS.lookup(v)
         return v
 
 
@@ -157,6 +156,14 @@ class FuseConfig(_Strict):
         if dup:
             raise ValueError(f"sources: names must be unique, {sorted(dup)} repeated (set sources[i].name)")
         return self
+
+    def run_name(self, given: str | None = None) -> str:
+        """The run's name, which tags its Redis keys and is shared by every process of the run: ``given``
+        (``--run``), else env ``FUSEFLOW_RUN``, else the name of ``run_dir`` (resolved, so ``.`` names the
+        folder). One definition for the trainer, the teachers and the stack (issue 13)."""
+        import os
+
+        return given or os.environ.get("FUSEFLOW_RUN") or self.run_dir.resolve().name
 
 
 C = TypeVar("C", bound=BaseModel)

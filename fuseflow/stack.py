@@ -222,13 +222,11 @@ def run_stack(
     from fuseflow.wire.redis_server import RedisServer
     from fuseflow.wire.redis_streams import RedisTransport
 
-    from fuseflow.trainer.online import run_name
-
     stop_event = stop_event or threading.Event()
     status_out = status_out or sys.stdout
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = run_name(cfg, run)
+    run = cfg.run_name(run)
     config_path = run_dir / "stack.yaml"  # every process reads the same config, overrides applied
     config_path.write_text(dump_config(cfg))
     server = None

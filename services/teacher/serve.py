@@ -292,7 +292,7 @@ def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: thr
     from fuseflow.wire.redis_streams import RedisTransport
 
     cfg = spec.config
-    run = args.run or os.environ.get("FUSEFLOW_RUN") or Path(cfg.run_dir).name
+    run = cfg.run_name(args.run)
     stats_texts = None
     if cfg.align.vocab_map == "stats":
         texts = (d.text for d in iter_documents(cfg.corpus, "train") if d.text)

@@ -310,11 +310,6 @@ def _poll_queue(transport: Transport, metrics, stop: threading.Event, every_s: f
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_name(cfg: FuseConfig, given: str | None = None) -> str:
-    """``--run``, else ``FUSEFLOW_RUN``, else the name of the config's ``run_dir``."""
-    return given or os.environ.get("FUSEFLOW_RUN") or Path(cfg.run_dir).resolve().name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fuseflow train",
@@ -383,7 +378,7 @@ def _main(args) -> int:
         port = metrics.start_http(args.metrics_port)
         log.info("trainer metrics on :%d/metrics", port)
     try:
-        with RedisTransport(args.redis, run_name(cfg, args.run), teachers, window=window) as transport:
+        with RedisTransport(args.redis, cfg.run_name(args.run), teachers, window=window) as transport:
             run_online(cfg, transport, progress=not args.no_progress, metrics=metrics)
     finally:
         if metrics is not None:
