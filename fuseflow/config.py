@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fuseflow.corpus import CorpusConfig
 
@@ -42,12 +42,35 @@ class SourceConfig(ModelConfig):
     max_length: int | None = Field(None, gt=1, description="longest text in this teacher's tokens")
     head_chunk_tokens: int = Field(1024, gt=0, description="tokens per lm_head chunk (bounds [chunk, V])")
     engine_options: dict[str, Any] = Field(
-        default_factory=dict, description="extra engine keyword arguments (vllm: tensor_parallel_size, …)"
+        default_factory=dict,
+        description="extra engine keyword arguments, checked against the engine's options model "
+        "(hf: pack, head_method, compile, …; vllm: tensor_parallel_size, …)",
     )
 
     @property
     def key(self) -> str:
         return self.name or self.model
+
+    @field_validator("engine_options")
+    @classmethod
+    def _typed_engine_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_source_engine_options(info, v)
+
+    def engine_kwargs(self, device: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of this source's engine (:func:`fuseflow.score.engine.engine_from_source`): the
+        fields above, then ``engine_options``, which win; ``device`` goes to the hf engine only (vllm places
+        the model itself)."""
+        kw: dict[str, Any] = {
+            "name": self.key, "dtype": self.dtype, "max_batch_tokens": self.batch_tokens,
+            "head_chunk_tokens": self.head_chunk_tokens,
+        }
+        if self.max_length:
+            kw["max_length"] = self.max_length
+        if self.attn_implementation:
+            kw["attn_implementation"] = self.attn_implementation
+        if self.engine == "hf" and device:
+            kw["device"] = device
+        return {**kw, **self.engine_options}
 
     @model_validator(mode="after")
     def _attn_for_hf(self) -> "SourceConfig":
@@ -56,6 +79,16 @@ class SourceConfig(ModelConfig):
                 f"attn_implementation applies to the hf engine; the {self.engine} engine picks its own kernels"
             )
         return self
+
+
+def check_source_engine_options(info: ValidationInfo, options: dict[str, Any]) -> dict[str, Any]:
+    """A source's ``engine_options`` against its engine's options model (``engine`` is validated first, being
+    declared first); pydantic nests the model's errors under the field: ``sources[i].engine_options.<name>``."""
+    if "engine" not in info.data or not options:
+        return options
+    from fuseflow.score.engine import check_engine_options
+
+    return check_engine_options(info.data["engine"], options)
 
 
 class AlignConfig(_Strict):
@@ -220,7 +253,7 @@ def validation_message(error: Any) -> str:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid field(s)"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")  # sources[0].model
         # A whole-config check (a model validator) has no location: its message names the fields itself.
         lines.append(f"  {loc}: {validation_message(e)}" if loc else f"  {validation_message(e)}")
     return "\n".join(lines)

@@ -75,3 +75,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(FuseConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(FuseConfig, _write(tmp_path, "a: [1,"))
+
+
+def test_engine_options_are_typed_at_load(tmp_path):
+    """A typo or a wrong type in a source's engine_options fails at config load, naming the field (issue 13)."""
+    bad = BASE + "  - {model: c, engine_options: {pakc: false, head_method: fast}}\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(FuseConfig, _write(tmp_path, bad))
+    assert "sources[2].engine_options.pakc: unknown field (typo?)" in str(e.value)
+    assert "sources[2].engine_options.head_method: Input should be 'auto'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.engine_options\.tensor_parallel_size"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["sources.0.engine=vllm",
+                                                         "sources.0.engine_options={tensor_parallel_size: 0}"])
+    cfg = load_config(FuseConfig, _write(tmp_path, BASE), ["sources.1.engine_options={pack: 'false', compile: 1}"])
+    assert cfg.sources[1].engine_options == {"pack": False, "compile": True}  # coerced, only what was set
+    kw = cfg.sources[1].engine_kwargs("cpu")
+    assert kw["pack"] is False and kw["name"] == "bee" and kw["device"] == "cpu"

@@ -116,11 +116,7 @@ def align_scored(
     (:data:`~fuseflow.align.sequence.SEQUENCE_ALIGNERS`, config ``align.sequence``), then
     :func:`project_to_target`. ``target_tokens`` (normalised strings) are needed by ``mined-dp`` only,
     ``target_offsets`` by ``offsets``."""
-    if method not in SEQUENCE_ALIGNERS:
-        raise ValueError(
-            f"unknown sequence alignment {method!r} (config: align.sequence); choose one of {sorted(SEQUENCE_ALIGNERS)}"
-        )
-    pos_map = SEQUENCE_ALIGNERS[method](
+    pos_map = SEQUENCE_ALIGNERS.lookup(method)(
         src_offsets=scored.offsets, tgt_offsets=target_offsets, src_tokens=scored.tokens, tgt_tokens=target_tokens
     )
     dist = project_to_target(scored, pos_map, vocab_map, target_ids, k)

@@ -19,25 +19,19 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fuseflow.align.levenshtein import levenshtein_indexed
+from fuseflow.registry import Registry
 from fuseflow.align.tokens import as_numpy_strings, code_points
 
 __all__ = ["SEQUENCE_ALIGNERS", "sequence_aligner", "align_offsets", "align_mined_dp", "token_starts"]
 
 SequenceAlignerFn = Callable[..., np.ndarray]
-SEQUENCE_ALIGNERS: dict[str, SequenceAlignerFn] = {}
+SEQUENCE_ALIGNERS: Registry[SequenceAlignerFn] = Registry("sequence alignment", field="align.sequence")
 
 
 def sequence_aligner(name: str):
     """Register ``fn(*, src_offsets, tgt_offsets, src_tokens, tgt_tokens) -> pos_map [Lt-1] int32``
     (each method reads the inputs it needs; the others may be ``None``)."""
-
-    def register(fn: SequenceAlignerFn) -> SequenceAlignerFn:
-        if name in SEQUENCE_ALIGNERS:
-            raise ValueError(f"sequence aligner {name!r} registered twice")
-        SEQUENCE_ALIGNERS[name] = fn
-        return fn
-
-    return register
+    return SEQUENCE_ALIGNERS.register(name)
 
 
 # ----------------------------------------------------------------------------------------------------------

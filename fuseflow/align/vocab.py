@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fuseflow.align.levenshtein import levenshtein_indexed
+from fuseflow.registry import Registry
 from fuseflow.align.tokens import ROLES, VocabInfo, as_numpy_strings, code_points, token_strings, vocab_info
 
 __all__ = [
@@ -43,20 +44,13 @@ log = logging.getLogger(__name__)
 _CACHE_VERSION = "1"
 
 VocabMapFn = Callable[..., np.ndarray]
-VOCAB_MAPS: dict[str, VocabMapFn] = {}
+VOCAB_MAPS: Registry[VocabMapFn] = Registry("vocab map", field="align.vocab_map")
 
 
 def vocab_map(name: str):
     """Register ``fn(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts, cache_dir)``
     returning ``[V_src] int32`` (entries take ``**_`` for the arguments they do not use)."""
-
-    def register(fn: VocabMapFn) -> VocabMapFn:
-        if name in VOCAB_MAPS:
-            raise ValueError(f"vocab map {name!r} registered twice")
-        VOCAB_MAPS[name] = fn
-        return fn
-
-    return register
+    return VOCAB_MAPS.register(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,8 +263,7 @@ def build_vocab_map(
     written to, ``<cache_dir>/vocab_maps/`` (``cache_dir`` defaults to :func:`fuseflow.models.cache_dir`),
     keyed by a hash of both vocabularies, the method and, for ``stats``, the texts.
     """
-    if method not in VOCAB_MAPS:
-        raise ValueError(f"unknown vocab map {method!r} (config: align.vocab_map); choose one of {sorted(VOCAB_MAPS)}")
+    VOCAB_MAPS.lookup(method)  # an unknown name fails here, before any work
     src, tgt = vocab_info(src_tokenizer), vocab_info(tgt_tokenizer)
     if src.digest == tgt.digest:
         return np.arange(src.size, dtype=np.int32)

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from fuseflow.config import ConfigError, load_config
+from fuseflow.config import ConfigError, check_source_engine_options, load_config
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,16 @@ class SourceSpec(_Strict):
     tls_ca: str | None = Field(None, description="PEM CA certificate of the teacher (turns TLS on)")
     timeout_s: float = Field(300.0, gt=0, description="deadline of each call to the teacher")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the teacher at start-up")
+
+    @field_validator("engine_options")
+    @classmethod
+    def _typed_engine_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_source_engine_options(info, v)
+
+    def engine_kwargs(self, device: str | None = None) -> dict[str, Any]:
+        """In-process engine's keyword arguments (:func:`fuseflow.score.engine.engine_from_source`)."""
+        return {"name": self.name, **({"device": device} if device and self.engine == "hf" else {}),
+                **self.engine_options}
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceSpec":
@@ -147,9 +157,9 @@ def _build_source(spec: SourceSpec, index: int):
 
     where = f"sources[{index}] ({spec.name!r})"
     if spec.model is not None:
-        from fuseflow.score.engine import create_engine
+        from fuseflow.score.engine import engine_from_source
 
-        engine = create_engine(spec.engine, spec.model, name=spec.name, **spec.engine_options)
+        engine = engine_from_source(spec)
         return EnsembleSource.from_engine(engine, name=spec.name)
 
     from fuseflow.models import load_tokenizer

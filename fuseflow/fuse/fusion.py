@@ -42,6 +42,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from fuseflow.registry import Registry
+
 __all__ = [
     "FUSIONS",
     "FusionFn",
@@ -73,28 +75,16 @@ class FusionFn(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-FUSIONS: dict[str, FusionFn] = {}
+FUSIONS: Registry[FusionFn] = Registry("fusion function", field="fusion.function")
 
 
 def fusion(name: str) -> Callable[[FusionFn], FusionFn]:
     """Register a fusion function under ``name`` (the value of the run config's ``fusion`` field)."""
-
-    def register(fn: FusionFn) -> FusionFn:
-        if name in FUSIONS:
-            raise ValueError(f"fusion {name!r} is registered twice ({FUSIONS[name].__module__}, {fn.__module__})")
-        FUSIONS[name] = fn
-        return fn
-
-    return register
+    return FUSIONS.register(name)
 
 
 def get_fusion(name: str) -> FusionFn:
-    try:
-        return FUSIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown fusion {name!r} in config field 'fusion.function'; choose one of {sorted(FUSIONS)}"
-        ) from None
+    return FUSIONS.lookup(name)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ implements :meth:`Engine._score` (validated ids in, top-k arrays out) and :meth:
 from __future__ import annotations
 
 import abc
-import importlib
-from collections.abc import Callable, Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fuseflow.registry import Registry
 
 from fuseflow.sparse import Generated, ScoreError, ScoredText  # records shared with clients; re-exported here
 
@@ -38,6 +40,7 @@ class Engine(abc.ABC):
     """A teacher model that scores texts (top-k next-token logprobs) and samples continuations."""
 
     kind: ClassVar[str] = ""  # registry key, set by @register_engine
+    Options: ClassVar[type["EngineOptions"] | None] = None  # typed keyword arguments, set by @register_engine
 
     name: str
     tokenizer: "transformers.PreTrainedTokenizerFast"  # noqa: F821
@@ -193,36 +196,72 @@ class Engine(abc.ABC):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Registry.
+# Registry, typed options and the one factory.
 # ----------------------------------------------------------------------------------------------------------
 
-ENGINES: dict[str, type[Engine]] = {}
 
-# Engines shipped with fuseflow, imported on first use so that `vllm` is only imported when asked for.
-_BUILTIN_MODULES = {"hf": "fuseflow.score.hf_engine", "vllm": "fuseflow.score.vllm_engine"}
+class EngineOptions(BaseModel):
+    """An engine's keyword arguments as a typed model (declared next to its engine), so that a typo or a
+    wrong type in a source's ``engine_options`` fails at config load, naming the field (issue 13). Defaults
+    equal the engine constructor's (a test compares them); only the options a user set are passed on."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def register_engine(kind: str) -> Callable[[type[Engine]], type[Engine]]:
-    """Class decorator: make ``cls`` available to :func:`create_engine` as ``kind``."""
+# Engines shipped with fuseflow are imported on first use, so that `vllm` is only imported when asked for.
+ENGINES: Registry[type[Engine]] = Registry(
+    "engine kind", builtins={"hf": "fuseflow.score.hf_engine", "vllm": "fuseflow.score.vllm_engine"}
+)
+
+
+def register_engine(kind: str, options: type[EngineOptions] | None = None) -> Callable[[type[Engine]], type[Engine]]:
+    """Class decorator: make ``cls`` available to :func:`create_engine` as ``kind``; ``options`` is its typed
+    keyword arguments (None: unchecked, for engines defined in tests)."""
 
     def wrap(cls: type[Engine]) -> type[Engine]:
-        if kind in ENGINES and ENGINES[kind] is not cls:
-            raise ValueError(f"engine kind {kind!r} is already registered by {ENGINES[kind].__qualname__}")
+        ENGINES.register(kind, cls)
         cls.kind = kind
-        ENGINES[kind] = cls
+        cls.Options = options
         return cls
 
     return wrap
 
 
+def engine_options_model(kind: str) -> type[EngineOptions] | None:
+    return ENGINES.lookup(kind).Options
+
+
+def check_engine_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` validated against engine ``kind``'s options model: the options as given, coerced to their
+    types (pydantic's ``ValidationError`` names each bad field; a config nests it under its source)."""
+    model = engine_options_model(kind)
+    if model is None or not options:
+        return dict(options)
+    return model.model_validate(dict(options)).model_dump(exclude_unset=True)
+
+
 def create_engine(kind: str, model: str, **options) -> Engine:
     """Build the engine ``kind`` (``hf``, ``vllm``, …) for ``model`` (see :func:`fuseflow.models.resolve`).
 
-    ``options`` are the engine's keyword arguments (device, dtype, max_length, batching limits, …).
+    ``options`` are the engine's keyword arguments (device, dtype, max_length, batching limits, …), checked
+    against its options model first.
     """
-    if kind not in ENGINES and kind in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[kind])
-    if kind not in ENGINES:
-        known = sorted(set(ENGINES) | set(_BUILTIN_MODULES))
-        raise ValueError(f"unknown engine kind {kind!r}; choose one of {', '.join(known)}")
-    return ENGINES[kind](model, **options)
+    cls = ENGINES.lookup(kind)
+    try:
+        options = check_engine_options(kind, options)
+    except ValidationError as e:
+        bad = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: "
+            + ("unknown option (typo?)" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in e.errors()
+        )
+        raise ValueError(f"{kind} engine option {bad}") from None
+    return cls(model, **options)
+
+
+def engine_from_source(source, device: str | None = None, **overrides) -> Engine:
+    """The one construction of a configured source's engine — ``fuseflow fuse``, ``fuseflow teacher serve
+    --config`` and in-process Cool-Fusion sources all call it. ``source`` is a run config's ``SourceConfig`` or
+    an ensemble's ``SourceSpec`` (both give ``engine``, ``model`` and ``engine_kwargs(device)``: their fields,
+    then their ``engine_options``, which win); ``overrides`` (the server's ``max_top_k``) win over both."""
+    return create_engine(source.engine, source.model, **{**source.engine_kwargs(device), **overrides})

@@ -18,15 +18,17 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fuseflow.kernels.head import HEAD_METHODS, LogitTransform, apply_logit_transform, topk_logprobs_with_head
 from fuseflow.models import LoadedModel, load
 from fuseflow.packing import is_varlen, pack_rows, row_capacity, row_layout
 from fuseflow.score.batching import plan_batches
-from fuseflow.score.engine import Engine, Generated, NextTokenScores, ScoreError, register_engine
+from fuseflow.score.engine import Engine, EngineOptions, Generated, NextTokenScores, ScoreError, register_engine
 from fuseflow.score.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,25 @@ def _parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-@register_engine("hf")
+class HFEngineOptions(EngineOptions):
+    """``engine_options`` of an ``engine: hf`` source: :class:`HFEngine`'s keyword arguments."""
+
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
+    max_length: int | None = Field(None, gt=1, description="longest sequence, special tokens included")
+    max_top_k: int | None = Field(None, ge=1)
+    max_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward")
+    max_batch_size: int = Field(64, gt=0, description="sequences per forward")
+    head_chunk_tokens: int | None = Field(None, gt=0, description="tokens per lm_head chunk (bounds [chunk, V])")
+    name: str | None = None
+    pack: bool = Field(True, description="pack sequences end to end into rows instead of padding them")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
+    head_method: Literal[HEAD_METHODS] = Field("auto", description="top-k kernel of the lm_head epilogue")
+    compile: bool = Field(False, description="torch.compile the decoder trunk")
+    prefix_cache: int = Field(4, ge=0, description="prefix KV caches kept for Cool-Fusion's growing contexts")
+
+
+@register_engine("hf", HFEngineOptions)
 class HFEngine(Engine):
     """transformers + torch on CPU or CUDA.
 

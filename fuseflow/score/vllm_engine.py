@@ -30,12 +30,13 @@ import inspect
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from fuseflow.sparse import ScoredText
-from fuseflow.score.engine import Engine, Generated, NextTokenScores, register_engine
+from fuseflow.score.engine import Engine, EngineOptions, Generated, NextTokenScores, register_engine
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,27 @@ def _supported_engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in dropped}
 
 
-@register_engine("vllm")
+class VLLMEngineOptions(EngineOptions):
+    """``engine_options`` of an ``engine: vllm`` source: :class:`VLLMEngine`'s keyword arguments (the checks
+    that need the model, as ``max_length`` against its context, stay in the constructor)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal[_VLLM_DTYPES] = "auto"
+    max_length: int | None = Field(None, gt=1)
+    max_top_k: int | None = Field(20, ge=1, description="vLLM's max_logprobs")
+    max_batch_tokens: int | None = Field(None, ge=1, description="max_num_batched_tokens (default: from the vocab)")
+    max_batch_size: int = Field(256, ge=1)
+    max_call_tokens: int = Field(65536, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    seed: int = 0
+    name: str | None = None
+    device: str | None = None
+    head_chunk_tokens: int | None = None
+    engine_args: dict[str, Any] | None = Field(None, description="further vllm.EngineArgs, passed through")
+
+
+@register_engine("vllm", VLLMEngineOptions)
 class VLLMEngine(Engine):
     """vLLM ``LLM`` (offline engine) on one or several GPUs.
 

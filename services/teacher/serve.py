@@ -215,22 +215,9 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
         source = matches[0]
     if args.engine and args.engine != source.engine:
         raise UsageError(f"--engine {args.engine} contradicts sources[{source.key}].engine {source.engine} in {args.config}")
-    options = {
-        "dtype": source.dtype,
-        "max_batch_tokens": source.batch_tokens,
-        "head_chunk_tokens": source.head_chunk_tokens,
-        "max_top_k": args.max_top_k,
-        "name": source.key,
-    }
-    if source.max_length:
-        options["max_length"] = source.max_length
-    if source.attn_implementation:
-        options["attn_implementation"] = source.attn_implementation
-    if source.engine == "hf":
-        options["device"] = args.device or cfg.device
-    # The source's own engine options (vllm: tensor_parallel_size, …; hf: pack, head_method, compile), as
-    # `fuseflow fuse` passes them; they win over the defaults above.
-    options.update(source.engine_options)
+    # The source's engine as `fuseflow fuse` builds it (SourceConfig.engine_kwargs: its fields, then its
+    # engine_options, which win over the server's max_top_k too).
+    options = {"max_top_k": args.max_top_k, **source.engine_kwargs(args.device or cfg.device)}
     return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, config=cfg, source=source)
 
 

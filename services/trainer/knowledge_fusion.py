@@ -58,21 +58,11 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
 
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts):
     from fuseflow.score.aligner import TeacherAligner
-    from fuseflow.score.engine import create_engine
+    from fuseflow.score.engine import engine_from_source
 
     teachers = []
     for src in sources:
-        engine = create_engine(
-            src.engine,
-            src.model,
-            dtype=src.dtype,
-            device=cfg.device,
-            max_batch_tokens=src.batch_tokens,
-            head_chunk_tokens=src.head_chunk_tokens,
-            **({"max_length": src.max_length} if src.max_length else {}),
-            **({"attn_implementation": src.attn_implementation} if src.attn_implementation else {}),
-            **src.engine_options,
-        )
+        engine = engine_from_source(src, cfg.device)
         teachers.append(
             TeacherAligner(
                 src.key,

@@ -29,7 +29,7 @@ def test_overrides_apply():
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (["sources.0.address=localhost:1"], "sources.0"),  # address and model both set
+        (["sources.0.address=localhost:1"], "sources[0]"),  # address and model both set
         (["sources.1.name=smollm"], "sources"),  # duplicate name
         (["name=gemma"], "name"),
         (["decoding.rerank=best"], "decoding.rerank"),

@@ -104,3 +104,22 @@ def test_limits_checked_before_the_backend_runs(bpe_tokenizer):
     with pytest.raises(ScoreError, match="temperature must be >= 0"):
         engine.generate(np.array([1, 2]), 2, temperature=-1.0)
     assert engine.calls == []
+
+
+@pytest.mark.parametrize("kind", ["hf", "vllm"])
+def test_options_model_matches_the_constructor(kind):
+    """The typed options (checked at config load) are exactly the engine's keyword arguments, same defaults."""
+    import inspect
+
+    cls = ENGINES.lookup(kind)
+    params = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    fields = {n: f.default for n, f in cls.Options.model_fields.items()}
+    assert fields == params
+
+
+def test_create_engine_checks_options_before_loading():
+    with pytest.raises(ValueError, match=r"hf engine option pakc: unknown option \(typo\?\)"):
+        create_engine("hf", "never-loaded", pakc=False)
+    with pytest.raises(ValueError, match="vllm engine option tensor_parallel_size: Input should be greater"):
+        create_engine("vllm", "never-loaded", tensor_parallel_size=0)

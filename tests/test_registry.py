@@ -1,0 +1,37 @@
+"""fuseflow.registry.Registry: the one registry type of engines, fusion functions, vocab maps, aligners."""
+
+import pytest
+
+from fuseflow.registry import Registry
+
+
+def test_register_lookup_and_errors():
+    reg = Registry("widget", field="x.widget")
+
+    @reg.register("a")
+    def a():
+        return 1
+
+    assert reg.lookup("a") is a and "a" in reg and sorted(reg) == ["a"]
+    reg.register("a", a)  # the same entry again (a module imported twice) is harmless
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        reg.register("a")(lambda: 2)
+    with pytest.raises(ValueError, match="unknown widget 'b' in config field 'x.widget'; choose one of a"):
+        reg.lookup("b")
+
+
+def test_builtins_are_imported_on_first_lookup():
+    from fuseflow.score.engine import ENGINES
+
+    assert ENGINES.names() == sorted(set(ENGINES.names()) | {"hf", "vllm"})
+    assert ENGINES.lookup("hf").kind == "hf"
+
+
+def test_the_families_share_the_type():
+    from fuseflow.align.sequence import SEQUENCE_ALIGNERS
+    from fuseflow.align.vocab import VOCAB_MAPS
+    from fuseflow.fuse.fusion import FUSIONS
+    from fuseflow.score.engine import ENGINES
+
+    for reg in (SEQUENCE_ALIGNERS, VOCAB_MAPS, FUSIONS, ENGINES):
+        assert isinstance(reg, Registry)
