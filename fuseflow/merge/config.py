@@ -9,6 +9,7 @@ A method's ``parameters`` are checked against the keyword-only arguments of its 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import typing
@@ -60,13 +61,21 @@ def _is_per_model(tp: Any) -> bool:
     return any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
 
 
-def validate_parameters(method_name: str, params: dict[str, Any], n_models: int) -> dict[str, Any]:
-    """``params`` checked against the method's signature, defaults filled in."""
-    method = get_method(method_name)
-    spec = method_parameters(method)
+@functools.lru_cache(maxsize=None)
+def _parameters_model(method_name: str) -> tuple[type[BaseModel], dict[str, tuple[Any, Any]]]:
+    # Built once per method: a mergekit config validates the parameters of every tensor.
+    spec = method_parameters(get_method(method_name))
     model = create_model(  # type: ignore[call-overload]
         f"{method_name}_parameters", __config__=ConfigDict(extra="forbid"), **spec
     )
+    return model, spec
+
+
+def validate_parameters(method_name: str, params: dict[str, Any], n_models: int) -> dict[str, Any]:
+    """``params`` checked against the method's signature, defaults filled in. A per-model parameter
+    (``weights``; ``density`` where a method takes one value or one per model) must have one value per
+    model when it is a list."""
+    model, spec = _parameters_model(method_name)
     try:
         values = model.model_validate(params).model_dump()
     except ValidationError as e:
@@ -76,7 +85,7 @@ def validate_parameters(method_name: str, params: dict[str, Any], n_models: int)
             + f" (method {method_name!r} takes: {allowed})"
         ) from None
     for name, (tp, _) in spec.items():
-        if _is_per_model(tp) and values[name] is not None and len(values[name]) != n_models:
+        if _is_per_model(tp) and isinstance(values[name], list) and len(values[name]) != n_models:
             raise ValueError(f"parameters.{name}: {len(values[name])} values for {n_models} models (one per model)")
     return values
 

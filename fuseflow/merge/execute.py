@@ -31,12 +31,12 @@ def merge_tensor(task: TensorTask, method: MergeMethod, params: dict[str, Any]) 
     base = load_tensor(task.base)
     if not task.sources:
         return base.to(task.dtype)
-    kwargs = dict(params)
+    kwargs = dict(params if task.params is None else task.params)
     if method.seeded:
-        kwargs["seed"] = tensor_seed(int(params.get("seed", 0)), task.name)
+        kwargs["seed"] = tensor_seed(int(kwargs.get("seed", 0)), task.name)
     tensors = [load_tensor(ref, task.rows) for ref in task.sources]
     if task.rows is None:
-        return method.fn(tensors, base, **kwargs).to(task.dtype)
+        return method.fn(tensors, base if task.base_input else None, **kwargs).to(task.dtype)
     out = base.to(task.dtype, copy=True)  # [V_base, ...] rows past the common vocabulary stay the base's
     out[: task.rows] = method.fn(tensors, base[: task.rows], **kwargs)
     return out

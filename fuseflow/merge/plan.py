@@ -16,6 +16,7 @@ beyond the smallest model's vocabulary are copied from the base.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -69,7 +70,10 @@ class ModelInfo:
 @dataclass(frozen=True)
 class TensorTask:
     """One output tensor. ``sources`` has one entry per merged model (config order); empty means the
-    tensor is copied from the base (non-float buffers). ``rows`` limits the merge to the first rows."""
+    tensor is copied from the base (non-float buffers). ``rows`` limits the merge to the first rows.
+    ``params``: this tensor's own method parameters (mergekit configs: filters and per-layer gradients),
+    else the config's. ``base_input``: whether the method gets the base tensor (a mergekit ``linear``,
+    ``passthrough`` or base-less ``nuslerp`` gets None; ``base`` then only gives the layout)."""
 
     name: str
     shape: tuple[int, ...]
@@ -78,6 +82,8 @@ class TensorTask:
     sources: tuple[TensorRef, ...]
     rows: int | None
     shard: int
+    params: dict | None = field(default=None, compare=False)
+    base_input: bool = True
 
 
 @dataclass(frozen=True)
@@ -248,7 +254,6 @@ def build_plan(
 
     vocab_tensors = {n for n in (emb, head) if n is not None}
     tasks: list[TensorTask] = []
-    shard, filled = 0, 0
     for name in sorted(expected, key=_natural_key):
         bmeta = base_info.tensors[name]  # every expected name is in the base (untied head checked above)
         base_ref = TensorRef(bmeta.file, name)
@@ -272,14 +277,24 @@ def build_plan(
                 )
             if rows is not None:
                 notes.append(f"{name}: merging the first {rows} of {bmeta.shape[0]} rows; the rest come from the base")
-        size = nbytes(bmeta.shape, out_dtype)
+        tasks.append(TensorTask(name, bmeta.shape, out_dtype, base_ref, sources, rows, 0))
+
+    planned, files = assign_shards(tasks, shard_size)
+    for note in notes:
+        log.info(note)
+    return MergePlan(base_info, infos, planned, files, tied_out, tuple(notes))
+
+
+def assign_shards(tasks: list[TensorTask], shard_size: int) -> tuple[tuple[TensorTask, ...], tuple[str, ...]]:
+    """``tasks`` (in output order) with their shard index, filling shards up to ``shard_size`` bytes (a
+    larger tensor gets a shard of its own), and the shard file names."""
+    out, shard, filled = [], 0, 0
+    for task in tasks:
+        size = nbytes(task.shape, task.dtype)
         if filled and filled + size > shard_size:
             shard, filled = shard + 1, 0
         filled += size
-        tasks.append(TensorTask(name, bmeta.shape, out_dtype, base_ref, sources, rows, shard))
-
+        out.append(dataclasses.replace(task, shard=shard))
     n = shard + 1
     files = ("model.safetensors",) if n == 1 else tuple(f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n))
-    for note in notes:
-        log.info(note)
-    return MergePlan(base_info, infos, tuple(tasks), files, tied_out, tuple(notes))
+    return tuple(out), files

@@ -1,5 +1,8 @@
 """``fuseflow merge CONFIG [key=value ...]``: load the YAML config, plan, merge, write an HF model directory.
 
+CONFIG is fuseflow's format (``method:``, examples/merge.yaml) or mergekit's (``merge_method:``, read as
+mergekit reads it: fuseflow/merge/mergekit.py); the format is told by that field.
+
 The output directory holds the merged safetensors shards (with ``model.safetensors.index.json`` when there
 are several), the base's config and tokenizer files, and ``fuseflow_merge.yaml``: the resolved config
 that produced it. It is written to a temporary sibling directory and renamed into place when complete.
@@ -23,6 +26,8 @@ from fuseflow.models import ModelLoadError, resolve
 
 from .config import MergeConfig, method_parameters
 from .execute import execute_plan
+from .mergekit import METHODS as MERGEKIT_METHODS
+from .mergekit import MergekitConfig, build_mergekit_plan
 from .methods import MERGE_METHODS, get_method
 from .plan import MergeCheckError, MergePlan, build_plan
 
@@ -37,10 +42,24 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> MergeConfig:
+def is_mergekit(path: str | os.PathLike) -> bool:
+    """A config is mergekit's when its top level has ``merge_method`` (fuseflow's has ``method``)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the shared loader reports it
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> MergeConfig | MergekitConfig:
     """Read and validate a merge config with the shared loader (:func:`fuseflow.config.load_config`: YAML,
     ``key=value`` overrides such as ``parameters.select_topk=0.1`` or ``models.0=dir``); :class:`ConfigError`
-    names each field at fault."""
+    names each field at fault. A mergekit config (``merge_method:``) is read as :class:`MergekitConfig`."""
+    if is_mergekit(path):
+        cfg = load_run_config(MergekitConfig, path, overrides)
+        if cfg.output is None:
+            raise ConfigError(f"output: {path} is a mergekit config, which has no output directory; add output=DIR")
+        return cfg
     return load_run_config(MergeConfig, path, overrides)
 
 
@@ -66,22 +85,27 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise ConfigError(f"output: {out} is not a model directory (no config.json); refusing to replace it")
 
 
-def copy_base_files(base: Path, out: Path, dtype: str | None) -> None:
-    """Copy the base's config, generation config and tokenizer files (everything but weights)."""
+def copy_base_files(base: Path, out: Path, dtype: str | None, updates: dict | None = None) -> None:
+    """Copy the base's config, generation config and tokenizer files (everything but weights); set the
+    config's dtype and ``updates`` (a frankenmerge's ``num_hidden_layers``)."""
     for f in sorted(base.iterdir()):
         weights = f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")
         if f.is_file() and not weights and f.name not in NOT_COPIED:
             shutil.copy2(f, out / f.name)
-    if dtype is not None:
+    if dtype is not None or updates:
         cfg_path = out / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["dtype"] = dtype
-        if cfg.get("torch_dtype") is not None:
-            cfg["torch_dtype"] = dtype
+        if dtype is not None:
+            cfg["dtype"] = dtype
+            if cfg.get("torch_dtype") is not None:
+                cfg["torch_dtype"] = dtype
+        cfg.update(updates or {})
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def plan_merge(config: MergeConfig) -> MergePlan:
+def plan_merge(config: MergeConfig | MergekitConfig) -> MergePlan:
+    if isinstance(config, MergekitConfig):
+        return build_mergekit_plan(config, _resolve)[0]
     base = _resolve(config.base, "base")
     models = [_resolve(m, f"models[{i}]") for i, m in enumerate(config.models)]
     return build_plan(
@@ -93,11 +117,29 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     )
 
 
-def run_merge(config: MergeConfig, *, progress: bool = True) -> Path:
-    """Plan and execute ``config``; returns the output directory (an HF model directory)."""
-    plan = plan_merge(config)
+def method_of(config: MergeConfig | MergekitConfig) -> str:
+    """The fuseflow method that runs ``config``."""
+    return MERGEKIT_METHODS[config.merge_method].fuseflow if isinstance(config, MergekitConfig) else config.method
+
+
+def check_output(config: MergeConfig | MergekitConfig, plan: MergePlan) -> Path:
+    """The output directory, refused when it is an input model or a non-empty directory (without
+    ``overwrite``); the same check for a dry run and a real one."""
     out = Path(config.output)
     _check_output(out, [plan.base.path, *(m.path for m in plan.models)], config.overwrite)
+    return out
+
+
+def run_merge(config: MergeConfig | MergekitConfig, *, progress: bool = True) -> Path:
+    """Plan and execute ``config``; returns the output directory (an HF model directory)."""
+    config_updates: dict = {}
+    if isinstance(config, MergekitConfig):
+        plan, config_updates = build_mergekit_plan(config, _resolve)
+        dtype = config.out_dtype or config.dtype
+        params: dict = {}  # every task carries its own
+    else:
+        plan, dtype, params = plan_merge(config), config.dtype, config.parameters
+    out = check_output(config, plan)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -106,9 +148,11 @@ def run_merge(config: MergeConfig, *, progress: bool = True) -> Path:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        execute_plan(plan, get_method(config.method), config.parameters, tmp, progress=progress)
-        copy_base_files(plan.base.path, tmp, config.dtype)
-        (tmp / "fuseflow_merge.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+        execute_plan(plan, get_method(method_of(config)), params, tmp, progress=progress)
+        copy_base_files(plan.base.path, tmp, dtype, config_updates)
+        (tmp / "fuseflow_merge.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json", exclude_none=isinstance(config, MergekitConfig)), sort_keys=False)
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -141,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuseflow merge",
         description="Merge fine-tuned copies of one base model in parameter space, one tensor at a time "
-        "(FuseChat: the fused target models, onto the pivot). Config reference: examples/merge.yaml.",
+        "(FuseChat: the fused target models, onto the pivot). Config reference: examples/merge.yaml; a "
+        "mergekit YAML (merge_method:) is read as mergekit reads it, with output=DIR added (docs/merge.md).",
         epilog=_methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -158,17 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    """``fuseflow merge …`` (also ``python -m fuseflow.merge.run``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
+
+    return run_command("merge", sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if args.dry_run:
-            print(plan_merge(config).summary())
+            plan = plan_merge(config)
+            check_output(config, plan)
+            print(plan.summary())
             return 0
         out = run_merge(config, progress=not args.no_progress)
     except (ConfigError, MergeCheckError) as e:
         print(f"fuseflow merge: error: {e}", file=sys.stderr)
         return 2
-    print(f"merged {len(config.models)} models with {config.method} into {out}")
+    if isinstance(config, MergekitConfig):
+        print(f"merged with mergekit's {config.merge_method} (fuseflow {method_of(config)}) into {out}")
+    else:
+        print(f"merged {len(config.models)} models with {config.method} into {out}")
     return 0
 
 

@@ -53,7 +53,7 @@ def test_example_config_documents_every_field_and_default():
     for name, method in MERGE_METHODS.items():
         assert f"{name}:" in text, name
         for param, (_, default) in method_parameters(method).items():
-            shown = "null" if default is None else str(default).lower()
+            shown = "(required)" if default is ... else "null" if default is None else str(default).lower()
             assert f"{param}: {shown}" in text, (name, param)
 
 
@@ -61,7 +61,7 @@ def test_overrides_set_nested_fields_and_list_items_with_yaml_values(tmp_path):
     path = _config(tmp_path, method="sce", base="b", models=["m1", "m2"], output="o", dtype="float32")
     overrides = ["parameters.select_topk=0.1", "dtype=bfloat16", "models.1=m3", "overwrite=true", "shard_size=40KB"]
     cfg = load_config(path, overrides)
-    assert cfg.parameters == {"select_topk": 0.1}
+    assert cfg.parameters == {"select_topk": 0.1, "uniform_below": 0.0}
     assert (cfg.dtype, cfg.models, cfg.overwrite, cfg.shard_size) == ("bfloat16", ["m1", "m3"], True, 40_000)
     with pytest.raises(ConfigError, match="'select_topk' is not of the form key=value"):
         load_config(path, ["select_topk"])
@@ -78,14 +78,14 @@ def test_overrides_set_nested_fields_and_list_items_with_yaml_values(tmp_path):
     [
         ({"models": []}, "models: List should have at least 1 item"),
         ({"modles": ["a"]}, "modles: unknown field (typo?)"),
-        ({"method": "slerp"}, "method: unknown merge method 'slerp'; choose one of dare, linear, sce"),
+        ({"method": "karcher"}, "method: unknown merge method 'karcher'; choose one of breadcrumbs, dare, della, linear"),
         ({"dtype": "fp8"}, "dtype: Input should be 'float32'"),
         ({"shard_size": "lots"}, "shard_size: expected a size such as 5GB"),
         ({"shard_size": 0}, "shard_size: Input should be greater than 0"),
         ({"parameters": {"select_topk": 0}}, "parameters.select_topk: Input should be greater than 0"),
         (
             {"parameters": {"density": 0.5}},
-            "parameters.density: unknown field (typo?) (method 'sce' takes: select_topk)",
+            "parameters.density: unknown field (typo?) (method 'sce' takes: select_topk, uniform_below)",
         ),
         ({"method": "ties", "parameters": {"weights": [1, 2, 3]}}, "parameters.weights: 3 values for 2 models"),
         ({"method": "dare", "parameters": {"consensus": "maybe"}}, "parameters.consensus: Input should be a valid bool"),
@@ -110,7 +110,8 @@ def test_parse_size_units():
 def test_parameters_get_their_defaults():
     cfg = MergeConfig(method="dare", base="b", models=["m"], output="o")
     assert cfg.parameters == {
-        "density": 0.5, "weights": None, "normalize": False, "consensus": False, "scaling": 1.0, "seed": 0
+        "density": 0.5, "weights": None, "normalize": False, "consensus": False, "rescale": "probability",
+        "scaling": 1.0, "seed": 0,
     }
 
 
