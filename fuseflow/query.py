@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``fuseflow query …`` (also ``python -m fuseflow.query``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
+
+    return run_command("query", sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         with TeacherClient(args.address, token=args.token, tls_ca=args.tls_ca, timeout_s=args.timeout) as client:
             client.wait_ready(args.connect_timeout)
@@ -72,9 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TeacherError as e:
         print(f"fuseflow query: error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fuseflow query: error: {e}", file=sys.stderr)
-        return 2
     print(out)
     return 0
 

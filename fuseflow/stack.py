@@ -282,11 +282,11 @@ def run_stack(
 
 def _status(transport, teacher_metrics: dict[str, int], rates: dict, trainer_rate: Rate, trainer_port: int,
             now: float) -> str:
-    import redis
+    from fuseflow.wire.transport import TransportUnavailable
 
     try:
         stats = transport.stats()
-    except redis.RedisError:
+    except TransportUnavailable:
         stats = None
     teacher_tok_s = {}
     for name, port in teacher_metrics.items():
@@ -325,17 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fuseflow.config import ConfigError
-    from fuseflow.logs import setup_logging
+    """``fuseflow stack …`` (also ``python -m fuseflow.stack``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
 
-    args = build_parser().parse_intermixed_args(argv)
-    if not logging.getLogger().handlers:
-        setup_logging()
-    try:
-        cfg = load_config(FuseConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"fuseflow stack: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("stack", sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(FuseConfig, args.config, args.overrides)
     stop = threading.Event()
 
     def on_signal(signum, _frame):

@@ -254,32 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results file (default: eval.out)")
     p.add_argument("--systems", nargs="+", default=None, help="evaluate only these: source names and/or cool-fusion")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-format", choices=["text", "json"], default=None)
-    p.add_argument("--log-level", default=None)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fuseflow.logs import setup_logging
+    """``fuseflow eval-ensemble …`` (also ``python -m fuseflow.ensemble.evaluate``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
 
-    setup_logging(args.log_format, args.log_level)
+    return run_command("eval-ensemble", sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        cfg = load_ensemble_config(args.config, args.overrides)
-        get_task(cfg.eval.task)
-        sources = build_sources(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fuseflow eval-ensemble: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_ensemble_config(args.config, args.overrides)
+    get_task(cfg.eval.task)
+    sources = build_sources(cfg)
     try:
         report = evaluate(cfg, sources, args.systems)
-    except ValueError as e:
-        print(f"fuseflow eval-ensemble: error: {e}", file=sys.stderr)
-        return 2
     finally:
         for s in sources:
             s.close()

@@ -28,6 +28,7 @@ So at most ``window`` samples' distributions are held: ``window * teachers * T *
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ from fuseflow.wire.codec import decode_aligned, encode_aligned
 from fuseflow.wire.transport import (
     ReadySample,
     Transport,
+    TransportRefused,
+    TransportUnavailable,
     WorkItem,
     check_result,
     spans_from_json,
@@ -48,6 +51,49 @@ from fuseflow.wire.transport import (
 TRAINER_GROUP = "trainer"
 DEAD_TEXT_CHARS = 1000  # bytes of the sample text kept with a dead letter, for inspection
 _SUBMIT_CHUNK = 256  # samples per submit script call
+# Replies that go away by themselves: while ``reset()`` starts a fresh run the stream and its groups are briefly
+# gone (NOGROUP, or UNBLOCKED for a read blocked on the deleted stream); LOADING while a restart replays the AOF.
+_PASSING_REPLIES = ("NOGROUP", "UNBLOCKED", "LOADING")
+
+
+def _transport_error(error: redis.RedisError, where: str) -> Exception | None:
+    """The :mod:`fuseflow.wire.transport` error for a Redis error, or None for one that is a bug here."""
+    if isinstance(error, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
+        return TransportRefused(f"Redis at {where} refused this client: {error} (check the password or ACL user "
+                                "in the Redis URL)")
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or (
+        isinstance(error, redis.ResponseError) and str(error).startswith(_PASSING_REPLIES)
+    ):
+        return TransportUnavailable(f"Redis at {where}: {error}")
+    return None
+
+
+def _speaks_transport_errors(cls):
+    """Wrap every public method (and ``__init__``) of ``cls`` so that Redis errors leave it as the transport's
+    own (:class:`TransportUnavailable`, :class:`TransportRefused`): callers never import ``redis``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except redis.RedisError as e:
+                translated = _transport_error(e, _redacted(getattr(self, "redis_url", "?")))
+                if translated is None:
+                    raise
+                raise translated from e
+
+        return wrapped
+
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and (name == "__init__" or not name.startswith("_")):
+            setattr(cls, name, wrap(fn))
+    return cls
+
+
+def _redacted(url: str) -> str:
+    """``redis://:secret@host:6379/0`` → ``redis://host:6379/0``: errors never print a password."""
+    return re.sub(r"//[^@/]*@", "//", url or "")
 
 # KEYS: state, work, dist hash per sample. ARGV: window, dispatch position of the first sample ('' for none),
 # then (id, text, spans) per sample.
@@ -131,6 +177,7 @@ def _stream_entries(reply) -> list[tuple[bytes, dict]]:
     return [e for _, entries in reply for e in entries]
 
 
+@_speaks_transport_errors
 class RedisTransport(Transport):
     """Redis-streams ``Transport`` of one run (see the module docstring for the keys and scripts).
 
@@ -169,10 +216,7 @@ class RedisTransport(Transport):
         self._ack = self.r.register_script(_ACK_LUA)
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
-        try:
-            self._create_groups()
-        except redis.ConnectionError as e:
-            raise redis.ConnectionError(f"cannot reach Redis at {redis_url} (redis_url): {e}") from e
+        self._create_groups()
 
     def _create_groups(self) -> None:
         for group, stream in [*((t, self.k_work) for t in self.teachers), (TRAINER_GROUP, self.k_ready)]:

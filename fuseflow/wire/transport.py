@@ -23,13 +23,64 @@ Semantics both keep (``tests/wire/test_transport.py`` checks them on both):
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fuseflow.sparse import AlignedDist, Sample
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TransportUnavailable(ConnectionError):
+    """The transport's backend cannot serve now — unreachable, restarting, or recreating a run's streams — and
+    the same call may succeed later. Every ``Transport`` raises this in place of its backend's own errors, so
+    the dispatcher, workers and trainer retry one exception type and never import the backend (issue 13)."""
+
+
+class TransportRefused(PermissionError):
+    """The backend refuses this client (wrong password, an ACL that forbids the command): retrying cannot
+    help; the message names what to fix."""
+
+
+class Backoff:
+    """Exponential backoff between retries: ``first_s`` doubling to ``max_s``, reset after a success. With a
+    ``stop_event`` a wait ends as soon as it is set."""
+
+    def __init__(self, stop_event: threading.Event | None = None, first_s: float = 0.1, max_s: float = 2.0) -> None:
+        self.stop_event, self.first_s, self.max_s = stop_event, first_s, max_s
+        self.delay = first_s
+
+    def wait(self) -> None:
+        if self.stop_event is not None:
+            self.stop_event.wait(self.delay)
+        else:
+            time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.max_s)
+
+    def reset(self) -> None:
+        self.delay = self.first_s
+
+
+def retrying(fn: Callable[[], T], what: str, timeout_s: float = 600.0, backoff: Backoff | None = None) -> T:
+    """``fn()``, retried with backoff while it raises :class:`TransportUnavailable`, for up to ``timeout_s``;
+    then the last error is raised. The one retry rule of the dispatcher, the workers and the trainer."""
+    backoff = backoff or Backoff()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except TransportUnavailable as e:
+            if time.monotonic() > deadline or (backoff.stop_event is not None and backoff.stop_event.is_set()):
+                raise
+            log.warning("%s: transport unavailable (%s); retrying in %.1f s", what, e, backoff.delay)
+            backoff.wait()
 
 # Teacher names become consumer-group names and Redis field prefixes.
 _TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -398,27 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
     p.add_argument("--host", default=None, help="address to bind (default: server.host, 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: server.port, 8000)")
-    p.add_argument("--log-format", choices=["text", "json"], default=None, help="log lines as text or JSON")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, …")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fuseflow.logs import setup_logging
+    """``fuseflow serve-ensemble …`` (also ``python -m fuseflow.gateway.server``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
 
-    setup_logging(args.log_format, args.log_level)
+    return run_command("serve-ensemble", sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.host is not None:
         overrides.append(f"server.host={args.host}")
     if args.port is not None:
         overrides.append(f"server.port={args.port}")
-    try:
-        cfg = load_ensemble_config(args.config, overrides)
-        sources = build_sources(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fuseflow serve-ensemble: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    cfg = load_ensemble_config(args.config, overrides)
+    sources = build_sources(cfg)
     service = EnsembleService(cfg, sources)
     try:
         import uvicorn

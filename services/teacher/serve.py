@@ -72,10 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-top-k", type=int, default=64, help="largest top_k (default 64)")
     lim.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch (default 5)")
     lim.add_argument("--grace-s", type=float, default=30.0, help="shutdown grace period for in-flight requests (default 30)")
-
-    p.add_argument("--log-format", choices=["text", "json"], default=None, help="log lines as text or JSON "
-                   "(default: env FUSEFLOW_LOG_FORMAT, else text)")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, …")
     return p
 
 
@@ -92,23 +88,13 @@ class EngineSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fuseflow.logs import setup_logging
+    """``fuseflow teacher serve …`` (also ``python -m fuseflow.teacher.serve``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
+    from fuseflow.cli import run_command
 
-    setup_logging(args.log_format, args.log_level)
-    try:
-        return serve(args)
-    except UsageError as e:
-        print(f"fuseflow teacher serve: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, OSError, ValueError) as e:
-        if isinstance(e, ValueError) and not type(e).__module__.startswith("fuseflow"):
-            raise
-        print(f"fuseflow teacher serve: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_command("teacher serve", sys.argv[1:] if argv is None else argv)
 
 
-def serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from fuseflow.teacher.server import ServerOptions, build_server
 
     spec = resolve_spec(args)

@@ -18,25 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-
 from fuseflow.sparse import AlignedDist
-from fuseflow.wire.transport import Transport, WorkItem
+from fuseflow.wire.transport import Backoff, Transport, TransportUnavailable, WorkItem
 
 log = logging.getLogger(__name__)
 
-# What a lost or restarting Redis raises: retried with backoff, never fatal.
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-# Replies retried too: while ``RedisTransport.reset()`` starts a fresh run the stream and its groups are briefly
-# gone (NOGROUP, or UNBLOCKED for a read blocked on the deleted stream); LOADING while a restart replays the AOF.
-_RETRYABLE_REPLIES = ("NOGROUP", "UNBLOCKED", "LOADING")
-
-
-def is_retryable(error: BaseException) -> bool:
-    """A Redis error that goes away by itself (outage, restart, fresh run): retry after a pause."""
-    if isinstance(error, RETRYABLE):
-        return True
-    return isinstance(error, redis.ResponseError) and str(error).startswith(_RETRYABLE_REPLIES)
 
 # An exception outside ``ValueError`` (a bad input) is taken for a passing fault of the engine and retried;
 # a sample that keeps raising it is dead-lettered after this many attempts so one poison text cannot stall a run.
@@ -53,20 +39,6 @@ class WorkerStats:
     reclaimed: int = 0  # deliveries taken over from a replica that stopped answering
     source_tokens: int = 0
     retries: int = 0  # Redis calls retried after a connection error
-
-
-class _Backoff:
-    """Exponential backoff for Redis outages: 0.1 s doubling to ``max_s``; reset after a success."""
-
-    def __init__(self, stop_event: threading.Event, max_s: float = 2.0):
-        self.stop_event, self.max_s, self.delay = stop_event, max_s, 0.1
-
-    def wait(self) -> None:
-        self.stop_event.wait(self.delay)
-        self.delay = min(self.delay * 2, self.max_s)
-
-    def reset(self) -> None:
-        self.delay = 0.1
 
 
 def run_worker(
@@ -98,7 +70,7 @@ def run_worker(
     if batch_size < 1:
         raise ValueError(f"worker batch_size must be >= 1, got {batch_size}")
     stats = WorkerStats()
-    backoff = _Backoff(stop_event)
+    backoff = Backoff(stop_event)
     attempts: dict[str, int] = {}  # sample id -> engine faults so far (not bad inputs)
     held: list[WorkItem] = []  # claimed, not yet completed: survives a failed complete
     results: list[tuple[WorkItem, AlignedDist | None, str | None]] | None = None
@@ -133,11 +105,9 @@ def run_worker(
                     backoff.wait()
                     continue
             transport.complete_many(teacher, results)
-        except redis.RedisError as e:
-            if not is_retryable(e):
-                raise
+        except TransportUnavailable as e:  # an outage, a restart, a fresh run: goes away by itself
             stats.retries += 1
-            log.warning("worker %s/%s: Redis unavailable (%s); retrying", teacher, consumer, e,
+            log.warning("worker %s/%s: transport unavailable (%s); retrying", teacher, consumer, e,
                         extra={"fields": {**fields, "error": str(e)}})
             backoff.wait()
             continue

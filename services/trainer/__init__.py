@@ -1,0 +1,12 @@
+"""``fuseflow.trainer``: the knowledge-fusion recipe's processes (dispatcher, consumer, DeepSpeed loop,
+checkpoints, evaluation, report) and their commands."""
+
+from fuseflow.cli import Command
+
+COMMANDS = (
+    Command(("fuse",), "knowledge fusion (FuseLLM) in one process: score, align, fuse, train, evaluate",
+            "fuseflow.trainer.commands:Fuse"),
+    Command(("evaluate",), "held-out bits/byte and perplexity of models on a run config's held-out documents",
+            "fuseflow.trainer.commands:Evaluate"),
+    Command(("train",), "online DeepSpeed trainer consuming aligned distributions from Redis", "fuseflow.trainer.online"),
+)

@@ -13,10 +13,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-import redis
-
 from fuseflow.sparse import Sample
-from fuseflow.wire.transport import Transport
+from fuseflow.wire.transport import Backoff, Transport, TransportUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ class Dispatcher(threading.Thread):
 
     def _dispatch(self) -> None:
         n = len(self.samples)
-        delay = 0.1
+        backoff = Backoff(self._stop_event)
         start = None
         while not self._stop_event.is_set():
             try:
@@ -85,10 +83,9 @@ class Dispatcher(threading.Thread):
                 # A bounded wait, so stop() is noticed while the window stays full.
                 self.transport.submit_at(position, chunk, timeout_s=self.poll_s)
                 self.submitted_here = self.transport.dispatch_position() - start
-                delay = 0.1
+                backoff.reset()
             except TimeoutError:
                 continue  # window full: the position recorded what was queued; go on from there
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
-                log.warning("dispatcher: Redis unavailable (%s); retrying in %.1f s", e, delay)
-                self._stop_event.wait(delay)
-                delay = min(delay * 2, 2.0)
+            except TransportUnavailable as e:
+                log.warning("dispatcher: transport unavailable (%s); retrying in %.1f s", e, backoff.delay)
+                backoff.wait()

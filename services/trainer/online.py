@@ -33,10 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import redis
-
 from fuseflow.config import ConfigError, FuseConfig, load_config
-from fuseflow.wire.transport import ReadySample, Transport
+from fuseflow.wire.transport import ReadySample, Transport, TransportUnavailable, retrying
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +57,6 @@ def all_reduce(values: list[int], op: str = "sum") -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=device)  # [n]
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return [int(v) for v in t.tolist()]
-
-
-def retry_redis(fn: Callable, what: str, timeout_s: float = 600.0):
-    """``fn()``, retried with backoff while Redis is unreachable or restarting (up to ``timeout_s``)."""
-    from fuseflow.teacher.worker import is_retryable
-
-    deadline = time.monotonic() + timeout_s
-    delay = 0.1
-    while True:
-        try:
-            return fn()
-        except redis.RedisError as e:
-            if not is_retryable(e) or time.monotonic() > deadline:
-                raise
-            log.warning("%s: Redis unavailable (%s); retrying in %.1f s", what, e, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 def cannot_grow(stats: dict) -> bool:
@@ -149,7 +130,7 @@ class ReadyFeed:
                 self.micro_steps += 1
                 yield []
                 continue
-            stats = retry_redis(self.transport.stats, "trainer stats")
+            stats = retrying(self.transport.stats, "trainer stats")
             if all_reduce([int(drained(stats))], "min")[0]:
                 return
             # Every rank is empty-handed and more can only come after an ack: the window cannot hold a
@@ -168,23 +149,23 @@ class ReadyFeed:
         batch: list[ReadySample] = []
         while len(batch) < self.micro_batch:
             need = self.micro_batch - len(batch)
-            got = retry_redis(lambda: self.transport.next_ready(self.consumer, need, self.poll_ms), "next_ready")
+            got = retrying(lambda: self.transport.next_ready(self.consumer, need, self.poll_ms), "next_ready")
             for r in got:
                 if r.sample.id in self._skip:
-                    retry_redis(lambda r=r: self.transport.ack_ready([r]), "ack")
+                    retrying(lambda r=r: self.transport.ack_ready([r]), "ack")
                     self._skip.discard(r.sample.id)
                     self.skipped += 1
                     log.info("sample %s is in the checkpoint already: acked, not trained again", r.sample.id)
                 else:
                     batch.append(r)
-            if not got and cannot_grow(retry_redis(self.transport.stats, "trainer stats")):
+            if not got and cannot_grow(retrying(self.transport.stats, "trainer stats")):
                 break
         return batch
 
     def ack_durable(self, sample_ids: list[str]) -> None:
         items = [self._unacked.pop(i) for i in sample_ids if i in self._unacked]
         if items:
-            retry_redis(lambda: self.transport.ack_ready(items), "ack")
+            retrying(lambda: self.transport.ack_ready(items), "ack")
 
 
 def required_window(cfg: FuseConfig, world: int) -> int:
@@ -250,7 +231,7 @@ def run_online(
     dispatcher = None
     if rank == 0:
         if not (out / "checkpoints" / "latest").exists() and hasattr(transport, "reset"):
-            deleted = retry_redis(transport.reset, "reset")
+            deleted = retrying(transport.reset, "reset")
             log.info("fresh run %r: reset its queue (%d keys deleted)", transport.run, deleted)
         sequence = dispatch_sequence(samples, cfg.train.epochs, limit)
         log.info("online run %r: %d samples to dispatch, %d steps, %d ranks, window %d", transport.run,
@@ -283,14 +264,14 @@ def run_online(
     if dispatcher is not None:
         dispatcher.join_checked(timeout=30)
     if rank == 0:
-        stats = retry_redis(transport.stats, "trainer stats")
+        stats = retrying(transport.stats, "trainer stats")
         if metrics is not None:
             metrics.observe_queue(stats)
-        dead = retry_redis(lambda: transport.dead_letters(count=100_000), "dead letters")
+        dead = retrying(lambda: transport.dead_letters(count=100_000), "dead letters")
         with (out / "dead_letter.jsonl").open("w") as f:
             for d in dead:
                 f.write(json.dumps({"sample": d["sample_id"], "reason": f"{d['teacher']}: {d['reason']}"}) + "\n")
-        if not retry_redis(transport.is_finished, "trainer stats"):
+        if not retrying(transport.is_finished, "trainer stats"):
             log.warning("online run %r ended with samples still in flight: %s", transport.run, stats)
         log.info("online run %r done: %d steps, %d samples on rank 0, %d dead letters, %d redelivered and skipped",
                  transport.run, result.steps, result.samples, stats["dead_letters"], feed.skipped)
@@ -301,7 +282,7 @@ def _poll_queue(transport: Transport, metrics, stop: threading.Event, every_s: f
     while not stop.wait(every_s):
         try:
             metrics.observe_queue(transport.stats())
-        except redis.RedisError as e:  # an outage: the trainer's own retries report it
+        except TransportUnavailable as e:  # an outage: the trainer's own retries report it
             log.debug("queue poll failed: %s", e)
 
 
@@ -336,28 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fuseflow.logs import setup_logging
+    """``fuseflow train …`` (also ``python -m fuseflow.trainer.online``), through the one CLI wrapper."""
+    from fuseflow.cli import run_command
 
-    args = build_parser().parse_intermixed_args(argv)
-    if not logging.getLogger().handlers:
-        setup_logging()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return _main(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ConfigError, FileNotFoundError, redis.ConnectionError) as e:
-        print(f"fuseflow train: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        if not type(e).__module__.startswith("fuseflow"):
-            raise
-        print(f"fuseflow train: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("train", sys.argv[1:] if argv is None else argv)
 
 
-def _main(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from fuseflow.wire.redis_streams import RedisTransport
 
     from .loop import init_distributed

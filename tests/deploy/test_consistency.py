@@ -2,8 +2,7 @@
 environment variable names, source names, run names, the Redis URL.
 
 Commands are checked against the contract (deploy_contract.CONTRACT) always, and parsed with the real
-argparse parser where the command exists: ``fuseflow.cli`` when it has the command, else the command's own
-module (``fuseflow.teacher.serve.build_parser``). A command with neither is reported as a skip naming it.
+argparse parser of the one CLI (``fuseflow.cli.build_parser``).
 """
 
 from __future__ import annotations
@@ -112,12 +111,12 @@ def test_every_invocation_follows_the_contract(invocations):
 
 
 def _cli_parser_for(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, str]:
-    """The argparse parser that handles ``fuseflow <words>`` and the module it lives in: the commands that
-    own their parser are listed in ``fuseflow.cli.PASSTHROUGH`` (``teacher serve`` → its serve module)."""
-    from fuseflow.cli import PASSTHROUGH
+    """The argparse parser that handles ``fuseflow <words>`` (the one CLI's, global flags included) and the
+    module that implements the command."""
+    from fuseflow.cli import build_parser, commands
 
-    module = PASSTHROUGH[words[0]][0]
-    return importlib.import_module(module).build_parser(), module
+    command = commands()[words]
+    return build_parser(command), command.impl
 
 
 @pytest.mark.parametrize("words", [("teacher", "serve"), ("train",)], ids=lambda w: "-".join(w))

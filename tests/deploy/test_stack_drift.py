@@ -6,12 +6,11 @@ parsed with the real CLI parsers and every other parsed option must be equal."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import yaml
 
-from fuseflow.cli import PASSTHROUGH
+from fuseflow.cli import build_parser, commands
 from fuseflow.config import FuseConfig, load_config
 from fuseflow.stack import stack_commands
 
@@ -21,8 +20,8 @@ CONTAINER_ONLY = {"host", "port", "metrics_port", "run"}
 
 
 def _parse(argv: list[str]) -> dict:
-    words = argv[:2] if argv[0] == "teacher" else argv[:1]
-    parser = importlib.import_module(PASSTHROUGH[words[0]][0]).build_parser()
+    words = tuple(argv[:2] if argv[0] == "teacher" else argv[:1])
+    parser = build_parser(commands()[words])
     return {k: v for k, v in vars(parser.parse_args(argv[len(words):])).items() if k not in CONTAINER_ONLY}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from fuseflow.sparse import AlignedDist, Sample
 from fuseflow.score.aligner import AlignedResult
-from fuseflow.teacher.worker import EngineFailure, is_retryable, run_worker
+from fuseflow.teacher.worker import EngineFailure, run_worker
 from fuseflow.wire.inprocess import InProcessTransport
 
 TEACHERS = ["alpha", "beta"]
@@ -195,13 +195,6 @@ def test_metrics_get_outcomes_and_lag():
     assert metrics.value("worker_tokens_total") == sum(expected_dist("alpha", s).meta["source_tokens"] for s in samples[:5])
 
 
-def test_is_retryable():
-    import redis
-
-    assert is_retryable(redis.ConnectionError("Connection refused"))
-    assert is_retryable(redis.ResponseError("NOGROUP No such key 'work:{r}' or consumer group 'alpha'"))
-    assert not is_retryable(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
-    assert not is_retryable(ValueError("x"))
 
 
 @pytest.mark.integration

@@ -10,6 +10,7 @@ import pytest
 from fuseflow.sparse import Sample
 from fuseflow.wire.redis_server import RedisServer
 from fuseflow.wire.redis_streams import RedisTransport
+from fuseflow.wire.transport import Backoff, TransportRefused, TransportUnavailable, retrying
 
 pytestmark = pytest.mark.integration
 TEACHERS = ["llama", "gemma"]
@@ -104,11 +105,49 @@ def test_streams_survive_a_server_restart_with_aof(tmp_path, run_name, make_dist
         tr2.close()
 
 
-def test_unreachable_redis_names_the_url():
+def test_unreachable_redis_names_the_url_without_its_password():
+    with pytest.raises(TransportUnavailable, match=r"Redis at redis://127\.0\.0\.1:1/0") as e:
+        RedisTransport("redis://:s3cret@127.0.0.1:1/0", "x", ["a"])
+    assert "s3cret" not in str(e.value)
+
+
+def test_redis_errors_leave_the_transport_as_its_own():
+    """What goes away by itself (an outage, a restart replaying the AOF, a fresh run's groups not there yet) is
+    TransportUnavailable, retried by everyone; a refused password is TransportRefused; anything else is a bug."""
     import redis
 
-    with pytest.raises(redis.ConnectionError, match="redis_url"):
-        RedisTransport("redis://127.0.0.1:1/0", "x", ["a"])
+    from fuseflow.wire.redis_streams import _transport_error
+
+    for e in (redis.ConnectionError("Connection refused"), redis.TimeoutError("t"), redis.BusyLoadingError("LOADING"),
+              redis.ResponseError("NOGROUP No such key 'work:{r}' or consumer group 'alpha'"),
+              redis.ResponseError("UNBLOCKED the stream key no longer exists")):
+        assert isinstance(_transport_error(e, "h"), TransportUnavailable), e
+    assert isinstance(_transport_error(redis.AuthenticationError("invalid password"), "h"), TransportRefused)
+    assert _transport_error(redis.ResponseError("WRONGTYPE Operation against a key"), "h") is None
+
+
+def test_a_wrong_password_is_refused_not_retried():
+    with RedisServer(password="right", appendonly=False) as server:
+        with pytest.raises(TransportRefused, match="check the password") as e:
+            RedisTransport(f"redis://:wrong@{server.host}:{server.port}/0", "x", ["a"])
+        assert "wrong" not in str(e.value).split("refused")[0]  # the URL in the message has no password
+
+
+def test_retrying_retries_only_unavailability_and_gives_up_at_the_deadline():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise TransportUnavailable("down")
+        return "ok"
+
+    assert retrying(flaky, "test", backoff=Backoff(first_s=0.001)) == "ok" and len(calls) == 3
+    with pytest.raises(TransportUnavailable):
+        retrying(lambda: (_ for _ in ()).throw(TransportUnavailable("down")), "test", timeout_s=0.01,
+                 backoff=Backoff(first_s=0.005))
+    with pytest.raises(ValueError):
+        retrying(lambda: (_ for _ in ()).throw(ValueError("bad")), "test")
 
 
 def test_a_sample_every_replica_dies_on_is_dead_lettered(redis_server, run_name, make_dist):
