@@ -14,7 +14,10 @@ source is well defined. Byte-level BPE (``Ġ``) and SentencePiece (``▁``) both
 after it, so common boundaries fall just before spaces and punctuation, as word boundaries do. Small
 vocabularies also share boundaries inside words (``t|wo`` in both): the ``word`` rule (the paper's, and the
 default) also excludes positions between two word characters (``\w``); the ``token`` rule keeps them (for
-scripts written without spaces).
+scripts written without spaces). Under both rules a position right after whitespace is excluded
+(:func:`space_boundary_mask`: whitespace joins the next word). Past ``decoding.segment_max_tokens`` the
+decoder keeps only the common token rule (the max-segment guard), so a long segment is still never cut
+inside any source's token.
 
 Pure functions over offset arrays; the tokenizer calls that produce the offsets live in
 :mod:`fuseflow.ensemble.sources`.
@@ -70,6 +73,20 @@ def word_boundary_mask(text: str) -> np.ndarray:
     mask = np.ones(len(text) + 1, dtype=bool)
     inside = np.fromiter((m.start() for m in _INSIDE_WORD.finditer(text)), dtype=np.int64)  # [I]
     mask[inside] = False
+    return mask
+
+
+def space_boundary_mask(text: str) -> np.ndarray:
+    """``mask`` [len(text) + 1]: false right after a whitespace character, except at the end of ``text``.
+
+    Whitespace joins the word after it (issue 16): a space or a newline is never the end of a segment, as
+    both byte-level BPE and SentencePiece attach a space to the token after it. A lone ``" "`` before a
+    digit (SmolLM2 splits digits from the space) would otherwise be a whole propose-and-rerank step. The
+    end stays allowed: a source that stops after a newline ends there.
+    """
+    mask = np.ones(len(text) + 1, dtype=bool)
+    spaces = np.fromiter((i + 1 for i, ch in enumerate(text[:-1]) if ch.isspace()), dtype=np.int64)  # [W]
+    mask[spaces] = False
     return mask
 
 

@@ -8,6 +8,7 @@ round trip per call would cost more than the tokenization itself. The service ha
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,9 @@ class EnsembleSource:
     stop_token_ids: tuple[int, ...]
     remote: bool = False
     closer: object | None = field(default=None, repr=False)  # what ``close`` releases (a gRPC channel)
+    # A fast tokenizer must not be called from two threads at once ("Already borrowed"): parallel proposals
+    # tokenize every source's text from each source's thread.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def from_engine(cls, engine, name: str | None = None) -> "EnsembleSource":
@@ -91,7 +95,8 @@ class EnsembleSource:
         """Tokenize ``texts`` in one call: ids and character offsets, as :func:`fuseflow.models.encode`."""
         if not texts:
             return []
-        enc = self.tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        with self._lock:
+            enc = self.tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         return [
             Encoded(
                 ids=np.asarray(ids, dtype=np.int32),  # [L]
@@ -104,10 +109,10 @@ class EnsembleSource:
         """The text ``new_ids`` add after ``context_ids`` (special tokens skipped)."""
         tail = [int(x) for x in np.asarray(context_ids)[-_DECODE_TAIL:]]
         new = [int(x) for x in np.asarray(new_ids)]
-        before, after = self._decode_batch([tail, tail + new])
+        before, after = self.decode_batch([tail, tail + new])
         if after.startswith(before):
             return after[len(before) :]
-        return self._decode_batch([new])[0]
+        return self.decode_batch([new])[0]
 
     def prefix_char_ends(self, context_ids: np.ndarray, new_ids: np.ndarray, text: str) -> np.ndarray:
         """For each prefix ``new_ids[:m + 1]``: the length of its text if that text is a prefix of ``text``
@@ -116,7 +121,7 @@ class EnsembleSource:
         new = [int(x) for x in np.asarray(new_ids)]
         if not new:
             return np.zeros(0, dtype=np.int64)
-        decoded = self._decode_batch([tail + new[:m] for m in range(len(new) + 1)])
+        decoded = self.decode_batch([tail + new[:m] for m in range(len(new) + 1)])
         base = decoded[0]
         ends = np.full(len(new), -1, dtype=np.int64)  # [M]
         for m, d in enumerate(decoded[1:]):
@@ -124,8 +129,10 @@ class EnsembleSource:
                 ends[m] = len(d) - len(base)
         return ends
 
-    def _decode_batch(self, seqs: list[list[int]]) -> list[str]:
-        return self.tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode_batch(self, seqs: list[list[int]]) -> list[str]:
+        """Each id list as text (special tokens skipped, no clean-up of spaces)."""
+        with self._lock:
+            return self.tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     # -- prompts ---------------------------------------------------------------------------------------
 

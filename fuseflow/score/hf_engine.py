@@ -358,6 +358,57 @@ class HFEngine(Engine):
         with self._lock, torch.inference_mode():
             return [self._score_tail(seq, int(start)) for seq, start in zip(seqs, starts)]
 
+    def score_continuations(self, context: np.ndarray, continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Log-probability of each token of each ``continuations[i]`` after ``context``: ``[len_i]`` fp32 per
+        continuation, temperature 1, the model's own logits (soft-capping included).
+
+        Cool-Fusion's reranking (issue 16): a source scores every candidate segment after the same context in
+        ONE forward — the context's KV cache from :attr:`prefix_cache` (copied, so the generation's own entry
+        stays whole for the next step), repeated once per candidate, and the candidates right-padded in a
+        batch. Right padding needs no attention mask: a real position only attends to the context and to the
+        real positions before it. The values are those of :meth:`score_ids`' gold logprobs at the same
+        positions.
+        """
+        context = np.asarray(context, dtype=np.int64)
+        conts = [np.asarray(c, dtype=np.int64) for c in continuations]
+        if context.ndim != 1 or context.size == 0:
+            raise ScoreError(f"score_continuations: context must be a non-empty 1-D array, got shape {context.shape}")
+        for i, c in enumerate(conts):
+            if c.ndim != 1 or context.size + c.size > self.max_length:
+                raise ScoreError(
+                    f"score_continuations: continuation {i} has {c.size} tokens after a context of {context.size} "
+                    f"(max_length {self.max_length})", i,
+                )
+        for i, a in enumerate([context, *conts]):
+            if a.size and (a.min() < 0 or a.max() >= self._vocab_size):
+                raise ScoreError(f"score_continuations: ids outside [0, {self._vocab_size})", max(i - 1, 0))
+        out = [np.zeros(0, dtype=np.float32) for _ in conts]
+        live = [i for i, c in enumerate(conts) if c.size]
+        if not live:
+            return out
+        with self._lock, torch.inference_mode():
+            cache, fed = self.prefix_cache.take(context, copy=True)  # a KV cache of context[:fed], fed < len
+            tail = context[fed:]  # [P - fed] >= 1: the last context token predicts each continuation's first
+            longest = max(conts[i].size for i in live)
+            inputs = np.full((len(live), tail.size + longest - 1), self._pad_id, dtype=np.int64)  # [C, T]
+            inputs[:, : tail.size] = tail
+            for r, i in enumerate(live):
+                inputs[r, tail.size : tail.size + conts[i].size - 1] = conts[i][:-1]
+            if cache is not None and len(live) > 1:
+                cache.batch_repeat_interleave(len(live))
+            kw = {"logits_to_keep": longest} if self._keeps_logits else {}
+            logits = self.model(
+                input_ids=torch.from_numpy(inputs).to(self.device), past_key_values=cache, use_cache=cache is not None,
+                **kw,
+            ).logits[:, -longest:].float()  # [C, longest, V] positions P-1 … P+longest-2
+            for r, i in enumerate(live):
+                n = conts[i].size
+                gold = torch.from_numpy(conts[i]).to(self.device)  # [n]
+                rows = logits[r, :n]  # [n, V]
+                lp = rows.gather(1, gold[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)  # [n]
+                out[i] = lp.cpu().numpy().astype(np.float32)
+        return out
+
     def _score_tail(self, seq: np.ndarray, start: int) -> np.ndarray:
         if start == len(seq):
             return np.zeros(0, dtype=np.float32)
@@ -385,13 +436,23 @@ class HFEngine(Engine):
         top_p: float = 1.0,
         stop_token_ids: Sequence[int] = (),
         seed: int | None = None,
+        stop_when: Callable[[np.ndarray], bool] | None = None,
     ) -> Generated:
-        """Sample with the model's own forward and a KV cache, one token per step (batch of one)."""
+        """Sample with the model's own forward and a KV cache, one token per step (batch of one).
+
+        ``stop_when``, if given, is called after each sampled token with the ids generated so far ([n] int32)
+        and ends generation when it returns true (finish reason "stop"; the token is kept). It is how a caller
+        stops on a condition of the text (Cool-Fusion's shared word boundary, a stop string) inside the
+        generation, with the KV cache kept in :attr:`prefix_cache`, instead of cutting a fixed window after it
+        (issue 16). It runs under the engine's lock: keep it to text work.
+        """
         prompt = self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_p)
         with self._lock, torch.inference_mode():
-            return self._generate_unlocked(prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed)
+            return self._generate_unlocked(prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed, stop_when)
 
-    def _generate_unlocked(self, prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed) -> Generated:
+    def _generate_unlocked(
+        self, prompt, max_new_tokens, temperature, top_p, stop_token_ids, seed, stop_when=None
+    ) -> Generated:
         stops = {int(s) for s in stop_token_ids}
         generator = torch.Generator(device=self.device)
         if seed is None:
@@ -412,7 +473,7 @@ class HFEngine(Engine):
             token = sample_next_token(logits, temperature, top_p, generator)
             tokens.append(token)
             logprobs.append(float(logits[token] - torch.logsumexp(logits, dim=-1)))
-            if token in stops:
+            if token in stops or (stop_when is not None and stop_when(np.asarray(tokens, dtype=np.int32))):
                 finish = "stop"
                 break
             step_input = torch.tensor([[token]], dtype=torch.int64, device=self.device)  # [1, 1]

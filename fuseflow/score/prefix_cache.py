@@ -18,6 +18,8 @@ precision.
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import numpy as np
 
 
@@ -38,9 +40,12 @@ class PrefixCache:
         self._entries: list[tuple[np.ndarray, object]] = []  # most recent first
         self.reused_tokens = 0  # prompt tokens not recomputed, for metrics and tests
 
-    def take(self, prompt: np.ndarray) -> tuple[object | None, int]:
+    def take(self, prompt: np.ndarray, copy: bool = False) -> tuple[object | None, int]:
         """``(cache, n)``: a KV cache holding exactly ``prompt[:n]``, or ``(None, 0)``. ``n < len(prompt)``
-        always, so the caller runs at least the last prompt token and gets its logits."""
+        always, so the caller runs at least the last prompt token and gets its logits.
+
+        ``copy``: leave the entry in place and return a copy (Cool-Fusion's candidate scoring runs on the
+        context without spending the generation's longer entry, which the next proposal reuses)."""
         best, best_n = -1, 0
         for i, (ids, _) in enumerate(self._entries):
             n = min(common_prefix_length(ids, prompt), len(prompt) - 1)
@@ -48,7 +53,11 @@ class PrefixCache:
                 best, best_n = i, n
         if best < 0:
             return None, 0
-        ids, cache = self._entries.pop(best)
+        if copy:
+            ids, cache = self._entries[best]
+            cache = copy_module.deepcopy(cache)
+        else:
+            ids, cache = self._entries.pop(best)
         try:
             if len(ids) > best_n:
                 cache.crop(best_n - len(ids))  # a negative count: the tokens to drop from the end
