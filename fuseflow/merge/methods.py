@@ -805,7 +805,8 @@ def multislerp(
 
     Every step is linear in the inputs, so the result is ``Σ_j c_j·x_j`` with coefficients computed from
     the N×N Gram matrix (float64) of one pass: nothing N-sized is stacked. mergekit stacks the N tensors
-    in float32; results agree to float32 rounding.
+    in float32; results agree to float32 rounding. When every task vector is 0 (a tensor no model
+    changed, e.g. a frozen embedding) this returns the base; mergekit raises for N > 2 there.
     """
     _check_inputs(tensors, base)
     n = len(tensors)
@@ -816,6 +817,8 @@ def multislerp(
         w = w / w.sum()
     g = gram(tensors, base)  # [N, N]
     norms = g.diagonal().clamp(min=0).sqrt()  # [N]
+    if base is not None and not bool(norms.any()):
+        return base.float().clone()
     a = w / (norms + eps)  # mean = Σ a_j x_j
     mean_norm = float(a @ g @ a) ** 0.5
     if mean_norm < eps:

@@ -67,10 +67,20 @@ def ref_disjoint(deltas, w, b, normalize, scaling, weighted_election=True):
     return out
 
 
-def ref_ties(tensors, base, density=0.2, weights=None, normalize=True, scaling=1.0):
+def ref_l1(delta, kept):
+    """mergekit's rescale: back to the L1 norm of the untrimmed update."""
+    full, part = np.abs(delta).sum(), np.abs(kept).sum()
+    return kept * (full / part) if full >= 1e-7 and part >= 1e-7 else kept
+
+
+def ref_ties(tensors, base, density=0.2, weights=None, normalize=True, rescale="none", scaling=1.0):
     _, b, deltas = _np(tensors, base)
     w = weights or [1.0] * len(deltas)
-    return ref_disjoint([ref_trim(d, density) for d in deltas], w, b, normalize, scaling)
+    dens = density if isinstance(density, list) else [density] * len(deltas)
+    trimmed = [ref_trim(d, dj) for d, dj in zip(deltas, dens)]
+    if rescale == "l1":
+        trimmed = [ref_l1(d, k) if dj < 1 else k for d, k, dj in zip(deltas, trimmed, dens)]
+    return ref_disjoint(trimmed, w, b, normalize, scaling)
 
 
 def ref_varm(tensors, base):
@@ -98,20 +108,139 @@ def ref_sce(tensors, base, select_topk=1.0):
     return ref_disjoint(deltas, w, b, normalize=True, scaling=1.0, weighted_election=False)
 
 
-def ref_dare(tensors, base, density=0.5, weights=None, normalize=False, consensus=False, scaling=1.0, seed=0):
+def ref_dare(tensors, base, density=0.5, weights=None, normalize=False, consensus=False, rescale="probability",
+             scaling=1.0, seed=0):
     """The random keep masks are dare_masks' (tested on their own below); the rest is the formula."""
     _, b, deltas = _np(tensors, base)
     w = weights or [1.0] * len(deltas)
-    if density < 1:
-        masks = dare_masks(base.shape, len(deltas), density, seed).view(len(deltas), -1).numpy()
-        deltas = [np.where(m, d / density, 0.0) for m, d in zip(masks, deltas)]
+    dens = density if isinstance(density, list) else [density] * len(deltas)
+    if min(dens) < 1:
+        masks = dare_masks(base.shape, len(deltas), dens, seed).view(len(deltas), -1).numpy()
+        kept = [np.where(m, d, 0.0) if dj < 1 else d for m, d, dj in zip(masks, deltas, dens)]
+        if rescale == "probability":
+            kept = [k / dj for k, dj in zip(kept, dens)]
+        elif rescale == "l1":
+            kept = [ref_l1(d, k) if dj < 1 else k for d, k, dj in zip(deltas, kept, dens)]
+        deltas = kept
     if consensus:
         return ref_disjoint(deltas, w, b, normalize, scaling)
     acc = sum(wj * d for wj, d in zip(w, deltas))
     return b + scaling * (acc / sum(w) if normalize else acc)
 
 
+def ref_slerp(tensors, base, t):
+    v0, v1 = base.double().numpy().ravel(), tensors[0].double().numpy().ravel()
+    n0, n1 = np.sqrt(sum(x * x for x in v0)), np.sqrt(sum(x * x for x in v1))
+    u0, u1 = (v0 / n0 if n0 > 1e-8 else v0), (v1 / n1 if n1 > 1e-8 else v1)
+    dot = sum(a * b for a, b in zip(u0, u1))
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    omega = np.arccos(dot)
+    return np.sin((1 - t) * omega) / np.sin(omega) * v0 + np.sin(t * omega) / np.sin(omega) * v1
+
+
+def _slerp_vec(t, v0, v1):
+    u0, u1 = v0 / max(np.linalg.norm(v0), 1e-7), v1 / max(np.linalg.norm(v1), 1e-7)
+    cos = min(max(float(u0 @ u1), -1.0), 1.0)
+    if 1 - cos * cos <= 1e-16:
+        return (1 - t) * v0 + t * v1
+    omega = np.arccos(cos)
+    return (np.sin((1 - t) * omega) * v0 + np.sin(t * omega) * v1) / np.sin(omega)
+
+
+def ref_nuslerp(tensors, base, weights=None, row_wise=False, flatten=True):
+    w = weights or [1.0, 1.0]
+    t = w[1] / sum(w)
+    b = np.zeros(tuple(tensors[0].shape)) if base is None else base.double().numpy()
+    x0, x1 = tensors[0].double().numpy() - b, tensors[1].double().numpy() - b
+    if flatten or x0.ndim < 2:
+        out = _slerp_vec(t, x0.ravel(), x1.ravel()).reshape(x0.shape)
+    elif row_wise:  # each column is a vector
+        out = np.stack([_slerp_vec(t, x0[:, c], x1[:, c]) for c in range(x0.shape[1])], axis=1)
+    else:
+        out = np.stack([_slerp_vec(t, x0[r], x1[r]) for r in range(x0.shape[0])])
+    return (out + b).ravel()
+
+
+def ref_multislerp(tensors, base, weights=None, normalize_weights=True, eps=1e-8):
+    """The blog's steps, on the stacked vectors: tangent space at the weighted mean direction."""
+    b = 0.0 if base is None else base.double().numpy().ravel()
+    xs = [t.double().numpy().ravel() - b for t in tensors]
+    w = np.array(weights or [1.0] * len(xs))
+    if normalize_weights:
+        w = w / w.sum()
+    norms = [np.linalg.norm(x) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms)]
+    mean = sum(wj * u for wj, u in zip(w, units))
+    mean = mean / np.linalg.norm(mean)
+    tangent = sum(wj * (u - (u @ mean) * mean) for wj, u in zip(w, units))
+    tn = np.linalg.norm(tangent) + eps
+    out = (mean * np.cos(tn) + tangent * np.sin(tn) / tn) * sum(wj * n for wj, n in zip(w, norms))
+    return out + b
+
+
+def ref_model_stock(tensors, base, filter_wise=False):
+    b = base.double().numpy()
+    ds = [t.double().numpy() - b for t in tensors]
+    n = len(ds)
+
+    def t_of(vs):
+        cos = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                c = float(vs[i] @ vs[j]) / max(np.linalg.norm(vs[i]) * np.linalg.norm(vs[j]), 1e-6)
+                cos.append(min(max(c, -1.0), 1.0))
+        c = sum(cos) / len(cos)
+        return n * c / (1 + (n - 1) * c)
+
+    if filter_wise and b.ndim >= 2:
+        out = np.stack([b[r] + t_of([d[r] for d in ds]) * sum(d[r] for d in ds) / n for r in range(b.shape[0])])
+    else:
+        t = t_of([d.ravel() for d in ds])
+        out = b + t * sum(ds) / n
+    return out.ravel()
+
+
+def ref_breadcrumbs(tensors, base, density=0.9, gamma=0.01, weights=None, normalize=False, consensus=False,
+                    rescale="none", scaling=1.0):
+    _, b, deltas = _np(tensors, base)
+    n = len(deltas)
+    w = weights or [1.0] * n
+    dens = density if isinstance(density, list) else [density] * n
+    gams = gamma if isinstance(gamma, list) else [gamma] * n
+    kept = []
+    for d, dj, gj in zip(deltas, dens, gams):
+        if dj >= 1:
+            kept.append(d)
+            continue
+        size = d.size
+        target, n_top = int(dj * size), int(gj * size)
+        n_bot = max(0, size - target - n_top)
+        order = sorted(range(size), key=lambda i: abs(d[i]))  # ascending, stable
+        out = np.zeros_like(d)
+        for i in order[n_bot:n_bot + target]:
+            out[i] = d[i]
+        if rescale == "l1" and np.abs(out).sum() >= 1e-7:
+            out = out * (np.abs(d).sum() / np.abs(out).sum())
+        kept.append(out)
+    if consensus:
+        return ref_disjoint(kept, w, b, normalize, scaling)
+    acc = sum(wj * d for wj, d in zip(w, kept))
+    return b + scaling * (acc / sum(w) if normalize else acc)
+
+
+def ref_passthrough(tensors, base, scale=None):
+    x = tensors[0].double().numpy().ravel()
+    return x * scale if scale is not None else x
+
+
 REFERENCES = {
+    "slerp": ref_slerp,
+    "nuslerp": ref_nuslerp,
+    "multislerp": ref_multislerp,
+    "model_stock": ref_model_stock,
+    "breadcrumbs": ref_breadcrumbs,
+    "passthrough": ref_passthrough,
     "linear": ref_linear,
     "task_arithmetic": ref_task_arithmetic,
     "ties": ref_ties,
@@ -138,16 +267,41 @@ CASES = [
     ("ties", {"density": 1.0, "normalize": False}),
     ("dare", {"density": 0.3, "seed": 7}),
     ("dare", {"density": 0.6, "consensus": True, "normalize": True, "weights": [0.5, 1.0, 1.5], "seed": 3}),
+    ("dare", {"density": [0.4, 1.0, 0.7], "rescale": "l1", "seed": 5}),
+    ("dare", {"density": 0.5, "consensus": True, "rescale": "none", "seed": 9}),
     ("varm", {}),
     ("sce", {}),
     ("sce", {"select_topk": 0.1}),
     ("sce", {"select_topk": 0.5}),
+    ("slerp", {"t": 0.3}),
+    ("slerp", {"t": 1.0}),
+    ("nuslerp", {"weights": [1.0, 2.0]}),
+    ("nuslerp", {"weights": [1.0, 3.0], "flatten": False}),
+    ("nuslerp", {"weights": [2.0, 1.0], "flatten": False, "row_wise": True}),
+    ("multislerp", {"weights": [1.0, 2.0, 3.0]}),
+    ("multislerp", {"weights": [0.2, 0.5, 0.3], "normalize_weights": False}),
+    ("model_stock", {}),
+    ("model_stock", {"filter_wise": True}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.1}),
+    ("breadcrumbs", {"density": [0.5, 0.8, 0.3], "gamma": 0.2, "consensus": True, "normalize": True,
+                     "weights": [1.0, 0.5, 2.0], "rescale": "l1", "scaling": 0.8}),
+    ("breadcrumbs", {"density": 0.9, "gamma": 0.3}),  # n_top shrinks to keep the target
+    ("ties", {"density": [0.3, 1.0, 0.6], "rescale": "l1"}),
+    ("passthrough", {"scale": 0.5}),
 ]
+
+# How many models each method takes (besides the base); the rest take any number.
+ARITY = {"slerp": 1, "nuslerp": 2, "passthrough": 1}
+
+
+def _case_models(name, seed, shape=(6, 5)):
+    tensors, base = _models(seed=seed, n=ARITY.get(name, 3), shape=shape)
+    return tensors, base
 
 
 @pytest.mark.parametrize("name,params", CASES)
 def test_method_matches_reference(name, params):
-    tensors, base = _models(seed=11, n=3)
+    tensors, base = _case_models(name, seed=11)
     got = MERGE_METHODS[name].fn(tensors, base, **params)
     want = REFERENCES[name](tensors, base, **params)
     assert got.dtype == torch.float32 and got.shape == base.shape
@@ -158,7 +312,7 @@ def test_method_matches_reference(name, params):
 def test_chunked_evaluation_matches_the_reference(name, params, monkeypatch):
     # 7-entry chunks: every chunk boundary falls inside a row of the [6, 5] tensors, the last chunk is short.
     monkeypatch.setattr(methods, "CHUNK", 7)
-    tensors, base = _models(seed=12, n=3)
+    tensors, base = _case_models(name, seed=12)
     got = MERGE_METHODS[name].fn(tensors, base, **params)
     want = REFERENCES[name](tensors, base, **params)
     np.testing.assert_allclose(got.double().numpy().ravel(), want, rtol=1e-5, atol=1e-6)
@@ -166,7 +320,7 @@ def test_chunked_evaluation_matches_the_reference(name, params, monkeypatch):
 
 @pytest.mark.parametrize("name,params", CASES)
 def test_method_does_not_modify_inputs(name, params):
-    tensors, base = _models(seed=5, n=3)
+    tensors, base = _case_models(name, seed=5)
     before = [t.clone() for t in tensors], base.clone()
     MERGE_METHODS[name].fn(tensors, base, **params)
     assert all(torch.equal(a, b) for a, b in zip(tensors, before[0])) and torch.equal(base, before[1])
@@ -309,6 +463,84 @@ def test_dare_rescaling_is_unbiased():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# DELLA: random keep masks by magnitude rank, rescaled by the keep probability.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _della_probability(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """Keep probability of each entry of a [R, C] update: linear in its rank by |Δ| within its row."""
+    rows, cols = delta.shape
+    p = np.empty_like(delta)
+    for r in range(rows):
+        order = sorted(range(cols), key=lambda c: abs(delta[r, c]))
+        for rank, c in enumerate(order):
+            p[r, c] = density - epsilon + 2 * epsilon * rank / (cols - 1)
+    return p
+
+
+def test_della_rescales_each_kept_entry_by_its_keep_probability():
+    tensors, base = _models(seed=4, n=1, shape=(120, 40))
+    got = get_method("della").fn(tensors, base, density=0.5, epsilon=0.2, consensus=False, normalize=False, seed=3)
+    delta = (tensors[0] - base).double().numpy()
+    ratio = (got - base).double().numpy() / delta  # 1/p where kept, 0 where dropped
+    p = _della_probability(delta, 0.5, 0.2)
+    kept = ratio != 0
+    np.testing.assert_allclose(ratio[kept], 1 / p[kept], rtol=1e-4)
+    assert abs(kept.mean() - 0.5) < 0.03
+    # Larger updates are kept more often: the top tenth of ranks at ~0.68, the bottom tenth at ~0.32.
+    top, bottom = kept[p > 0.66].mean(), kept[p < 0.34].mean()
+    assert top > 0.6 and bottom < 0.4
+
+
+def test_della_l1_rescale_and_its_seed():
+    tensors, base = _models(seed=6, n=1, shape=(50, 30))
+    kw = dict(density=0.4, epsilon=0.1, consensus=False, normalize=False, rescale="l1")
+    got = get_method("della").fn(tensors, base, seed=1, **kw)
+    assert torch.equal(got, get_method("della").fn(tensors, base, seed=1, **kw))
+    assert not torch.equal(got, get_method("della").fn(tensors, base, seed=2, **kw))
+    delta, merged = (tensors[0] - base).double(), (got - base).double()
+    kept = merged != 0
+    factor = delta.abs().sum() / (delta.abs() * kept).sum()
+    torch.testing.assert_close(merged[kept], delta[kept] * factor, rtol=1e-5, atol=1e-7)
+
+
+def test_della_is_unbiased_and_without_dropping_equals_ties_and_task_arithmetic():
+    tensors, base = _models(seed=3, n=2, shape=(8,))
+    runs = torch.stack([
+        get_method("della").fn(tensors, base, density=0.5, epsilon=0.2, consensus=False, normalize=False, seed=s)
+        for s in range(2000)
+    ])
+    torch.testing.assert_close(runs.mean(0), get_method("task_arithmetic").fn(tensors, base), atol=0.05, rtol=0)
+    tensors, base = _models(seed=8, n=3)
+    torch.testing.assert_close(get_method("della").fn(tensors, base, density=1.0),
+                               get_method("ties").fn(tensors, base, density=1.0))
+    torch.testing.assert_close(get_method("della").fn(tensors, base, density=1.0, consensus=False, normalize=False),
+                               get_method("task_arithmetic").fn(tensors, base))
+
+
+def test_della_rejects_an_epsilon_outside_the_density():
+    tensors, base = _models(seed=1, n=2)
+    with pytest.raises(ValueError, match="parameters.epsilon"):
+        get_method("della").fn(tensors, base, density=0.1, epsilon=0.15)
+
+
+def test_sce_uniform_below_reproduces_mergekits_equal_weight_fallback():
+    base = torch.zeros(4)
+    d1, d2 = torch.tensor([1.0, -1.0, 2.0, 0.0]) * 1e-4, torch.tensor([3.0, 1.0, -2.0, 0.0]) * 1e-4
+    paper = get_method("sce").fn([d1, d2], base)  # weights ∝ mean Δ² = [0.3, 0.7]
+    torch.testing.assert_close(paper, torch.tensor([2.4, 1.0, 2.0, 0.0]) * 1e-4)
+    # Σ mean Δ² = 5e-8 < 1e-6: equal weights, entry 0 becomes (1 + 3)/2.
+    equal = get_method("sce").fn([d1, d2], base, uniform_below=1e-6)
+    torch.testing.assert_close(equal, torch.tensor([2.0, 1.0, 2.0, 0.0]) * 1e-4)
+
+
+def test_multislerp_of_unchanged_tensors_returns_the_base():
+    # Frozen tensors (every task vector 0) have no direction to interpolate; mergekit raises there for N > 2.
+    base = torch.randn(4, 3)
+    torch.testing.assert_close(get_method("multislerp").fn([base] * 3, base), base)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Properties.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -321,12 +553,24 @@ params_for = {
     ),
     "varm": st.just({}),
     "sce": st.fixed_dictionaries({"select_topk": st.floats(0.01, 1.0)}),
+    "breadcrumbs": st.fixed_dictionaries(
+        {"density": st.floats(0.05, 1.0), "gamma": st.floats(0.0, 0.5), "consensus": st.booleans()}
+    ),
+    "della": st.fixed_dictionaries(
+        {"density": st.floats(0.3, 0.7), "epsilon": st.floats(0.0, 0.25), "consensus": st.booleans(),
+         "seed": st.integers(0, 2**31)}
+    ),
+    "slerp": st.fixed_dictionaries({"t": st.floats(0.0, 1.0)}),
+    "nuslerp": st.fixed_dictionaries({"weights": st.lists(st.floats(0.1, 2.0), min_size=2, max_size=2)}),
+    "multislerp": st.fixed_dictionaries({"weights": st.just(None)}),
+    "model_stock": st.fixed_dictionaries({"filter_wise": st.booleans()}),
+    "passthrough": st.just({}),
 }
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(sorted(REFERENCES)),
+    name=st.sampled_from(sorted(params_for)),
     data=st.data(),
     n=st.integers(1, 4),
     seed=st.integers(0, 2**31),
@@ -335,6 +579,9 @@ params_for = {
 def test_merging_copies_of_the_base_returns_it(name, data, n, seed, shape):
     theta = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     params = data.draw(params_for[name])
+    n = ARITY.get(name, n)
+    if name == "model_stock":
+        n = max(n, 2)
     got = MERGE_METHODS[name].fn([theta.clone() for _ in range(n)], theta, **params)
     torch.testing.assert_close(got, theta, rtol=1e-6, atol=1e-6)
 
@@ -347,12 +594,19 @@ DENSE = {
     "dare": {"density": 1.0, "normalize": True},
     "varm": {},
     "sce": {"select_topk": 1.0},
+    "breadcrumbs": {"density": 1.0, "normalize": True},
+    "della": {"density": 1.0},
+    "nuslerp": {},
+    "multislerp": {},
+    "model_stock": {},
+    "passthrough": {},
 }
 
 
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(sorted(DENSE)), n=st.integers(1, 4), seed=st.integers(0, 2**31))
 def test_merging_copies_of_a_model_returns_it(name, n, seed):
+    n = ARITY.get(name, max(n, 2) if name == "model_stock" else n)
     g = torch.Generator().manual_seed(seed)
     base, theta = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     got = MERGE_METHODS[name].fn([theta.clone() for _ in range(n)], base, **DENSE[name])
