@@ -13,8 +13,9 @@ folder: file in sorted path order). Sample ids (``f"{index}:{piece}"``) and the 
 it alone, so they are the same on every run over the same files: resume and deduplication rely on that.
 
 Several corpora mix with weights (``corpus.sources: [{name, source, weight, …}]``, issue 11): each is split
-into train / held-out on its own (so every corpus has held-out documents to report on), training documents
-are interleaved in proportion to the weights, and a document carries its corpus ``name``; its sample ids are
+into train / held-out on its own (so every corpus has held-out documents to report on), training samples
+are interleaved in proportion to the weights (:func:`corpus_samples`: training *samples*, so a weight is a
+corpus's share of the training tokens), and a document carries its corpus ``name``; its sample ids are
 ``f"{name}/{index}:{piece}"``, still a function of the document's ordinal in its own source alone.
 """
 
@@ -55,7 +56,7 @@ class CorpusSourceConfig(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="reported per corpus; prefixes sample ids")
     source: str = Field(description="'builtin', 'manpages:LANG', or a path to a file or folder")
-    weight: float = Field(1.0, gt=0, description="share of the training documents, relative to the others")
+    weight: float = Field(1.0, gt=0, description="share of the training samples, relative to the others")
     format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
     text_field: str = "text"
     messages_field: str = "messages"
@@ -163,10 +164,10 @@ def _tagged(config: CorpusConfig, name: str, part: Part) -> Iterator[Document]:
     return (replace(d, corpus=name) for d in iter_documents(config, part))
 
 
-def interleave(streams: Sequence[tuple[float, Iterable[Document]]]) -> Iterator[Document]:
-    """Merge document streams so that every prefix holds them in proportion to their weights (stride
+def interleave(streams: Sequence[tuple[float, Iterable]]) -> Iterator:
+    """Merge streams (of documents or samples) so that every prefix holds them in proportion to their weights (stride
     scheduling: next comes the stream whose ``(taken + 1) / weight`` is smallest, ties to the first listed).
-    A stream that runs out drops out; the others go on in their proportions, so every document is used once.
+    A stream that runs out drops out; the others go on in their proportions, so every item is used once.
     Deterministic: the same streams give the same order on every run.
     """
     iters = [iter(s) for _, s in streams]
@@ -176,12 +177,12 @@ def interleave(streams: Sequence[tuple[float, Iterable[Document]]]) -> Iterator[
     while live.any():
         due = np.where(live, (taken + 1) / weights, np.inf)  # [S]
         i = int(np.argmin(due))
-        doc = next(iters[i], None)
-        if doc is None:
+        item = next(iters[i], None)
+        if item is None:
             live[i] = False
             continue
         taken[i] += 1
-        yield doc
+        yield item
 
 
 def count_documents(config: CorpusConfig) -> int:
@@ -639,6 +640,19 @@ def make_samples(
             if piece_text.strip() and piece_spans != ():
                 yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans)
             piece += 1
+
+
+def corpus_samples(config: CorpusConfig, tokenizer, max_tokens: int, part: Part = "train", **cut) -> Iterator[Sample]:
+    """The samples of ``part`` (:func:`make_samples` keyword arguments in ``cut``). A mix is cut corpus by corpus
+    and its *samples* interleaved by weight (:func:`interleave`), so a weight is a corpus's share of the
+    training samples (≈ tokens, samples being mostly full), whatever the lengths of its documents."""
+    if config.sources is None:
+        return make_samples(iter_documents(config, part), tokenizer, max_tokens, **cut)
+    streams = [
+        (weight, make_samples(_tagged(sub, name, part), tokenizer, max_tokens, **cut))
+        for name, weight, sub in config.corpora()
+    ]
+    return interleave(streams)
 
 
 def sample_id(doc: Document, piece: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from itertools import islice
 
 import numpy as np
@@ -489,10 +490,10 @@ def test_mixed_sample_ids_carry_the_corpus_and_are_stable(tmp_path, bpe_tokenize
 @pytest.mark.parametrize(
     "corpus, field",
     [
-        ({"sources": [{"name": "en", "source": "builtin", "weight": 0}]}, "corpus.sources.0.weight"),
-        ({"sources": [{"name": "a b", "source": "builtin"}]}, "corpus.sources.0.name"),
-        ({"sources": [{"name": "en"}]}, "corpus.sources.0.source"),
-        ({"sources": [{"name": "en", "source": "builtin", "typo": 1}]}, "corpus.sources.0.typo"),
+        ({"sources": [{"name": "en", "source": "builtin", "weight": 0}]}, "corpus.sources[0].weight"),
+        ({"sources": [{"name": "a b", "source": "builtin"}]}, "corpus.sources[0].name"),
+        ({"sources": [{"name": "en"}]}, "corpus.sources[0].source"),
+        ({"sources": [{"name": "en", "source": "builtin", "typo": 1}]}, "corpus.sources[0].typo"),
         ({"sources": [{"name": "en", "source": "builtin"}, {"name": "en", "source": "builtin"}]}, "names must be unique"),
         ({"source": "builtin", "sources": [{"name": "en", "source": "builtin"}]}, "give source per source"),
         ({"sources": []}, "corpus.sources"),
@@ -502,7 +503,7 @@ def test_mix_config_errors_name_the_field(corpus, field):
     from fuseflow.config import ConfigError, FuseConfig, load_config
 
     overrides = [f"target.model=x", "sources=[{model: x}]", f"corpus={json.dumps(corpus)}"]
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(FuseConfig, None, overrides)
 
 
@@ -557,3 +558,23 @@ def test_missing_manpages_say_how_to_install_them(tmp_path, monkeypatch):
         list(iter_documents(CorpusConfig(source="manpages:zz"), "all"))
     with pytest.raises(CorpusError, match="manpages:LANG"):
         list(iter_documents(CorpusConfig(source="manpages:../x"), "all"))
+
+
+def test_corpus_samples_mix_samples_by_weight_whatever_the_document_lengths(tmp_path, bpe_tokenizer):
+    from fuseflow.corpus import corpus_samples, corpus_of
+
+    long_dir = tmp_path / "long"
+    long_dir.mkdir()
+    for i in range(3):
+        (long_dir / f"{i}.txt").write_text(" ".join(f"Lang{i} wort{j}." for j in range(400)))
+    cfg = CorpusConfig(sources=[
+        {"name": "short", "source": write_texts(tmp_path / "short", "Short", 40)},
+        {"name": "long", "source": str(long_dir), "weight": 3},
+    ])
+    samples = list(corpus_samples(cfg, bpe_tokenizer, 64))
+    names = [corpus_of(s.id) for s in samples]
+    assert names[:20].count("long") == 15  # 3 : 1 in samples, though a long document makes many samples
+    assert names.count("short") == 40
+    assert [s.id for s in corpus_samples(CorpusConfig(source=str(long_dir)), bpe_tokenizer, 64)] == [
+        s.id for s in make_samples(iter_documents(CorpusConfig(source=str(long_dir))), bpe_tokenizer, 64)
+    ]
