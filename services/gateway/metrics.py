@@ -33,7 +33,7 @@ class GatewayMetrics:
         self.seconds_per_token = Histogram("seconds_per_token", "decode time per generated token, per choice",
                                            ["model"], namespace=ns, registry=r, buckets=_PER_TOKEN_BUCKETS)
         self.segments = Counter("segments", "Cool-Fusion segments decoded", namespace=ns, registry=r)
-        self.segment_wins = Counter("segment_wins", "Cool-Fusion segments won, by the source that proposed them",
+        self.segment_wins = Counter("segment_wins", "Cool-Fusion segments won, by each source that proposed the winning text",
                                     ["source"], namespace=ns, registry=r)
         self.in_flight = Gauge("in_flight", "requests being decoded", namespace=ns, registry=r)
         self.waiting = Gauge("waiting", "requests waiting for a decoding slot", namespace=ns, registry=r)
@@ -45,7 +45,8 @@ class GatewayMetrics:
             self.seconds_per_token.labels(model).observe(completion.seconds / completion.completion_tokens)
         for segment in completion.segments:
             self.segments.inc()
-            self.segment_wins.labels(segment.winner).inc()
+            for source in segment.proposers:  # every source that proposed the winning text (issue 16)
+                self.segment_wins.labels(source).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -170,29 +171,9 @@ class EnsembleService:
                 out.append(completion)
             return out
 
-    def slot(self):
+    def slot(self) -> "Slot":
         """Admission: at most ``server.max_concurrent`` decodes at once; a 503 after ``queue_timeout_s``."""
-        service = self
-
-        class _Slot:
-            def __enter__(self):
-                service.metrics.waiting.inc()
-                try:
-                    ok = service._slots.acquire(timeout=service.cfg.server.queue_timeout_s)
-                finally:
-                    service.metrics.waiting.dec()
-                if not ok:
-                    raise RequestError(
-                        "the gateway is busy (server.max_concurrent requests decoding); retry later",
-                        None, 503, "server_error", "server_busy",
-                    )
-                service.metrics.in_flight.inc()
-
-            def __exit__(self, *exc):
-                service.metrics.in_flight.dec()
-                service._slots.release()
-
-        return _Slot()
+        return Slot(self)
 
     def health(self) -> dict:
         status = {}
@@ -206,6 +187,48 @@ class EnsembleService:
             except Exception as e:
                 status[s.name] = f"unreachable: {e}"
         return status
+
+
+class Slot:
+    """One decoding slot of a service. ``acquire`` waits up to ``server.queue_timeout_s`` and raises the busy
+    503; ``release`` is idempotent, so a streamed response can take its slot before the 200 is sent (issue 16:
+    a busy gateway answers 503, not an error inside an open stream) and give it back from wherever the stream
+    ends — its last event, a client that went away, or a response body never started (garbage collection)."""
+
+    def __init__(self, service: EnsembleService):
+        self.service = service
+        self.held = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> "Slot":
+        metrics = self.service.metrics
+        metrics.waiting.inc()
+        try:
+            ok = self.service._slots.acquire(timeout=self.service.cfg.server.queue_timeout_s)
+        finally:
+            metrics.waiting.dec()
+        if not ok:
+            raise RequestError(
+                "the gateway is busy (server.max_concurrent requests decoding); retry later",
+                None, 503, "server_error", "server_busy",
+            )
+        self.held = True
+        metrics.in_flight.inc()
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.held:
+                return
+            self.held = False
+        self.service.metrics.in_flight.dec()
+        self.service._slots.release()
+
+    def __enter__(self) -> "Slot":
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def as_request_error(error: Exception) -> RequestError:
@@ -231,9 +254,11 @@ def _sse(obj: dict | str) -> str:
 
 
 def sse_stream(service: EnsembleService, jobs: list[Job], source: int | None, model: str, chat: bool,
-               include_usage: bool, trace: bool, on_done) -> Iterator[str]:
-    """The events of a streamed response: one chunk per segment of text, a last chunk per choice with its
-    ``finish_reason``, a usage chunk when asked (``stream_options.include_usage``), then ``[DONE]``."""
+               include_usage: bool, trace: bool, on_done, slot: Slot | None = None) -> Iterator[str]:
+    """The events of a streamed response: one chunk per segment of text (per token for a source alone), a
+    last chunk per choice with its ``finish_reason``, a usage chunk when asked
+    (``stream_options.include_usage``), then ``[DONE]``. ``slot``: already acquired (the app takes it before
+    the 200 goes out); released when the stream ends. Without one the stream takes its own."""
     rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -243,7 +268,7 @@ def sse_stream(service: EnsembleService, jobs: list[Job], source: int | None, mo
     status = 200
     prompt_tokens, completion_tokens = {}, 0
     try:
-        with service.slot():
+        with slot if slot is not None else service.slot():
             for job in jobs:
                 if chat:
                     yield chunk([chat_chunk_choice(job.index, {"role": "assistant", "content": ""}, None)])
@@ -346,7 +371,11 @@ def create_app(service: EnsembleService):
                 metrics.requests.labels(endpoint, req.model, str(status)).inc()
                 metrics.latency.labels(endpoint, req.model).observe(time.perf_counter() - t0)
 
-            events = sse_stream(service, jobs, source, req.model, chat, include_usage, req.fuseflow_trace, done)
+            # The slot is taken before the response starts: a busy gateway answers 503 with a JSON error, as
+            # a non-streamed request does, instead of a 200 stream carrying the error.
+            slot = await run_in_threadpool(service.slot().acquire)
+            events = sse_stream(service, jobs, source, req.model, chat, include_usage, req.fuseflow_trace, done, slot)
+            weakref.finalize(events, slot.release)  # a response whose body never starts still frees its slot
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         try:

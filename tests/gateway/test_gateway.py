@@ -146,3 +146,28 @@ def test_metrics_count_requests_and_segment_wins(client):
     assert 'fuseflow_gateway_requests_total{endpoint="/v1/completions",model="cool-fusion",status="200"}' in text
     assert "fuseflow_gateway_segment_wins_total{source=" in text
     assert 'fuseflow_gateway_completion_tokens_total{model="cool-fusion"}' in text
+
+
+def test_busy_gateway_answers_503_before_the_stream_opens(llama_source, gemma_source):
+    """A streamed request that finds no free slot gets a plain 503 JSON error, not a 200 stream carrying one;
+    a stream gives its slot back when it ends."""
+    from fastapi.testclient import TestClient
+
+    cfg = EnsembleConfig(
+        sources=[{"name": "llama", "model": "unused"}, {"name": "gemma", "model": "unused"}],
+        server={"max_concurrent": 1, "queue_timeout_s": 0.05},
+    )
+    busy = EnsembleService(cfg, [llama_source, gemma_source])
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": True}
+    with TestClient(create_app(busy)) as c:
+        held = busy.slot().acquire()
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == "server_busy"
+        held.release()
+        for _ in range(2):  # the slot comes back after each stream
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200 and events(r)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert busy._slots.acquire(timeout=0)
+        busy._slots.release()
