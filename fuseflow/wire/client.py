@@ -26,6 +26,7 @@ from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2_grpc as pb_grpc
 
 ERROR_INDEX_KEY = "fuseflow-error-index"  # trailing metadata the server sets with a ScoreError's index
+BUSY_KEY = "fuseflow-busy"  # trailing metadata of a RESOURCE_EXHAUSTED that means "all call slots taken"
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 
 _LOGPROB_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
@@ -42,6 +43,11 @@ class TeacherError(RuntimeError):
 
 class TeacherUnavailable(TeacherError, ConnectionError):
     """The teacher cannot be reached (down, wrong address, TLS mismatch, draining) or did not answer in time."""
+
+
+class TeacherBusy(TeacherUnavailable):
+    """The teacher refused the call because its ``--max-concurrent-rpcs`` slots were all taken: the request
+    was not at fault; retry later or on another replica."""
 
 
 class TeacherRequestError(ScoreError):
@@ -311,11 +317,14 @@ def _error_of(error: grpc.RpcError, address: str, method: str) -> TeacherError |
     name = code.name if code is not None else "UNKNOWN"
     message = f"{method} on {address}: {name}: {details}"
     if code in _REJECTED:
-        index = None
+        index, busy = None, False
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         for key, value in trailing or ():
             if key == ERROR_INDEX_KEY:
                 index = int(value)
+            busy = busy or key == BUSY_KEY
+        if busy:
+            return TeacherBusy(message, code, details)
         return TeacherRequestError(message, code, details, index)
     if code in _UNAVAILABLE:
         return TeacherUnavailable(message, code, details)

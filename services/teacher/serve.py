@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-texts", type=int, default=256, help="sequences per request (default 256)")
     lim.add_argument("--max-tokens", type=int, default=16384, help="tokens per request (default 16384)")
+    lim.add_argument("--max-text-bytes", type=int, default=None, help="UTF-8 bytes of texts per request, refused "
+                     "before tokenizing (default 16 per token of --max-tokens: 256 KiB); the gRPC receive limit "
+                     "follows from this, --max-tokens and --max-texts")
+    lim.add_argument("--max-concurrent-rpcs", type=int, default=32, help="TeacherService calls served at once; "
+                     "more are answered RESOURCE_EXHAUSTED (default 32; health checks are not counted)")
+    lim.add_argument("--max-tokenizing", type=int, default=2, help="texts requests tokenized at once; tokenizing "
+                     "holds ~250 bytes of memory per text byte (default 2)")
     lim.add_argument("--max-top-k", type=int, default=64, help="largest top_k (default 64)")
     lim.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch (default 5)")
     lim.add_argument("--grace-s", type=float, default=30.0, help="shutdown grace period for in-flight requests (default 30)")
@@ -107,12 +114,18 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         max_texts=args.max_texts,
         max_tokens=args.max_tokens,
+        max_text_bytes=args.max_text_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_tokenizing=args.max_tokenizing,
         max_top_k=args.max_top_k,
         token=read_token(args.token_file),
         max_wait_ms=args.max_wait_ms,
         **read_tls(args.tls_cert, args.tls_key),
     )
-    options.validate()
+    try:
+        options.validate()
+    except ValueError as e:
+        raise UsageError(str(e).replace("server option ", "--").replace("_", "-")) from None
     run_worker = import_worker() if args.redis else None  # fail before loading a model for minutes
 
     from fuseflow.score.engine import create_engine
@@ -122,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("loading %s (%s engine) from %s", spec.name, spec.kind, spec.model)
     engine = create_engine(spec.kind, spec.model, **spec.options)
     metrics = TeacherMetrics()
-    batcher = RequestBatcher(engine, options.max_batch_tokens, options.max_wait_ms, observer=metrics)
+    batcher = RequestBatcher(
+        engine, options.max_batch_tokens, options.max_wait_ms, observer=metrics, max_tokenizing=options.max_tokenizing
+    )
     try:
         server, port = build_server(batcher, options, metrics)
         metrics_port = metrics.start_http(args.metrics_port, args.host)
