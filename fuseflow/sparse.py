@@ -50,6 +50,10 @@ class ScoredText:
         return self.nll / n if n else 0.0
 
 
+# Slack above 0 for logprobs that went through fp16 on the wire (a log-softmax's max rounds to at most +0).
+LOGPROB_SLACK = 1e-3
+
+
 @dataclass
 class AlignedDist:
     """One teacher's next-token distributions at every target position, in target vocabulary ids.
@@ -73,15 +77,49 @@ class AlignedDist:
     def top_k(self) -> int:
         return int(self.ids.shape[1])
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` if shapes or dtypes break the conventions above."""
+    def validate(self, vocab_size: int | None = None, num_positions: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first broken rule: shapes and dtypes as above, ``num_positions`` rows
+        and ids in ``[0, vocab_size)`` when given, and values a log-softmax can produce — no NaN, no +inf,
+        logprobs and gold logprobs <= 0 (``LOGPROB_SLACK`` for fp16 rounding), a finite best logprob in every
+        row, a finite gold logprob where aligned and 0 where not.
+
+        This is the trust boundary between teachers and the trainer (DESIGN.md; issue 15): one NaN turned the
+        KL off for a whole run, and a gold logprob of +inf made its teacher win MinCE on every sample.
+        """
+        if self.ids.ndim != 2 or self.logprobs.ndim != 2:
+            raise ValueError(f"ids and logprobs must be [T, k], got shapes {self.ids.shape} and {self.logprobs.shape}")
         t, k = self.ids.shape
         if self.logprobs.shape != (t, k):
             raise ValueError(f"logprobs shape {self.logprobs.shape} != ids shape {(t, k)}")
         if self.gold_logprobs.shape != (t,) or self.aligned.shape != (t,):
-            raise ValueError(f"gold_logprobs/aligned must have shape ({t},)")
+            raise ValueError(f"gold_logprobs/aligned must have shape ({t},), got {self.gold_logprobs.shape} and "
+                             f"{self.aligned.shape}")
         if self.ids.dtype != np.int32:
             raise ValueError(f"ids must be int32, got {self.ids.dtype}")
+        if self.aligned.dtype != np.bool_:
+            raise ValueError(f"aligned must be bool, got {self.aligned.dtype}")
+        if not (np.issubdtype(self.logprobs.dtype, np.floating) and np.issubdtype(self.gold_logprobs.dtype, np.floating)):
+            raise ValueError(f"logprobs must be floating point, got {self.logprobs.dtype} and {self.gold_logprobs.dtype}")
+        if num_positions is not None and t != num_positions:
+            raise ValueError(f"{t} positions for a sample of {num_positions} target positions (another target "
+                             "tokenizer or fuseflow version?)")
+        if k == 0 or t == 0:
+            return
+        if vocab_size is not None and (int(self.ids.min()) < 0 or int(self.ids.max()) >= vocab_size):
+            raise ValueError(f"ids outside the target vocabulary [0, {vocab_size}): min {int(self.ids.min())}, "
+                             f"max {int(self.ids.max())}")
+        lp = self.logprobs
+        if np.isnan(lp).any() or np.isposinf(lp).any() or (lp > LOGPROB_SLACK).any():
+            raise ValueError("logprobs must be <= 0 and not NaN (a log-softmax's values), got "
+                             f"max {np.nanmax(lp) if not np.isnan(lp).all() else 'nan'} and "
+                             f"{int(np.isnan(lp).sum())} NaN")
+        if not np.isfinite(lp.max(axis=1)).all():
+            raise ValueError("every position needs a finite logprob (the one-hot fallback has 0)")
+        gold = self.gold_logprobs
+        if not np.isfinite(gold).all() or (gold > LOGPROB_SLACK).any():
+            raise ValueError(f"gold logprobs must be finite and <= 0, got min {gold.min()} max {gold.max()}")
+        if (gold[~self.aligned] != 0).any():
+            raise ValueError("gold logprobs must be 0 where a position is not aligned (the one-hot fallback)")
 
 
 class ScoreError(ValueError):

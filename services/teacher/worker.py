@@ -145,7 +145,7 @@ def _align(aligner, items: Sequence[WorkItem], attempts: dict[str, int]):
     at fault, which are dead-lettered, unless every one fails, which means the engine itself is broken.
     """
     try:
-        return [(it, r.dist, r.error) for it, r in zip(items, aligner.run([it.sample for it in items]), strict=True)]
+        return _checked([(it, r.dist, r.error) for it, r in zip(items, aligner.run([it.sample for it in items]), strict=True)])
     except ValueError as e:
         if len(items) == 1:
             return [(items[0], None, str(e) or repr(e))]
@@ -173,4 +173,19 @@ def _one_by_one(aligner, items: Sequence[WorkItem]) -> list[tuple[WorkItem, Alig
             rows.append((it, None, f"teacher {aligner.name} raised {e!r} on this sample alone"))
     if faults and len(faults) == len(items):
         raise EngineFailure(f"teacher {aligner.name} fails on every sample: {faults[0]!r}") from faults[0]
-    return rows
+    return _checked(rows)
+
+
+def _checked(rows: list[tuple[WorkItem, AlignedDist | None, str | None]]):
+    """Each result held to :meth:`AlignedDist.validate`'s rules before it leaves the teacher: a NaN from a
+    broken model or an out-of-range id dead-letters its sample with the reason (issue 15), where the
+    transport's own check would otherwise stop the worker."""
+    out = []
+    for it, dist, error in rows:
+        if dist is not None:
+            try:
+                dist.validate()
+            except ValueError as e:
+                dist, error = None, f"teacher produced invalid distributions: {e}"
+        out.append((it, dist, error))
+    return out

@@ -25,7 +25,7 @@ def _random_scored(rng: np.random.Generator, n_tokens: int, vocab: int, k: int) 
     lp[pad], ids[pad] = -np.inf, 0
     return ScoredText(
         token_ids=rng.integers(0, vocab, n_tokens).astype(np.int32), offsets=None, tokens=None,
-        topk_ids=ids, topk_logprobs=lp, gold_logprobs=rng.normal(-2, 1, n_tokens - 1).astype(np.float32),
+        topk_ids=ids, topk_logprobs=lp, gold_logprobs=-np.abs(rng.normal(-2, 1, n_tokens - 1)).astype(np.float32),
     )
 
 

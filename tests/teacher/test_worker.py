@@ -220,3 +220,42 @@ def test_worker_survives_a_redis_restart(restartable_redis_server):
     assert stats["a0"].retries > 0  # it did see the outage
     assert tr.is_finished()
     tr.close()
+
+
+class RogueAligner(FakeAligner):
+    """Answers like FakeAligner, with the values a broken teacher sends for the samples in ``rogue``: a NaN
+    logprob, a +inf gold logprob (it would win MinCE everywhere), an id past any vocabulary, a 1-D array."""
+
+    ROGUE = {
+        "s1": lambda d: d.logprobs.__setitem__((0, 0), np.nan),
+        "s2": lambda d: d.gold_logprobs.__setitem__(0, np.inf),
+        "s3": lambda d: d.logprobs.__setitem__((1, 1), 0.5),
+        "s4": lambda d: setattr(d, "ids", d.ids[:, 0].copy()),
+    }
+
+    def run(self, samples):
+        out = super().run(samples)
+        for r in out:
+            if r.dist is not None and r.sample.id in self.ROGUE:
+                self.ROGUE[r.sample.id](r.dist)
+        return out
+
+
+def test_invalid_distributions_are_dead_lettered_by_the_teacher_not_fatal(make_transport):
+    """Issue 15: NaN logprobs from one teacher turned distillation off for a whole run (exit 0)."""
+    tr = make_transport()
+    samples = texts(8)
+    tr.submit(samples)
+    tr.finish_submissions()
+    w = Workers()
+    w.start(RogueAligner("alpha"), tr, "a0", batch_size=4, block_ms=50)
+    w.start(FakeAligner("beta"), tr, "b0", batch_size=4, block_ms=50)
+    got = drain(tr, 4)
+    w.stop()
+    assert not w.errors
+    assert sorted(got) == ["s0", "s5", "s6", "s7"]
+    dead = {d["sample_id"]: d for d in tr.dead_letters()}
+    assert set(dead) == set(RogueAligner.ROGUE) and {d["teacher"] for d in dead.values()} == {"alpha"}
+    assert "not NaN" in dead["s1"]["reason"] and "gold logprobs must be finite" in dead["s2"]["reason"]
+    assert "<= 0" in dead["s3"]["reason"] and "[T, k]" in dead["s4"]["reason"]
+    assert tr.is_finished()

@@ -24,10 +24,12 @@ def random_dist(t: int, k: int, seed: int, pad_frac: float = 0.2, meta: dict | N
     pad = np.maximum.accumulate(pad, axis=1)  # padding only at the tail of a row
     logprobs[pad] = -np.inf
     ids[pad] = 0
+    gold = -rng.exponential(2.0, size=t).astype(np.float32)  # [T]
+    aligned = rng.random(t) < 0.8  # [T]
     return AlignedDist(
         ids=ids,
         logprobs=logprobs,
-        gold_logprobs=-rng.exponential(2.0, size=t).astype(np.float32),  # [T]
-        aligned=rng.random(t) < 0.8,  # [T]
+        gold_logprobs=np.where(aligned, gold, np.float32(0)),  # [T]: 0 where not aligned (the convention)
+        aligned=aligned,
         meta=meta if meta is not None else {"seed": seed},
     )
