@@ -1,0 +1,268 @@
+"""The teacher's gRPC server under oversized, concurrent and malformed requests (issue 15, items 4 and 7): byte
+limits before tokenizing, a receive limit derived from the request limits, a cap on concurrent calls, strict
+array fields, malformed protobuf as INVALID_ARGUMENT, and RSS bounded under concurrent near-limit requests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fuseflow.score.engine import create_engine
+from fuseflow.teacher.server import TEXT_BYTES_PER_TOKEN, ServerOptions, build_server
+from fuseflow.wire.client import BUSY_KEY, TeacherBusy, TeacherClient, TeacherRequestError
+from fuseflow.wire.codec import encode_array
+from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
+from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+INV, RES = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+PROSE = "the quick brown fox " * 5  # 100 bytes
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return create_engine("hf", str(tiny_llama), max_top_k=32)
+
+
+@pytest.fixture
+def serve():
+    """``serve(engine, **options) -> (server, address)``; every server is stopped at teardown."""
+    servers = []
+
+    def start(engine, **options):
+        server, port = build_server(engine, ServerOptions(host="127.0.0.1", port=0, **options))
+        server.start()
+        servers.append(server)
+        return server, f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(0).wait(10)
+
+
+def test_the_receive_limit_fits_the_largest_request_the_limits_accept():
+    options = ServerOptions()
+    assert options.text_bytes_limit == options.max_tokens * TEXT_BYTES_PER_TOKEN
+    limit = options.receive_limit()
+    assert limit < 1 << 20  # 256 MiB before
+    n, per = options.max_texts, options.text_bytes_limit // options.max_texts
+    texts = pb.ScoreRequest(texts=pb.Texts(texts=["é" * (per // 2)] * n), top_k=64, temperature=0.5, return_tokens=True)
+    assert texts.ByteSize() <= limit
+    per_ids = options.max_tokens // n
+    ids = pb.ScoreRequest(
+        token_ids=pb.TokenIdSequences(sequences=[encode_array(np.full(per_ids, 2**40, np.int64))] * n), top_k=64
+    )
+    tails = pb.ScoreTailsRequest(
+        sequences=[encode_array(np.full(per_ids, 2**40, np.int64))] * n, starts=[2**40] * n
+    )
+    generate = pb.GenerateRequest(
+        prompt_ids=encode_array(np.full(options.max_tokens, 2**40, np.int64)), max_new_tokens=2**30,
+        stop_ids=[-1] * 4000, top_p=0.5, seed=2**63, temperature=0.5,
+    )
+    for request in (ids, tails, generate):
+        assert request.ByteSize() <= limit, type(request).__name__
+    with pytest.raises(ValueError, match="max_workers"):
+        ServerOptions(max_concurrent_rpcs=8, max_workers=8).validate()
+    with pytest.raises(ValueError, match="max_text_bytes"):
+        ServerOptions(max_text_bytes=0).validate()
+
+
+class CountingTokenizer:
+    """The engine's tokenizer, counting calls (to show a request was refused before tokenizing)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._tokenizer(*args, **kwargs)
+
+
+class CountingEngine:
+    def __init__(self, engine):
+        self._engine = engine
+        self.tokenizer = CountingTokenizer(engine.tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_texts_over_the_byte_limit_are_refused_before_tokenizing(engine, serve):
+    counting = CountingEngine(engine)
+    n_ascii, n_accented = (len(engine.tokenizer(t)["input_ids"]) for t in (PROSE, "é" * 50))  # 100 bytes each
+    assert n_ascii < n_accented
+    server, address = serve(counting, max_tokens=n_ascii, max_text_bytes=100)
+    with TeacherClient(address) as c:
+        for call in (
+            lambda: c.tokenize(["a" * 60, "b" * 41]),
+            lambda: c.score_texts(["a" * 101], top_k=2),
+            lambda: c.score_texts(["é" * 51], top_k=2),  # 51 characters, 102 UTF-8 bytes
+        ):
+            with pytest.raises(TeacherRequestError, match="--max-text-bytes") as err:
+                call()
+            assert err.value.code == RES
+        assert counting.tokenizer.calls == 0
+        assert len(c.tokenize([PROSE])) == 1  # 100 bytes: at the limit, tokenized
+        with pytest.raises(TeacherRequestError, match="tokens") as err:  # within the bytes, over the tokens
+            c.tokenize(["é" * 50])
+        assert err.value.code == RES and counting.tokenizer.calls == 2
+    assert server.metrics.value("errors_total", {"method": "Tokenize", "code": "RESOURCE_EXHAUSTED"}) == 2
+
+
+def test_a_message_over_the_receive_limit_is_refused_by_grpc(engine, serve):
+    server, address = serve(engine, max_tokens=64, max_texts=4)
+    limit = ServerOptions(max_tokens=64, max_texts=4).receive_limit()
+    with TeacherClient(address) as c:
+        with pytest.raises(TeacherRequestError) as err:
+            c.tokenize(["x" * (limit + 1)])
+        assert err.value.code == RES
+        assert len(c.tokenize(["still serving"])) == 1
+    assert server.metrics.value("requests_total", {"method": "Tokenize", "code": "RESOURCE_EXHAUSTED"}) == 0  # gRPC's
+
+
+class GatedEngine:
+    """The hf engine whose scoring waits for ``gate`` (to hold calls in flight)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def score_ids(self, *args, **kwargs):
+        self.entered.set()
+        self.gate.wait(60)
+        return self._engine.score_ids(*args, **kwargs)
+
+
+def test_calls_over_the_concurrency_cap_are_busy_and_health_still_answers(engine, serve):
+    gated = GatedEngine(engine)
+    server, address = serve(gated, max_concurrent_rpcs=2, max_wait_ms=0)
+    results = {}
+
+    def score(i):
+        with TeacherClient(address) as c:
+            results[i] = c.score_texts([f"held call {i}"], top_k=2)
+
+    held = [threading.Thread(target=score, args=(i,)) for i in range(2)]
+    for t in held:
+        t.start()
+    assert gated.entered.wait(30)  # the first call is in the engine
+    deadline = time.monotonic() + 30
+    while server.metrics.value("queue_depth") < 1:  # the second waits for it in the batcher's queue
+        assert time.monotonic() < deadline, "the second call never reached the batcher"
+        time.sleep(0.01)
+    with TeacherClient(address) as c:
+        for call in (c.info, lambda: c.score_texts(["a third call"], top_k=2)):
+            with pytest.raises(TeacherBusy, match="--max-concurrent-rpcs") as err:
+                call()
+            assert err.value.code == RES
+    with grpc.insecure_channel(address) as channel:  # raw: the trailer that tells busy from too large
+        with pytest.raises(grpc.RpcError) as raw:
+            pb_grpc.TeacherServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert raw.value.code() == RES and (BUSY_KEY, "1") in tuple(raw.value.trailing_metadata())
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    gated.gate.set()
+    for t in held:
+        t.join(60)
+    assert sorted(results) == [0, 1]
+    # The slots are free again, streams and unary calls alike; a stream cancelled mid-way frees its slot too.
+    with grpc.insecure_channel(address) as channel:
+        stream = pb_grpc.TeacherServiceStub(channel).Score(
+            pb.ScoreRequest(texts=pb.Texts(texts=["one", "two", "three"]), top_k=2), timeout=30
+        )
+        next(stream)
+        stream.cancel()
+    deadline = time.monotonic() + 30
+    while True:  # the server notices the cancellation asynchronously
+        try:
+            with TeacherClient(address) as a, TeacherClient(address) as b:
+                a.info(), b.score_texts(["again"], top_k=2)
+            break
+        except TeacherBusy:
+            assert time.monotonic() < deadline, "a cancelled stream kept its slot"
+            time.sleep(0.05)
+    assert server.metrics.value("requests_total", {"method": "Info", "code": "RESOURCE_EXHAUSTED"}) >= 2
+    assert server.metrics.value("requests_total", {"method": "Score", "code": "OK"}) >= 3
+
+
+def test_malformed_protobuf_is_invalid_argument(engine, serve):
+    _, address = serve(engine)
+    garbage = {
+        "corrupt": b"\x0a\xff",  # field 1, length 255, then nothing
+        "bad utf-8": b"\x0a\x02\xc3\x28",  # a string field holding invalid UTF-8
+    }
+    with grpc.insecure_channel(address) as channel:
+        for method in ("Tokenize", "Generate", "ScoreTails", "Info"):
+            call = channel.unary_unary(f"/fuseflow.v1.TeacherService/{method}")  # raw bytes in and out
+            for what, data in garbage.items():
+                if method == "Info" and what == "bad utf-8":
+                    continue  # InfoRequest has no fields: unknown fields parse
+                with pytest.raises(grpc.RpcError) as err:
+                    call(data, timeout=30)
+                assert err.value.code() == INV, (method, what)
+                assert "not a valid fuseflow.v1." in err.value.details()
+        score = channel.unary_stream("/fuseflow.v1.TeacherService/Score")
+        with pytest.raises(grpc.RpcError) as err:
+            list(score(garbage["corrupt"], timeout=30))
+        assert err.value.code() == INV and "fuseflow.v1.ScoreRequest" in err.value.details()
+    with TeacherClient(address) as c:
+        assert len(c.tokenize(["still serving"])) == 1
+
+
+def test_array_fields_of_the_wrong_rank_or_dtype_are_invalid_argument_naming_the_field(engine, serve):
+    _, address = serve(engine)
+    ok = encode_array(np.arange(5, 15), "<i4")
+    flat = np.arange(5, 13)
+    cases = {
+        "ScoreTails": [
+            (pb.ScoreTailsRequest(sequences=[ok, encode_array(flat.reshape(2, 4), "<i4")], starts=[3, 2]), "sequences[1]"),
+            (pb.ScoreTailsRequest(sequences=[encode_array(flat.astype(np.float32))], starts=[3]), "sequences[0]"),
+            (pb.ScoreTailsRequest(sequences=[encode_array(np.zeros(0, np.int32))], starts=[1]), "sequences[0]"),
+            (pb.ScoreTailsRequest(sequences=[ok, ok], starts=[3]), "starts"),
+            (pb.ScoreTailsRequest(sequences=[pb.Array(data=b"abc", dtype=pb.DTYPE_INT32, shape=[1])], starts=[1]),
+             "sequences[0]"),
+        ],
+        "Generate": [
+            (pb.GenerateRequest(prompt_ids=encode_array(flat.reshape(4, 2), "<i4"), max_new_tokens=2), "prompt_ids"),
+            (pb.GenerateRequest(prompt_ids=encode_array(flat.astype(np.float16)), max_new_tokens=2), "prompt_ids"),
+            (pb.GenerateRequest(max_new_tokens=2), "prompt_ids"),
+        ],
+        "Score": [
+            (pb.ScoreRequest(token_ids=pb.TokenIdSequences(sequences=[ok, encode_array(flat.reshape(1, 8), "<i4")]),
+                             top_k=2), "token_ids.sequences[1]"),
+            (pb.ScoreRequest(token_ids=pb.TokenIdSequences(sequences=[encode_array(flat > 7)]), top_k=2),
+             "token_ids.sequences[0]"),
+        ],
+    }
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.TeacherServiceStub(channel)
+        for method, requests in cases.items():
+            for request, field in requests:
+                with pytest.raises(grpc.RpcError) as err:
+                    result = getattr(stub, method)(request, timeout=30)
+                    if method == "Score":
+                        list(result)
+                assert err.value.code() == INV, (method, field, err.value.details())
+                assert field in err.value.details(), (method, field, err.value.details())
+        assert len(stub.ScoreTails(pb.ScoreTailsRequest(sequences=[ok], starts=[3]), timeout=60).logprobs) == 1
+    with TeacherClient(address) as c:  # the index of the culprit comes back too
+        with pytest.raises(TeacherRequestError) as err:
+            c.score_tails([flat, flat.reshape(2, 4)], [2, 2])
+        assert err.value.index == 1
