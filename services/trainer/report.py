@@ -9,12 +9,16 @@ from typing import Mapping, Sequence
 
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table of held-out perplexity (per own token) and bits per byte (comparable across
-    tokenizers: the column to compare models by)."""
-    head = "| model | held-out bits/byte | perplexity (own tokens) | eval tokens | train tokens |"
-    lines = [head, "|---|---:|---:|---:|---:|"]
+    tokenizers: the column to compare models by). Rows with ``per_corpus`` bits/byte (a ``corpus.sources``
+    mix, issue 11) get one column per corpus before the overall figure."""
+    corpora = list(dict.fromkeys(c for r in rows for c in r.get("per_corpus") or {}))
+    per = "".join(f" {c} bits/byte |" for c in corpora)
+    head = f"| model |{per} held-out bits/byte | perplexity (own tokens) | eval tokens | train tokens |"
+    lines = [head, "|---|" + "---:|" * len(corpora) + "---:|---:|---:|---:|"]
     for r in rows:
+        cells = "".join(f" {r['per_corpus'][c]:.4f} |" if c in (r.get("per_corpus") or {}) else " — |" for c in corpora)
         lines.append(
-            f"| {r['model']} | {r['bpb']:.4f} | {r['perplexity']:.2f} | {r['tokens']} | {r.get('train_tokens', '—')} |"
+            f"| {r['model']} |{cells} {r['bpb']:.4f} | {r['perplexity']:.2f} | {r['tokens']} | {r.get('train_tokens', '—')} |"
         )
     return "\n".join(lines)
 
