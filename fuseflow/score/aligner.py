@@ -26,8 +26,33 @@ class AlignedResult:
     error: str | None = None
 
 
+def stats_texts(cfg) -> list[str] | None:
+    """The texts the ``stats`` vocab map counts (None for the other maps): the first ``align.stats_documents``
+    training documents, a chat's messages joined by newlines. One definition for ``fuseflow fuse`` and served
+    teachers, so both build the same map (they used sample texts in one, document texts in the other; issue 13)."""
+    if cfg.align.vocab_map != "stats":
+        return None
+    from itertools import islice
+
+    from fuseflow.corpus import iter_documents
+
+    texts = ("\n".join(m["content"] for m in d.messages) if d.is_chat else d.text
+             for d in iter_documents(cfg.corpus, "train"))
+    return list(islice((t for t in texts if t), cfg.align.stats_documents))
+
+
 class TeacherAligner:
     """``engine`` (a :class:`fuseflow.score.engine.Engine`) → aligned distributions for target tokens."""
+
+    @classmethod
+    def for_run(cls, cfg, name: str, engine, target_tokenizer, texts: Sequence[str] | None = None) -> "TeacherAligner":
+        """Teacher ``name`` of run config ``cfg`` (a ``FuseConfig``): its align and fusion settings, the
+        ``stats`` texts of :func:`stats_texts` (pass ``texts`` to reuse them across teachers). The fusion
+        temperature is applied once, in the trainer's loss, so the teacher scores at temperature 1."""
+        return cls(
+            name, engine, target_tokenizer, vocab_map_method=cfg.align.vocab_map, sequence_method=cfg.align.sequence,
+            top_k=cfg.fusion.top_k, temperature=1.0, stats_texts=texts if texts is not None else stats_texts(cfg),
+        )
 
     def __init__(
         self,

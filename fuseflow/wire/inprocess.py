@@ -3,8 +3,10 @@
 The embedded default: dispatcher, teacher workers and trainer run as threads of one process, no Redis. It
 mirrors ``RedisTransport`` entry for entry — a work log with per-teacher cursors and pending lists (consumer
 groups), a ready log with the trainer's pending list, dead letters — so the semantics the tests check are the
-same. One difference: distributions are handed over as the objects the teacher produced (float32), not
-encoded to float16 as on the wire.
+same. Distributions go through the wire codec (float16 logprobs) as in Redis, so ``fuseflow fuse`` and an
+online run train on the same bits (issue 13). Two additions: one instance per process (``per_process``: each
+trainer rank runs its own pipeline on its shard), and no teachers at all (``teacherless``: the CLM-only
+baseline, a sample is ready as soon as it is submitted).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fuseflow.sparse import AlignedDist, Sample
+from fuseflow.wire.codec import decode_aligned, encode_aligned
 from fuseflow.wire.transport import ReadySample, Transport, WorkItem, check_result
 
 DEAD_TEXT_CHARS = 1000
@@ -42,6 +45,9 @@ class _InFlight:
 
 class InProcessTransport(Transport):
     """Thread-safe in-process ``Transport`` (see ``fuseflow.wire.transport`` for the semantics)."""
+
+    teacherless = True
+    per_process = True
 
     def __init__(self, run: str, teachers: Sequence[str], window: int = 256, dead_maxlen: int = 100_000) -> None:
         super().__init__(run, teachers, window)
@@ -92,8 +98,10 @@ class InProcessTransport(Transport):
                 self._work[work_id] = sample
                 for t in self.teachers:
                     self._undelivered[t].append(work_id)
-                self._in_flight[sample.id] = _InFlight(sample, work_id)
+                state = self._in_flight[sample.id] = _InFlight(sample, work_id)
                 self._submitted += 1
+                if not self.teachers:  # nothing to wait for
+                    self._make_ready(state)
                 self._finished = False
             self._cond.notify_all()
 
@@ -149,12 +157,16 @@ class InProcessTransport(Transport):
                 self._dead_total += 1
                 self._free(state)
             else:
-                state.answers[teacher] = dist
+                # What a Redis round trip gives back (float16 logprobs): one precision whatever the transport.
+                state.answers[teacher] = decode_aligned(encode_aligned(dist))
                 if len(state.answers) == len(self.teachers):
-                    state.ready_id = self._entry_id()
-                    self._ready[state.ready_id] = state.sample.id
-                    self._ready_undelivered.append(state.ready_id)
+                    self._make_ready(state)
             self._cond.notify_all()
+
+    def _make_ready(self, state: _InFlight) -> None:
+        state.ready_id = self._entry_id()
+        self._ready[state.ready_id] = state.sample.id
+        self._ready_undelivered.append(state.ready_id)
 
     def _free(self, state: _InFlight) -> None:
         self._work.pop(state.work_id, None)

@@ -106,9 +106,15 @@ class ReadySample:
 class Transport(ABC):
     """Moves samples to teachers and aligned distributions to the trainer (see the module docstring)."""
 
+    # A transport without teachers (the CLM-only baseline: a sample is ready when submitted); only the
+    # in-process transport offers it.
+    teacherless: bool = False
+    # Each trainer rank has its own instance (one process each): every rank dispatches its own shard.
+    per_process: bool = False
+
     def __init__(self, run: str, teachers: Sequence[str], window: int) -> None:
         self.run = validate_run(run)
-        self.teachers = validate_teachers(teachers)
+        self.teachers = validate_teachers(teachers, allow_empty=self.teacherless)
         if window < 1:
             raise ValueError(f"transport window must be >= 1 sample, got {window}")
         self.window = int(window)
@@ -219,9 +225,9 @@ def validate_run(run: str) -> str:
     return run
 
 
-def validate_teachers(teachers: Sequence[str]) -> list[str]:
+def validate_teachers(teachers: Sequence[str], allow_empty: bool = False) -> list[str]:
     names = list(teachers)
-    if not names:
+    if not names and not allow_empty:
         raise ValueError("a transport needs at least one teacher name")
     bad = [t for t in names if not _TEACHER_NAME_RE.match(t)]
     if bad:

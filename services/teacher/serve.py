@@ -21,7 +21,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 log = logging.getLogger("fuseflow.teacher.serve")
@@ -274,27 +273,13 @@ def import_worker():
 
 def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: threading.Event) -> threading.Thread:
     """The run's teacher worker on a thread, scoring through ``batcher`` (shared with gRPC clients)."""
-    from fuseflow.corpus import iter_documents
     from fuseflow.models import load_tokenizer
     from fuseflow.score.aligner import TeacherAligner
     from fuseflow.wire.redis_streams import RedisTransport
 
     cfg = spec.config
     run = cfg.run_name(args.run)
-    stats_texts = None
-    if cfg.align.vocab_map == "stats":
-        texts = (d.text for d in iter_documents(cfg.corpus, "train") if d.text)
-        stats_texts = list(islice(texts, cfg.align.stats_documents))
-    aligner = TeacherAligner(
-        spec.name,
-        batcher,
-        load_tokenizer(cfg.target.model),
-        vocab_map_method=cfg.align.vocab_map,
-        sequence_method=cfg.align.sequence,
-        top_k=cfg.fusion.top_k,
-        temperature=1.0,  # the fusion temperature is applied once, in the trainer's loss
-        stats_texts=stats_texts,
-    )
+    aligner = TeacherAligner.for_run(cfg, spec.name, batcher, load_tokenizer(cfg.target.model))
     transport = RedisTransport(
         args.redis, run, teachers=[s.key for s in cfg.sources], max_deliveries=args.max_deliveries
     )

@@ -189,3 +189,48 @@ def _checked(rows: list[tuple[WorkItem, AlignedDist | None, str | None]]):
                 dist, error = None, f"teacher produced invalid distributions: {e}"
         out.append((it, dist, error))
     return out
+
+
+class WorkerThreads:
+    """One :func:`run_worker` thread per aligner, in this process: ``fuseflow fuse``'s teachers on the
+    in-process transport (issue 13), and the tests' teachers on any transport. ``transport_factory()`` gives each
+    thread its transport (one Redis connection each; the in-process transport is shared). :meth:`stop` ends
+    them and re-raises the first error a worker died of."""
+
+    def __init__(self, aligners, transport_factory, *, batch_size: int = 8, block_ms: int = 100,
+                 reclaim_idle_ms: int = 30_000):
+        self.stop_event = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = []
+        for aligner in aligners:
+            def work(aligner=aligner):
+                transport = transport_factory()
+                try:
+                    run_worker(aligner, transport, f"{aligner.name}-thread", self.stop_event, batch_size=batch_size,
+                               block_ms=block_ms, reclaim_idle_ms=reclaim_idle_ms)
+                except BaseException as e:  # noqa: BLE001 - re-raised by stop()
+                    log.error("teacher %s: worker thread failed: %r", aligner.name, e)
+                    self.errors.append(e)
+                finally:
+                    transport.close()
+
+            thread = threading.Thread(target=work, daemon=True, name=f"teacher-{aligner.name}")
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout_s)
+        if self.errors:
+            raise self.errors[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            self.stop()
+        except BaseException:
+            if exc_type is None:  # else the error already propagating is the one to see
+                raise

@@ -1,8 +1,10 @@
 """``fuseflow fuse CONFIG``: knowledge fusion in one process (the embedded default).
 
-The recipe, top to bottom: load the target and split the corpus → evaluate every source and the target →
-score + align with every teacher (in process) and train the target on ``λ·CLM + (1−λ)·KL`` → optionally
-train a CLM-only copy on the same samples (the baseline) → evaluate → print the table, write
+A thin outer loop over the one recipe (:func:`fuseflow.trainer.online.run_online`, issue 13): load the target
+and split the corpus → evaluate every source and the target → train the target on ``λ·CLM + (1−λ)·KL`` with
+the recipe over an in-process transport, the teachers as worker threads (:func:`train_in_process`: the same
+dispatcher, workers, dead letters and ready feed as ``fuseflow train --redis``) → optionally train a CLM-only
+copy on the same samples (the baseline: the recipe without teachers) → evaluate → print the table, write
 ``report.json``, ``metrics.jsonl`` and ``loss.png`` into the run directory.
 
 With ``pairwise: true`` (FuseChat, arXiv 2402.16107 §3.2) each source is fused *separately* into the
@@ -13,13 +15,12 @@ sources), giving one fused copy of the target per source, ready for ``fuseflow m
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -29,7 +30,6 @@ from fuseflow.models import load, load_tokenizer
 from fuseflow.sparse import Sample
 
 from .evaluate import evaluate_lm
-from .loop import ReadyGroup, train
 from .report import format_table, plot_loss
 
 log = logging.getLogger(__name__)
@@ -56,57 +56,47 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
     return Corpus(train=samples, held_out=held)
 
 
-def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts):
+def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts=None):
+    """A :class:`~fuseflow.score.aligner.TeacherAligner` per source, on the engine the config describes
+    (:func:`~fuseflow.score.engine.engine_from_source`, as ``fuseflow teacher serve`` builds it). ``stats_texts``:
+    the ``stats`` vocab map's texts (default: :func:`fuseflow.score.aligner.stats_texts`, as served teachers)."""
     from fuseflow.score.aligner import TeacherAligner
+    from fuseflow.score.aligner import stats_texts as run_stats_texts
     from fuseflow.score.engine import engine_from_source
 
-    teachers = []
-    for src in sources:
-        engine = engine_from_source(src, cfg.device)
-        teachers.append(
-            TeacherAligner(
-                src.key,
-                engine,
-                target_tokenizer,
-                vocab_map_method=cfg.align.vocab_map,
-                sequence_method=cfg.align.sequence,
-                top_k=cfg.fusion.top_k,
-                temperature=1.0,  # the fusion temperature is applied once, in the loss
-                stats_texts=stats_texts,
-            )
-        )
-    return teachers
+    if stats_texts is None and sources:
+        stats_texts = run_stats_texts(cfg)
+    return [TeacherAligner.for_run(cfg, src.key, engine_from_source(src, cfg.device), target_tokenizer, stats_texts)
+            for src in sources]
 
 
-def ready_groups(
-    samples: Sequence[Sample], teachers, micro_batch: int, dead_letter: Path, rank: int = 0, world: int = 1
-) -> Iterator[ReadyGroup]:
-    """In-process transport: score each micro-batch with every teacher, in order; failures dead-lettered."""
-    mine = samples[rank::world]
-    for start in range(0, len(mine), micro_batch):
-        chunk = mine[start : start + micro_batch]
-        per_sample: list[dict] = [{} for _ in chunk]
-        failed: dict[int, str] = {}
-        for t in teachers:
-            for i, res in enumerate(t.run(chunk)):
-                if res.error is not None:
-                    failed.setdefault(i, f"{t.name}: {res.error}")
-                else:
-                    per_sample[i][t.name] = res.dist
-        if failed:
-            with dead_letter.open("a") as f:
-                for i, reason in failed.items():
-                    f.write(json.dumps({"sample": chunk[i].id, "reason": reason}) + "\n")
-                    log.warning("sample %s dead-lettered: %s", chunk[i].id, reason)
-        group = [(s, d) for i, (s, d) in enumerate(zip(chunk, per_sample)) if i not in failed]
-        if group:
-            yield group
+# Samples a teacher worker thread claims at once. The teachers' batches change the scores at fp32 rounding
+# (packed rows of other lengths), so runs that must agree bit for bit use the same value.
+WORKER_BATCH_SIZE = 8
 
 
-def clm_groups(samples: Sequence[Sample], micro_batch: int, rank: int = 0, world: int = 1) -> Iterator[ReadyGroup]:
-    mine = samples[rank::world]
-    for start in range(0, len(mine), micro_batch):
-        yield [(s, None) for s in mine[start : start + micro_batch]]
+def train_in_process(
+    cfg: FuseConfig, out: Path, samples: Sequence[Sample] | None = None, progress: bool = True,
+    worker_batch_size: int = WORKER_BATCH_SIZE,
+):
+    """The recipe over :class:`~fuseflow.wire.inprocess.InProcessTransport`: ``cfg.sources`` scored by worker
+    threads (:class:`fuseflow.teacher.worker.WorkerThreads`) while this thread dispatches and trains; no sources is
+    the CLM-only baseline. Writes ``out`` (model, checkpoints, logs, dead letters); returns the ``TrainResult``."""
+    from fuseflow.models import load_tokenizer
+    from fuseflow.teacher.worker import WorkerThreads
+    from fuseflow.wire.inprocess import InProcessTransport
+
+    from .online import default_window, run_online
+
+    teachers = build_teachers(cfg, cfg.sources, load_tokenizer(cfg.target.model))
+    transport = InProcessTransport("fuse", [t.name for t in teachers], window=default_window(cfg, 1))
+    try:
+        with WorkerThreads(teachers, lambda: transport, batch_size=worker_batch_size):
+            return run_online(cfg, transport, out=out, samples=list(samples) if samples is not None else None,
+                              progress=progress)
+    finally:
+        del teachers
+        gc.collect()
 
 
 def total_steps(cfg: FuseConfig, n_samples: int, world: int = 1) -> int:
@@ -125,36 +115,6 @@ def _eval(name: str, model_ref, cfg: FuseConfig, texts: list[str], progress: boo
     return {"model": name, **res}
 
 
-def _train_target(cfg: FuseConfig, corpus: Corpus, out: Path, teachers, progress: bool):
-    from .loop import init_distributed
-
-    rank, world = init_distributed()
-    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
-    steps = total_steps(cfg, len(corpus.train), world)
-    epochs = [corpus.train] * cfg.train.epochs
-    stream = itertools.chain.from_iterable(
-        ready_groups(ep, teachers, cfg.train.micro_batch_size, out / "dead_letter.jsonl", rank, world)
-        if teachers
-        else clm_groups(ep, cfg.train.micro_batch_size, rank, world)
-        for ep in epochs
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    result = train(
-        target.model,
-        target.tokenizer,
-        stream,
-        teachers=[t.name for t in teachers],
-        train_cfg=cfg.train,
-        fusion_cfg=cfg.fusion,
-        total_steps=steps,
-        run_dir=out,
-        progress=progress,
-    )
-    del target
-    gc.collect()
-    return result
-
-
 def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     """Run the whole recipe; returns the report (also written to ``run_dir/report.json``)."""
     torch.manual_seed(cfg.seed)
@@ -171,23 +131,19 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
             rows.append(_eval(f"source {src.key}", src.model, cfg, corpus.held_out, progress))
         rows.append(_eval("target before", cfg.target.model, cfg, corpus.held_out, progress))
 
-    stats_texts = [s.text for s in corpus.train[: cfg.align.stats_documents]] if cfg.align.vocab_map == "stats" else None
-    runs: dict[str, object] = {}
+    # Each run is the recipe on a config whose sources are that run's teachers (model_copy: not re-validated,
+    # so the baseline's empty list is allowed).
+    plan: dict[str, tuple[list[SourceConfig], Path]] = {}
     if cfg.pairwise:
         pivots = [s for s in cfg.sources if s.model == cfg.target.model]
-        others = [s for s in cfg.sources if s.model != cfg.target.model]
-        for src in others:
-            teachers = build_teachers(cfg, [src, *pivots], target_tok, stats_texts)
-            runs[f"pairwise {src.key}"] = _train_target(cfg, corpus, run_dir / "pairwise" / _slug(src.key), teachers, progress)
-            del teachers
-            gc.collect()
+        for src in (s for s in cfg.sources if s.model != cfg.target.model):
+            plan[f"pairwise {src.key}"] = ([src, *pivots], run_dir / "pairwise" / _slug(src.key))
     else:
-        teachers = build_teachers(cfg, cfg.sources, target_tok, stats_texts)
-        runs["fused"] = _train_target(cfg, corpus, run_dir / "fused", teachers, progress)
-        del teachers
-        gc.collect()
+        plan["fused"] = (list(cfg.sources), run_dir / "fused")
     if cfg.baseline == "clm":
-        runs["baseline clm"] = _train_target(cfg, corpus, run_dir / "baseline-clm", [], progress)
+        plan["baseline clm"] = ([], run_dir / "baseline-clm")
+    runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus.train, progress)
+            for name, (sources, out) in plan.items()}
 
     for name, res in runs.items():
         rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus.held_out, progress), "train_tokens": res.tokens,

@@ -1,11 +1,14 @@
-"""``fuseflow train RUN.yaml --redis URL``: the online trainer (DESIGN.md, "Data flow" and "Trainer").
+"""The one knowledge-fusion recipe, :func:`run_online` (DESIGN.md, "Data flow" and "Trainer"; issue 13), and
+``fuseflow train RUN.yaml --redis URL``, which runs it over Redis.
 
-Teachers run elsewhere (``fuseflow teacher serve --redis``) and stream aligned top-k distributions into
-Redis; no logits cache is ever written. The recipe, top to bottom:
+The recipe takes a :class:`~fuseflow.wire.transport.Transport`: teachers on its other side stream aligned
+top-k distributions in; no logits cache is ever written. Over ``RedisTransport`` they are ``fuseflow teacher
+serve --redis`` processes; ``fuseflow fuse`` runs the same recipe over ``InProcessTransport`` with the teacher
+workers as threads (:func:`fuseflow.trainer.knowledge_fusion.train_in_process`). Top to bottom:
 
 1. every rank joins the DeepSpeed group (``deepspeed`` / ``torchrun`` launchers: ``RANK``, ``WORLD_SIZE``,
    ``MASTER_ADDR``, ``MASTER_PORT``) and loads the target;
-2. rank 0 splits the corpus as the in-process path does (``prepare_corpus``) and starts the
+2. rank 0 splits the corpus (``prepare_corpus``; an in-process transport: every rank, its own shard) and starts the
    :class:`~fuseflow.trainer.dispatcher.Dispatcher` thread: the samples go to the teachers in order, through a
    bounded window;
 3. every rank reads ready samples as consumer ``rank<r>`` (:class:`ReadyFeed`) and trains with the same loop
@@ -13,7 +16,7 @@ Redis; no logits cache is ever written. The recipe, top to bottom:
    covers it is written ("XACK after the step is durable");
 4. the epoch ends when the dispatcher has finished and every sample was trained or dead-lettered; the HF
    model directory, ``metrics.jsonl``, ``trained_samples*.log`` and ``dead_letter.jsonl`` are written under
-   ``run_dir/fused`` as the in-process path does. (The CLM baseline and the evaluation are ``fuseflow fuse``'s.)
+   ``run_dir/fused``. (The CLM baseline, pairwise runs and the evaluation are ``fuseflow fuse``'s outer loop.)
 
 Restarts: a run directory with a checkpoint resumes; the transport hands each rank the samples it had read but
 not acked, those the checkpoint already covers are acked without training again, and the dispatcher resumes
@@ -176,6 +179,11 @@ def required_window(cfg: FuseConfig, world: int) -> int:
     return (t.checkpoint_every * t.grad_accum + 1) * t.micro_batch_size * world
 
 
+def default_window(cfg: FuseConfig, world: int) -> int:
+    """Samples in flight by default: twice what a checkpoint interval needs, at least 256."""
+    return max(256, 2 * required_window(cfg, world))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------------------
@@ -185,12 +193,23 @@ def run_online(
     cfg: FuseConfig,
     transport: Transport,
     *,
+    out: Path | None = None,
+    samples: list | None = None,
     progress: bool = True,
     metrics=None,
     poll_ms: int = 100,
 ):
-    """Train ``cfg.target`` on ``transport``'s ready samples until the epoch ends; returns the loop's
-    ``TrainResult``. ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None."""
+    """The one recipe (issue 13): dispatch the corpus into ``transport`` and train ``cfg.target`` on its ready
+    samples until the epoch ends; returns the loop's ``TrainResult``. Teachers answer on the other side of the
+    transport: ``fuseflow teacher serve --redis`` processes over ``RedisTransport`` (``fuseflow train``), or
+    worker threads over ``InProcessTransport`` (``fuseflow fuse``, :func:`fuseflow.trainer.knowledge_fusion.
+    train_in_process`). ``cfg.sources`` are the transport's teachers; none (a teacherless in-process transport)
+    is the CLM-only baseline.
+
+    ``out``: the run's output folder (default ``run_dir/fused``); ``samples``: the training samples when the
+    caller has split the corpus already (default: :func:`prepare_corpus` on rank 0). A ``per_process``
+    transport (in-process) serves one rank: every rank dispatches its own shard ``samples[rank::world]``.
+    ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None."""
     import torch.distributed as dist
 
     from fuseflow.models import load
@@ -203,37 +222,40 @@ def run_online(
     teachers = [s.key for s in cfg.sources]
     if list(transport.teachers) != teachers:
         raise ValueError(f"transport teachers {transport.teachers} != the config's sources {teachers}")
-    need = required_window(cfg, world)
+    need = required_window(cfg, 1 if transport.per_process else world)
     if transport.window < need:
         raise ValueError(
             f"transport window {transport.window} < {need} samples, what train.checkpoint_every="
             f"{cfg.train.checkpoint_every} steps of {cfg.train.micro_batch_size}x{cfg.train.grad_accum}x{world} "
             "samples need (samples are acked at checkpoints): raise --window or lower train.checkpoint_every"
         )
-    out = Path(cfg.run_dir) / "fused"
+    out = Path(out) if out is not None else Path(cfg.run_dir) / "fused"
     out.mkdir(parents=True, exist_ok=True)
     target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
+    local = transport.per_process  # this rank's own pipeline: it dispatches its own shard
+    dispatching = local or rank == 0
 
-    samples, count = [], [-1]
+    count = [-1]
     try:
-        if rank == 0:
+        if samples is None and dispatching:
             samples = prepare_corpus(cfg, target.tokenizer).train
+        if samples is not None:
             count = [len(samples)]
     finally:  # the other ranks wait for the count: tell them when rank 0 failed (-1), not only when it did not
-        if world > 1:
+        if world > 1 and not local:
             dist.broadcast_object_list(count, src=0)
     if count[0] < 0:
         raise RuntimeError("rank 0 could not prepare the corpus (see its log)")
     steps = total_steps(cfg, count[0], world)
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if local else world)
     limit = steps * per_step if cfg.train.max_steps else None
 
     dispatcher = None
-    if rank == 0:
+    if dispatching:
         if not (out / "checkpoints" / "latest").exists() and hasattr(transport, "reset"):
             deleted = retrying(transport.reset, "reset")
             log.info("fresh run %r: reset its queue (%d keys deleted)", transport.run, deleted)
-        sequence = dispatch_sequence(samples, cfg.train.epochs, limit)
+        sequence = dispatch_sequence(samples[rank::world] if local else samples, cfg.train.epochs, limit)
         log.info("online run %r: %d samples to dispatch, %d steps, %d ranks, window %d", transport.run,
                  len(sequence), steps, world, transport.window)
         dispatcher = Dispatcher(transport, sequence)
@@ -263,12 +285,12 @@ def run_online(
             dispatcher.stop()
     if dispatcher is not None:
         dispatcher.join_checked(timeout=30)
-    if rank == 0:
+    if dispatching:
         stats = retrying(transport.stats, "trainer stats")
         if metrics is not None:
             metrics.observe_queue(stats)
         dead = retrying(lambda: transport.dead_letters(count=100_000), "dead letters")
-        with (out / "dead_letter.jsonl").open("w") as f:
+        with (out / ("dead_letter.jsonl" if rank == 0 else f"dead_letter.rank{rank}.jsonl")).open("w") as f:
             for d in dead:
                 f.write(json.dumps({"sample": d["sample_id"], "reason": f"{d['teacher']}: {d['reason']}"}) + "\n")
         if not retrying(transport.is_finished, "trainer stats"):
@@ -308,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: env FUSEFLOW_RUN, else the config's run_dir name)")
     p.add_argument("--window", type=int, default=None,
                    help="samples in flight at most (default: twice what a checkpoint interval needs, at least 256)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics port (default 0.0.0.0; "
+                   "`fuseflow stack up` passes 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help=f"Prometheus /metrics port on rank 0 (default {DEFAULT_METRICS_PORT}; 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -335,13 +359,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no Redis URL: pass --redis URL or set FUSEFLOW_REDIS_URL")
     cfg = load_config(FuseConfig, args.config, args.overrides)
     rank, world = init_distributed()
-    need = required_window(cfg, world)
-    window = args.window if args.window is not None else max(256, 2 * need)
+    window = args.window if args.window is not None else default_window(cfg, world)
     teachers = [s.key for s in cfg.sources]
     metrics = None
     if rank == 0 and args.metrics_port:
         metrics = TrainerMetrics(teachers)
-        port = metrics.start_http(args.metrics_port)
+        port = metrics.start_http(args.metrics_port, args.metrics_host)
         log.info("trainer metrics on :%d/metrics", port)
     try:
         with RedisTransport(args.redis, cfg.run_name(args.run), teachers, window=window) as transport:

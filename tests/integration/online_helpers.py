@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fuseflow.teacher.worker import WorkerThreads  # noqa: F401 - the tests' teacher threads, re-exported
 from fuseflow.wire.redis_server import free_port
 
 # Torch threads of the child processes: one each, the machine has few cores and several processes share it.
@@ -61,50 +61,12 @@ baseline: none
     return path
 
 
-class TeacherThreads:
-    """One ``run_worker`` thread per teacher aligner, in the test process (fast: no model load per process)."""
-
-    def __init__(self, aligners, transport_factory, reclaim_idle_ms: int = 30_000, batch_size: int = 4):
-        from fuseflow.teacher.worker import run_worker
-
-        self.stop_event = threading.Event()
-        self.errors: list[BaseException] = []
-        self.threads = []
-        for a in aligners:
-            def work(a=a):
-                tr = transport_factory()
-                try:
-                    run_worker(a, tr, f"{a.name}-thread", self.stop_event, batch_size=batch_size, block_ms=100,
-                               reclaim_idle_ms=reclaim_idle_ms)
-                except BaseException as e:  # noqa: BLE001 - re-raised by stop()
-                    self.errors.append(e)
-                finally:
-                    tr.close()
-
-            th = threading.Thread(target=work, daemon=True, name=f"teacher-{a.name}")
-            th.start()
-            self.threads.append(th)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for th in self.threads:
-            th.join(15)
-        if self.errors:
-            raise self.errors[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
 def build_aligners(cfg, names=None):
     from fuseflow.models import load_tokenizer
     from fuseflow.trainer.knowledge_fusion import build_teachers
 
     sources = [s for s in cfg.sources if names is None or s.key in names]
-    return build_teachers(cfg, sources, load_tokenizer(cfg.target.model), None)
+    return build_teachers(cfg, sources, load_tokenizer(cfg.target.model))
 
 
 def start_trainer(config: Path, redis_url: str, run: str, log_path: Path, rank: int = 0, world: int = 1,
@@ -126,7 +88,7 @@ from fuseflow.teacher.worker import run_worker
 from fuseflow.models import load_tokenizer
 from fuseflow.trainer.knowledge_fusion import build_teachers
 cfg = load_config(FuseConfig, {config!r})
-aligner, = build_teachers(cfg, [s for s in cfg.sources if s.key == {source!r}], load_tokenizer(cfg.target.model), None)
+aligner, = build_teachers(cfg, [s for s in cfg.sources if s.key == {source!r}], load_tokenizer(cfg.target.model))
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 tr = RedisTransport({url!r}, {run!r}, [s.key for s in cfg.sources])

@@ -17,7 +17,7 @@ import time
 import pytest
 from online_helpers import (
     SlowAligner,
-    TeacherThreads,
+    WorkerThreads,
     build_aligners,
     kill_group,
     line_count,
@@ -66,7 +66,7 @@ def test_killed_teacher_replica_work_is_finished_by_another(setup, tmp_path, red
     procs = {c: start_worker_process(config, "gemma", redis_server.url, run, c, logs[c], reclaim_idle_ms=1000,
                                      batch_size=8)
              for c in logs}
-    qwen = TeacherThreads(build_aligners(cfg, ["qwen"]), lambda: RedisTransport(redis_server.url, run, teachers))
+    qwen = WorkerThreads(build_aligners(cfg, ["qwen"]), lambda: RedisTransport(redis_server.url, run, teachers))
     try:
         watched = [(procs[c], logs[c]) for c in logs]
         wait_for(lambda: all("worker ready" in logs[c].read_text() for c in logs), 120, "worker processes", watched)
@@ -117,7 +117,7 @@ def _run_trainer_with_fault(setup, tmp_path, redis_server, run, fault):
     log = tmp_path / "trainer.log"
     slow = [SlowAligner(a, 0.3) for a in build_aligners(cfg)]
     trainer = start_trainer(config, redis_server.url, run, log)
-    with TeacherThreads(slow, lambda: RedisTransport(redis_server.url, run, teachers), batch_size=2):
+    with WorkerThreads(slow, lambda: RedisTransport(redis_server.url, run, teachers), batch_size=2):
         wait_for(lambda: line_count(out / "trained_samples.log") >= 6, 180, "training past the first checkpoint",
                  [(trainer, log)])
         trainer = fault(trainer, log) or trainer

@@ -1,15 +1,13 @@
-"""The online path feeds the trainer the same fused batches as the in-process path.
+"""The recipe feeds the trainer the same fused batches over Redis as over the in-process transport (issue 13).
 
 Two teachers with different tokenizers (tiny Gemma, SentencePiece-style; tiny Qwen, BPE) aligned to a tiny
-Llama target; the dispatcher, the teacher workers and the trainer's feed talk through a real Redis server. The
-reference is ``knowledge_fusion.ready_groups`` (in-process, no transport) with the same aligners; logprobs
-travel as float16 on the wire, so the reference is rounded to float16 before comparing, bitwise; the float32
-gold logprobs are compared to 1e-5 (forward-pass rounding depends on batch composition).
+Llama target; the dispatcher, the teacher workers and the trainer's feed talk through a real Redis server, then
+through ``InProcessTransport`` (``fuseflow fuse``'s). Both hand the trainer the wire's float16 logprobs, so the
+batches compare bitwise; the float32 gold logprobs to 1e-5 (forward-pass rounding depends on batch composition).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -20,23 +18,36 @@ import torch
 from fuseflow.config import FuseConfig, load_config
 from fuseflow.sparse import AlignedDist
 
-from online_helpers import TeacherThreads, build_aligners, write_run_config
+from online_helpers import WorkerThreads, build_aligners, write_run_config
 
 pytestmark = pytest.mark.integration
 
 
-def fp16_wire(d: AlignedDist) -> AlignedDist:
-    """What the Redis wire delivers for ``d``: logprobs rounded to float16, the rest as is."""
-    return AlignedDist(d.ids, d.logprobs.astype(np.float16).astype(np.float32), d.gold_logprobs, d.aligned, d.meta)
+def feed_groups(transport, transport_factory, samples, aligners, micro, tmp_path):
+    """Dispatch ``samples``, then let the teachers answer in micro-batch-sized batches (a forward pass's float
+    results depend on what it is batched with) and read the trainer's micro-batches; every step acked."""
+    from fuseflow.trainer.dispatcher import Dispatcher, dispatch_sequence
+    from fuseflow.trainer.online import ReadyFeed
+
+    dispatcher = Dispatcher(transport, dispatch_sequence(samples), chunk=5)
+    dispatcher.start()
+    dispatcher.join_checked(30)
+    groups = []
+    with WorkerThreads(aligners, transport_factory, batch_size=micro):
+        feed = ReadyFeed(transport, "rank0", micro, 1, tmp_path / "none.log", poll_ms=50)
+        for g in feed:
+            groups.append(g)
+            feed.ack_durable([s.id for s, _ in g])  # as if a checkpoint followed every step
+    assert transport.is_finished()
+    return groups, {d["sample_id"]: d for d in transport.dead_letters()}
 
 
 @pytest.mark.slow
-def test_online_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, redis_server):
+def test_redis_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.trainer.batches import collate
-    from fuseflow.trainer.dispatcher import Dispatcher, dispatch_sequence
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus, ready_groups
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.wire.inprocess import InProcessTransport
     from fuseflow.wire.redis_streams import RedisTransport
 
     cfg = load_config(FuseConfig, write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40))
@@ -46,39 +57,26 @@ def test_online_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_
     teachers = [a.name for a in aligners]
     micro, k = cfg.train.micro_batch_size, cfg.fusion.top_k
 
-    # The in-process reference: every teacher scores each micro-batch, failures dead-lettered.
-    ref_groups = list(ready_groups(corpus.train, aligners, micro, tmp_path / "dead_letter.jsonl"))
+    local = InProcessTransport("batches", teachers, window=64)
+    ref_groups, ref_dead = feed_groups(local, lambda: local, corpus.train, aligners, micro, tmp_path)
     ref = {s.id: d for g in ref_groups for s, d in g}
     ref_order = [s.id for g in ref_groups for s, _ in g]
-    ref_dead = {json.loads(line)["sample"] for line in (tmp_path / "dead_letter.jsonl").read_text().splitlines()}
     assert ref_dead and len(ref_order) >= 10, "the corpus must give trained and dead-lettered samples"
 
     run = "batches"
     with RedisTransport(redis_server.url, run, teachers, window=64) as tr:
         tr.reset()
-        dispatcher = Dispatcher(tr, dispatch_sequence(corpus.train), chunk=5)
-        dispatcher.start()
-        # Teachers start once everything is queued and take micro-batch-sized batches: a forward pass's float
-        # results depend on what it is batched with (padding), so the teachers see the in-process batches.
-        dispatcher.join_checked(30)
-        groups = []
         factory = lambda: RedisTransport(redis_server.url, run, teachers)  # noqa: E731
-        with TeacherThreads(aligners, factory, batch_size=micro):
-            feed = ReadyFeed(tr, "rank0", micro, 1, tmp_path / "none.log", poll_ms=50)
-            for g in feed:
-                groups.append(g)
-                feed.ack_durable([s.id for s, _ in g])  # as if a checkpoint followed every step
-        dead = {d["sample_id"]: d for d in tr.dead_letters()}
-        assert tr.is_finished()
+        groups, dead = feed_groups(tr, factory, corpus.train, aligners, micro, tmp_path)
 
     assert [s.id for g in groups for s, _ in g] == ref_order  # same samples, same order
     assert all(len(g) == micro for g in groups[:-1]) and groups[-1]
-    assert set(dead) == ref_dead
+    assert set(dead) == set(ref_dead)
     assert all(d["teacher"] == "gemma" and "max_length 40" in d["reason"] for d in dead.values())
     for g in groups:
         samples = [s for s, _ in g]
         got = collate(samples, tok, [d for _, d in g], teachers, k)
-        want = collate(samples, tok, [{t: fp16_wire(ref[s.id][t]) for t in teachers} for s in samples], teachers, k)
+        want = collate(samples, tok, [ref[s.id] for s in samples], teachers, k)
         for name in ("input_ids", "attention_mask", "labels", "loss_mask", "teacher_ids", "teacher_logprobs",
                      "teacher_gold", "teacher_aligned"):
             a, b = getattr(got, name), getattr(want, name)
@@ -89,10 +87,9 @@ def test_online_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs for {[s.id for s in samples]}")
                 continue
             assert torch.equal(a, b), f"{name} differs for samples {[s.id for s in samples]}"
-    # fp16 matters: the float32 values would not all compare equal
-    s0 = groups[0][0][0]
-    raw = ref[s0.id]["gemma"].logprobs
-    assert not np.array_equal(raw[np.isfinite(raw)], fp16_wire(ref[s0.id]["gemma"]).logprobs[np.isfinite(raw)])
+    # the in-process transport hands over the wire's precision: float16 logprobs
+    lp = ref[ref_order[0]]["gemma"].logprobs
+    assert np.array_equal(lp, lp.astype(np.float16).astype(lp.dtype))
 
 
 def test_feed_keeps_ranks_in_lockstep_and_pads_the_accumulation(monkeypatch, tmp_path):

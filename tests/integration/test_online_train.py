@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from online_helpers import TeacherThreads, build_aligners, start_trainer, trained_ids, wait_exit, write_run_config
+from online_helpers import WorkerThreads, build_aligners, start_trainer, trained_ids, wait_exit, write_run_config
 
 from fuseflow.config import FuseConfig, load_config
 from fuseflow.wire.redis_server import free_port
@@ -27,7 +27,7 @@ def test_two_ranks_train_every_sample_exactly_once(tmp_path, tiny_llama, tiny_ge
     port = free_port()
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     procs = [start_trainer(config, redis_server.url, run, logs[r], rank=r, world=2, master_port=port) for r in range(2)]
-    with TeacherThreads(build_aligners(cfg), lambda: RedisTransport(redis_server.url, run, teachers)):
+    with WorkerThreads(build_aligners(cfg), lambda: RedisTransport(redis_server.url, run, teachers)):
         for p, log in zip(procs, logs):
             assert wait_exit(p, log, 240) == 0, log.read_text()[-4000:]
 
