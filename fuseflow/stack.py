@@ -7,6 +7,12 @@ the exit code is the trainer's. Running it again on the same ``run_dir`` resumes
 
 The exact command of every process is :func:`stack_commands`, a pure function: the Docker Compose and
 Kubernetes manifests are checked against it, so the three ways to run the stack do not drift apart.
+
+Secure by default (issue 15): every port binds 127.0.0.1 unless ``--host`` says otherwise; secrets travel in
+the children's environment, never on a command line (``ps`` shows argv to every local user): the Redis URL
+(``FUSEFLOW_REDIS_URL``) and a bearer token generated for this stack (``FUSEFLOW_TEACHER_TOKEN``, which the
+teachers then require). A Redis started here has one ACL user per role (``teacher``, ``trainer``:
+:func:`fuseflow.wire.redis_streams.run_acl_rules`) confined to the run's keys, each with its own password.
 """
 
 from __future__ import annotations
@@ -54,20 +60,22 @@ class StackPorts:
 
 
 def stack_commands(
-    cfg: FuseConfig, redis_url: str, run: str, config_path: str | os.PathLike = "run.yaml",
-    ports: StackPorts = StackPorts(),
+    cfg: FuseConfig, run: str, config_path: str | os.PathLike = "run.yaml", ports: StackPorts = StackPorts(),
+    host: str = "127.0.0.1",
 ) -> dict[str, list[str]]:
     """The argv of every process of the stack, by name: ``teacher-<source>`` per source (config order), then
-    ``trainer``. ``config_path`` is where every process reads the run config (overrides already applied)."""
+    ``trainer``. ``config_path`` is where every process reads the run config (overrides already applied).
+    No secret is in them: each process reads the Redis URL from ``FUSEFLOW_REDIS_URL`` (a bare ``--redis``
+    for a teacher) and the teachers their token from ``FUSEFLOW_TEACHER_TOKEN``."""
     config_path = str(config_path)
     cmds: dict[str, list[str]] = {}
     for src, (port, metrics_port) in zip(cfg.sources, ports.teacher_ports(len(cfg.sources))):
         cmds[f"teacher-{src.key}"] = [
             "fuseflow", "teacher", "serve", "--config", config_path, "--source", src.key,
-            "--redis", redis_url, "--run", run, "--port", str(port), "--metrics-port", str(metrics_port),
+            "--redis", "--run", run, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
         ]
     cmds["trainer"] = [
-        "fuseflow", "train", config_path, "--redis", redis_url, "--run", run,
+        "fuseflow", "train", config_path, "--run", run, "--metrics-host", host,
         "--metrics-port", str(ports.trainer_metrics),
     ]
     return cmds
@@ -159,10 +167,10 @@ class Supervisor:
     """The stack's child processes: started in their own sessions (a Ctrl-C reaches the stack, which stops
     them in order), output to ``log_dir/<name>.log``; crashed teachers restarted up to ``TEACHER_RESTARTS``."""
 
-    def __init__(self, commands: dict[str, list[str]], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, commands: dict[str, list[str]], log_dir: Path, env: dict[str, dict[str, str]] | None = None):
         self.commands = commands
         self.log_dir = Path(log_dir)
-        self.env = env
+        self.env = env or {}  # by process name: its environment (None: this process's)
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
 
@@ -170,7 +178,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
-                runnable(self.commands[name]), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                runnable(self.commands[name]), stdout=out, stderr=subprocess.STDOUT, env=self.env.get(name),
                 start_new_session=True,
             )
         self.procs[name] = proc
@@ -216,11 +224,12 @@ def run_stack(
     status_out: TextIO | None = None,
     status_every_s: float = 1.0,
     stop_event: threading.Event | None = None,
+    host: str = "127.0.0.1",
 ) -> int:
     """Start the stack for ``cfg`` and wait for the trainer; returns its exit code (see the module docstring).
     ``stop_event`` (set by the signal handlers of :func:`main`) stops the stack early."""
     from fuseflow.wire.redis_server import RedisServer
-    from fuseflow.wire.redis_streams import RedisTransport
+    from fuseflow.wire.redis_streams import RedisTransport, run_acl_rules
 
     stop_event = stop_event or threading.Event()
     status_out = status_out or sys.stdout
@@ -231,12 +240,20 @@ def run_stack(
     config_path.write_text(dump_config(cfg))
     server = None
     if redis_url is None:
-        # Loopback only; the password keeps other local users' clients out.
-        server = RedisServer(data_dir=run_dir / "redis", appendonly=True, password=secrets.token_hex(16)).start()
-        redis_url = server.url
+        # Loopback only; the default user's password keeps other local users' clients out, and each role
+        # gets a user of its own, confined to the run's keys.
+        users = {role: (secrets.token_hex(16), run_acl_rules(run, role)) for role in ("teacher", "trainer")}
+        server = RedisServer(data_dir=run_dir / "redis", appendonly=True, password=secrets.token_hex(16),
+                             users=users).start()
+        urls = {role: server.url_for(role) for role in users}
         log.info("Redis on 127.0.0.1:%d (append-only file in %s)", server.port, server.data_dir)
-    commands = stack_commands(cfg, redis_url, run, config_path, ports)
-    sup = Supervisor(commands, run_dir / "logs")
+    else:
+        urls = {"teacher": redis_url, "trainer": redis_url}
+    commands = stack_commands(cfg, run, config_path, ports, host)
+    token = os.environ.get("FUSEFLOW_TEACHER_TOKEN") or secrets.token_urlsafe(24)  # the teachers require it
+    env = {name: dict(os.environ, FUSEFLOW_REDIS_URL=urls["trainer" if name == "trainer" else "teacher"],
+                      FUSEFLOW_TEACHER_TOKEN=token) for name in commands}
+    sup = Supervisor(commands, run_dir / "logs", env)
     teachers = [s.key for s in cfg.sources]
     teacher_metrics = {s.key: m for s, (_, m) in zip(cfg.sources, ports.teacher_ports(len(teachers)))}
     rates = {t: Rate() for t in teachers}
@@ -245,7 +262,7 @@ def run_stack(
     transport = None
     code = None
     try:
-        transport = RedisTransport(redis_url, run, teachers)
+        transport = RedisTransport(urls["trainer"], run, teachers)
         sup.start_all()
         last_print = 0.0
         while not stop_event.wait(status_every_s):
@@ -315,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default=os.environ.get("FUSEFLOW_REDIS_URL"),
                    help="use this Redis instead of starting one (default: env FUSEFLOW_REDIS_URL)")
     p.add_argument("--run", default=None, help="run name (default: env FUSEFLOW_RUN, else the run_dir name)")
+    p.add_argument("--host", default="127.0.0.1", help="address the teachers' gRPC and every metrics port bind "
+                   "(default 127.0.0.1: this machine only; 0.0.0.0 exposes them, token-protected gRPC)")
     p.add_argument("--teacher-port", type=int, default=StackPorts.teacher,
                    help="gRPC port of the first teacher; the others follow (default 50051)")
     p.add_argument("--teacher-metrics-port", type=int, default=StackPorts.teacher_metrics,
@@ -342,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ports = StackPorts(args.teacher_port, args.teacher_metrics_port, args.trainer_metrics_port)
-        return run_stack(cfg, args.redis, args.run, ports, stop_event=stop)
+        return run_stack(cfg, args.redis, args.run, ports, stop_event=stop, host=args.host)
     except RuntimeError as e:  # a teacher that keeps crashing, a Redis server that does not start
         print(f"fuseflow stack: error: {e}", file=sys.stderr)
         return 1

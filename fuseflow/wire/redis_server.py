@@ -78,6 +78,7 @@ class RedisServer:
         binary: str | os.PathLike | None = None,
         options: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
+        users: Mapping[str, tuple[str, str]] | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
         if appendfsync not in _APPENDFSYNC:
@@ -89,6 +90,11 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.password = password
         self.options = dict(options or {})
+        # ACL users besides the default one: {name: (password, rules)}, e.g. run_acl_rules() of redis_streams.
+        self.users = dict(users or {})
+        bad = [n for n in self.users if not n.replace("-", "").replace("_", "").isalnum() or n == "default"]
+        if bad:
+            raise ValueError(f"ACL user names must be alphanumeric (and not 'default'), got {bad}")
         self.start_timeout_s = start_timeout_s
         self._binary = Path(binary) if binary is not None else None
         self._owns_dir = data_dir is None
@@ -107,6 +113,13 @@ class RedisServer:
             raise RedisServerError("RedisServer.url is known once the server has been started")
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def url_for(self, user: str) -> str:
+        """The URL of ACL user ``user`` (one of ``users``): what a process of that role connects with."""
+        if self.port is None:
+            raise RedisServerError("RedisServer.url_for is known once the server has been started")
+        password = self.users[user][0]
+        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -194,7 +207,8 @@ class RedisServer:
         if self.password:
             lines["requirepass"] = q(self.password)
         lines.update({k: str(v) for k, v in self.options.items()})
-        return "".join(f"{k} {v}\n" for k, v in lines.items())
+        users = [f"user {name} on >{password} {rules}\n" for name, (password, rules) in self.users.items()]
+        return "".join(f"{k} {v}\n" for k, v in lines.items()) + "".join(users)
 
     def _spawn(self, binary: Path) -> None:
         conf = self.data_dir / "server.conf"

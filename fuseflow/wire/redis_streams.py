@@ -44,6 +44,7 @@ from fuseflow.wire.transport import (
     TransportUnavailable,
     WorkItem,
     check_result,
+    validate_run,
     spans_from_json,
     spans_to_json,
 )
@@ -89,6 +90,21 @@ def _speaks_transport_errors(cls):
         if callable(fn) and (name == "__init__" or not name.startswith("_")):
             setattr(cls, name, wrap(fn))
     return cls
+
+
+def run_acl_rules(run: str, role: str) -> str:
+    """Redis ACL rules (after ``user NAME on >PASSWORD``) for a process of run ``run``: keys of that run only
+    (``~*{run}*``), no administrative or dangerous command (CONFIG, FLUSHALL, KEYS, SHUTDOWN, …). ``teacher``
+    also may not SCAN or delete consumer groups: only the trainer (which dispatches and resets the run) does.
+    A leaked teacher credential then reaches neither another run's data nor the server's settings (issue 15).
+    """
+    if role not in ("teacher", "trainer"):
+        raise ValueError(f"role must be 'teacher' or 'trainer', got {role!r}")
+    key = re.sub(r"([*?\[\]\\])", r"\\\1", "{" + validate_run(run) + "}")
+    rules = f"resetkeys ~*{key}* resetchannels +@all -@dangerous -@admin"
+    if role == "teacher":
+        rules += " -scan -xgroup|destroy -xgroup|setid"
+    return rules
 
 
 def _redacted(url: str) -> str:

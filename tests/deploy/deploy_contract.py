@@ -4,12 +4,14 @@ tests in this folder: rendering the kustomize overlays, reading the compose file
 The contract (fixed by the lead; the commands are built in parallel):
 
     fuseflow teacher serve  [--config RUN.yaml --source NAME | --model MODEL [--engine hf|vllm]]
-                            [--host 0.0.0.0] [--port 50051] [--metrics-port 9400] [--redis URL] [--run RUN]
+                            [--host 0.0.0.0] [--port 50051] [--metrics-port 9400] [--redis [URL]] [--run RUN]
                             [--tls-cert F --tls-key F] [--token-file F]
                             [--max-texts 256] [--max-tokens 16384] [--max-top-k 64]
     fuseflow query --address HOST:PORT [--token T] [--tls-ca F] {info | tokenize | score | generate}
-    fuseflow train RUN.yaml --redis URL [key=value ...]
-    fuseflow stack up RUN.yaml [--redis URL] [key=value ...]
+    fuseflow train RUN.yaml [--redis URL] [--metrics-host H] [key=value ...]
+    fuseflow stack up RUN.yaml [--redis URL] [--host H] [key=value ...]
+
+Secrets never on a command line: a bare ``--redis`` (teacher) or none (trainer) reads ``FUSEFLOW_REDIS_URL``.
     fuseflow serve-ensemble ENSEMBLE.yaml [--port 8000]
     fuseflow fuse RUN.yaml [key=value ...]
     fuseflow merge MERGE.yaml
@@ -52,12 +54,14 @@ HEALTH_SERVICE = "fuseflow.v1.TeacherService"
 @dataclass(frozen=True)
 class Command:
     """One command of the contract: its words, positionals (min, max; None = unbounded) and flags taking a
-    value. ``overrides``: trailing ``key=value`` arguments allowed."""
+    value (``optional``: those whose value may be left out). ``overrides``: trailing ``key=value`` arguments
+    allowed."""
 
     words: tuple[str, ...]
     positionals: tuple[int, int | None] = (0, 0)
     flags: frozenset[str] = field(default_factory=frozenset)
     overrides: bool = False
+    optional: frozenset[str] = field(default_factory=frozenset)
 
 
 CONTRACT = {
@@ -69,9 +73,10 @@ CONTRACT = {
                 "--config --source --model --engine --host --port --metrics-port --redis --run --tls-cert "
                 "--tls-key --token-file --max-texts --max-tokens --max-top-k".split()
             ),
+            optional=frozenset({"--redis"}),
         ),
-        Command(("train",), positionals=(1, 1), flags=frozenset({"--redis"}), overrides=True),
-        Command(("stack", "up"), positionals=(1, 1), flags=frozenset({"--redis"}), overrides=True),
+        Command(("train",), positionals=(1, 1), flags=frozenset({"--redis", "--metrics-host"}), overrides=True),
+        Command(("stack", "up"), positionals=(1, 1), flags=frozenset({"--redis", "--host"}), overrides=True),
         Command(("serve-ensemble",), positionals=(1, 1), flags=frozenset({"--port"})),
         Command(("fuse",), positionals=(1, 1), overrides=True),
         Command(("merge",), positionals=(1, 1)),
@@ -105,7 +110,9 @@ class Invocation:
             if word.startswith("--"):
                 name, eq, value = word.partition("=")
                 assert name in cmd.flags, f"{self.where}: {name} is not a flag of `fuseflow {' '.join(cmd.words)}`"
-                if not eq:
+                if not eq and name in cmd.optional and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+                    value = ""  # a bare flag: its value comes from the environment
+                elif not eq:
                     assert i + 1 < len(rest), f"{self.where}: {name} needs a value"
                     value = rest[i + 1]
                     i += 1

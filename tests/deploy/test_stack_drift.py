@@ -16,7 +16,7 @@ from fuseflow.stack import stack_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker" / "docker-compose.yml"
-CONTAINER_ONLY = {"host", "port", "metrics_port", "run"}
+CONTAINER_ONLY = {"host", "port", "metrics_host", "metrics_port", "run"}
 
 
 def _parse(argv: list[str]) -> dict:
@@ -34,7 +34,8 @@ def test_compose_cpu_profile_runs_the_stack_commands():
     env = next(iter(services.values()))["environment"]
     redis_url = env["FUSEFLOW_REDIS_URL"]
     run = env["FUSEFLOW_RUN"].split(":-", 1)[1].rstrip("}")  # ${FUSEFLOW_RUN:-quickstart}
-    expected = stack_commands(cfg, redis_url, run, config_path)
+    assert redis_url.startswith("redis://")  # every process gets it from the environment, none in its argv
+    expected = stack_commands(cfg, run, config_path)
     assert {f"cpu-{name}" for name in expected} == set(services)
     for name, argv in expected.items():
         got = [str(a) for a in services[f"cpu-{name}"]["command"]]

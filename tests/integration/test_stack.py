@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from online_helpers import CHILD_ENV, trained_ids, wait_exit, wait_for, write_run_config
@@ -25,18 +26,19 @@ def _cfg(**over) -> FuseConfig:
 
 
 def test_stack_commands_follow_the_cli_contract():
-    cmds = stack_commands(_cfg(), "redis://:pw@127.0.0.1:6379/0", "demo", "/etc/fuseflow/run.yaml")
+    cmds = stack_commands(_cfg(), "demo", "/etc/fuseflow/run.yaml")
     assert list(cmds) == ["teacher-gemma", "teacher-smollm2-135m", "trainer"]
-    assert cmds["teacher-gemma"] == [
+    assert cmds["teacher-gemma"] == [  # loopback by default; the Redis URL comes from the environment
         "fuseflow", "teacher", "serve", "--config", "/etc/fuseflow/run.yaml", "--source", "gemma",
-        "--redis", "redis://:pw@127.0.0.1:6379/0", "--run", "demo", "--port", "50051", "--metrics-port", "9400",
+        "--redis", "--run", "demo", "--host", "127.0.0.1", "--port", "50051", "--metrics-port", "9400",
     ]
     # the second teacher's metrics port skips the trainer's 9401
     assert cmds["teacher-smollm2-135m"][-4:] == ["--port", "50052", "--metrics-port", "9402"]
     assert cmds["trainer"] == [
-        "fuseflow", "train", "/etc/fuseflow/run.yaml", "--redis", "redis://:pw@127.0.0.1:6379/0", "--run", "demo",
+        "fuseflow", "train", "/etc/fuseflow/run.yaml", "--run", "demo", "--metrics-host", "127.0.0.1",
         "--metrics-port", "9401",
     ]
+    assert stack_commands(_cfg(), "demo", host="0.0.0.0")["trainer"][5:7] == ["--metrics-host", "0.0.0.0"]
 
 
 def test_stack_ports_never_collide():
@@ -69,18 +71,49 @@ def test_status_line_and_rates():
     assert exit_code(-15) == 143 and exit_code(3) == 3
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_stack_command() -> list[str]:
+    """The README's `fuseflow stack up …` command, as written there."""
+    line = next(ln for ln in README.read_text().splitlines() if ln.startswith("fuseflow stack up "))
+    return line.split("#")[0].split()
+
+
 def _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen) -> tuple[subprocess.Popen, object]:
+    """The README's command, run from a folder laid out as the repository (examples/quickstart.yaml with its
+    relative run_dir: runs/quickstart), on tiny models: relative paths are what broke it (issue 15)."""
     from fuseflow.wire.redis_server import free_port
 
+    words = readme_stack_command()
+    assert words[:3] == ["fuseflow", "stack", "up"]
     config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40)
+    text = config.read_text().replace(f"run_dir: {tmp_path / 'run'}", "run_dir: runs/quickstart")
+    (tmp_path / words[3]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / words[3]).write_text(text)
     log = tmp_path / "stack.log"
     ports = [str(free_port()) for _ in range(3)]
-    cmd = [sys.executable, "-m", "fuseflow.stack", "up", str(config), "--teacher-port", ports[0],
+    cmd = [sys.executable, "-m", "fuseflow.cli", *words[1:], "--teacher-port", ports[0],
            "--teacher-metrics-port", ports[1], "--trainer-metrics-port", ports[2], "train.log_every=1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **CHILD_ENV),
-                                start_new_session=True)
+                                start_new_session=True, cwd=tmp_path)
     return proc, log
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except (FileNotFoundError, PermissionError):
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
 def _pids(log_text: str) -> dict[str, int]:
@@ -103,10 +136,19 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen):
     proc, log = _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen)
+    pids = wait_for(lambda: (p := _pids(log.read_text())) and len(p) == 3 and p, 60, "the stack's processes",
+                    [(proc, log)])
+    # No secret on any command line (`ps` shows them to every local user): the children's URLs and token
+    # are in their environment only.
+    env = {k: v for pid in pids.values() for k, v in _environ(pid).items()}
+    secrets = [env[k] for k in ("FUSEFLOW_REDIS_URL", "FUSEFLOW_TEACHER_TOKEN") if env.get(k)]
+    assert len(secrets) == 2 and "@127.0.0.1:" in secrets[0]
+    for name, pid in pids.items():
+        cmdline = _cmdline(pid)
+        assert not any(s in cmdline for s in secrets) and "redis://" not in cmdline, (name, cmdline)
     assert wait_exit(proc, log, 240) == 0, log.read_text()[-4000:]
     text = log.read_text()
-    run = tmp_path / "run"
-    pids = _pids(text)
+    run = tmp_path / "runs" / "quickstart"
     assert set(pids) == {"teacher-gemma", "teacher-qwen", "trainer"}
     assert not any(_alive(p) for p in pids.values()), "a child process outlived the stack"
     assert "queue:" in text and "teachers tok/s: gemma" in text  # the status line
@@ -115,8 +157,12 @@ def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_
     dead = (run / "fused" / "dead_letter.jsonl").read_text().splitlines()
     assert ids and len(ids) == len(set(ids)) and dead
     for name in ("teacher-gemma", "teacher-qwen"):  # the real teacher service ran its Redis worker
-        assert "stopped:" in (run / "logs" / f"{name}.log").read_text()
+        teacher_log = (run / "logs" / f"{name}.log").read_text()
+        assert "stopped:" in teacher_log
+        assert "127.0.0.1" in teacher_log and "bearer token" in teacher_log  # loopback, token required
     assert (run / "redis" / "server.conf").exists() and (run / "stack.yaml").exists()
+    conf = (run / "redis" / "server.conf").read_text()  # one ACL user per role, confined to the run's keys
+    assert "user teacher on" in conf and "user trainer on" in conf and "~*{quickstart}*" in conf
 
 
 @pytest.mark.integration

@@ -170,3 +170,33 @@ def test_a_sample_every_replica_dies_on_is_dead_lettered(redis_server, run_name,
     assert [r.sample.id for r in tr.next_ready("rank0", count=10, block_ms=100)] == ["s1"]
     with pytest.raises(ValueError, match="max_deliveries must be >= 1"):
         RedisTransport(redis_server.url, run_name, ["llama"], max_deliveries=0)
+
+
+def test_role_users_reach_their_run_and_nothing_else(make_dist):
+    """The stack's ACL users (issue 15): each role works its own run through the transport and is refused
+    another run's keys and the server's administration."""
+    import redis
+
+    from fuseflow.wire.redis_streams import run_acl_rules
+
+    users = {role: (f"pw-{role}", run_acl_rules("r1", role)) for role in ("teacher", "trainer")}
+    with RedisServer(password="admin", appendonly=False, users=users) as server:
+        trainer = RedisTransport(server.url_for("trainer"), "r1", ["llama"])
+        trainer.reset()  # SCAN + DEL: the trainer's
+        trainer.submit(samples(2))
+        teacher = RedisTransport(server.url_for("teacher"), "r1", ["llama"])
+        for it in teacher.claim_work("llama", "w0", count=2, block_ms=50):
+            teacher.complete_work("llama", it, dist=make_dist(3, 2, seed=0))
+        ready = trainer.next_ready("rank0", 2, 50)
+        assert [r.sample.id for r in ready] == ["s0", "s1"]
+        trainer.ack_ready(ready)
+        with pytest.raises(TransportRefused):
+            RedisTransport(server.url_for("teacher"), "r2", ["llama"])  # another run's keys
+        with pytest.raises(TransportRefused):
+            teacher.reset()  # a teacher may not SCAN the keyspace
+        r = redis.Redis.from_url(server.url_for("trainer"))
+        for command in (("CONFIG", "GET", "requirepass"), ("FLUSHALL",), ("KEYS", "*")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                r.execute_command(*command)
+        teacher.close()
+        trainer.close()
