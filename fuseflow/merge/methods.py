@@ -136,8 +136,10 @@ def abs_delta(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_total(w: list[float]) -> float:
-    total = sum(w)
-    if total == 0.0:
+    """``Σ_j w_j`` in float32 (as mergekit's divisor); a sum of ~0 is an error here, where mergekit divides
+    by 1 instead (below 1e-8) and silently returns the unnormalised sum."""
+    total = float32_sum(w)
+    if abs(total) < 1e-8:
         raise ValueError("parameters.weights: the weights sum to 0; set normalize: false or change them")
     return total
 
@@ -148,6 +150,24 @@ def weighted_sum(xs: list[torch.Tensor], w: list[float]) -> torch.Tensor:
     for wj, x in zip(w, xs):
         acc.add_(x, alpha=wj)
     return acc
+
+
+def product_sum(xs: list[torch.Tensor], w: list[float]) -> torch.Tensor:
+    """``Σ_j (w_j·x_j)`` with each product rounded to float32 before it is added: the rounding of mergekit's
+    task-arithmetic family (``deltas * weights`` then ``sum(dim=0)``), where :func:`weighted_sum`'s fused
+    ``add_(x, alpha=w)`` rounds once, as mergekit's ``linear`` (``addcmul_``)."""
+    acc = torch.zeros_like(xs[0])  # [C]
+    for wj, x in zip(w, xs):
+        acc.add_(x if wj == 1.0 else x * wj)
+    return acc
+
+
+def float32_sum(w: list[float]) -> float:
+    """``Σ_j w_j`` summed in float32, in order (mergekit sums its float32 weight tensor)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for wj in w:
+        total += wj
+    return float(total)
 
 
 def disjoint_merge(
@@ -161,7 +181,7 @@ def disjoint_merge(
     counts), or the bare numerator.
     """
     v = w if elect_w is None else elect_w
-    positive = weighted_sum(deltas, v) >= 0  # [C]
+    positive = product_sum(deltas, v) >= 0  # [C]
     num = torch.zeros_like(deltas[0])  # [C]
     den = torch.zeros_like(deltas[0])  # [C]
     for wj, vj, d in zip(w, v, deltas):
@@ -169,7 +189,7 @@ def disjoint_merge(
             continue
         signed = d if vj > 0 else -d  # [C] has the sign of v_j·Δ_j
         agree = torch.where(positive, signed > 0, signed < 0)  # [C]
-        num.add_(d * agree, alpha=wj)
+        num.add_((d if wj == 1.0 else d * wj).mul_(agree))  # w_j·Δ_j rounded first, as mergekit
         den.add_(agree, alpha=wj)
     if not normalize:
         return num
@@ -240,8 +260,9 @@ def linear(
     list it in ``models`` to include it. ``normalize: false`` leaves out the division."""
     _check_inputs(tensors, base)
     w = model_weights(weights, len(tensors))
-    scale = 1.0 / _weight_total(w) if normalize else 1.0
-    return map_chunks(lambda _, xs: weighted_sum(xs, w).mul_(scale), tensors, tensors[0].shape)
+    # Divided, not multiplied by 1/Σw: the same float32 rounding as mergekit's linear.
+    total = _weight_total(w) if normalize else 1.0
+    return map_chunks(lambda _, xs: weighted_sum(xs, w).div_(total), tensors, tensors[0].shape)
 
 
 @merge_method("task_arithmetic")
@@ -257,14 +278,11 @@ def task_arithmetic(
     ``Σ_j w_j`` when ``normalize`` (mergekit's ``task_arithmetic``; its default is no normalisation).
     ``scaling`` is λ."""
     _check_inputs(tensors, base)
-    w = model_weights(weights, len(tensors))
-    scale = scaling / _weight_total(w) if normalize else scaling
-
-    def merge(_, xs):
-        *thetas, b = xs
-        return weighted_sum([t - b for t in thetas], w).mul_(scale).add_(b)
-
-    return map_chunks(merge, [*tensors, base], base.shape)
+    n = len(tensors)
+    w = model_weights(weights, n)
+    return sparse_task_arithmetic(
+        tensors, base, [None] * n, [1.0] * n, w, normalize=normalize, consensus=False, scaling=scaling
+    )
 
 
 @merge_method("ties")
@@ -358,15 +376,21 @@ def sparse_task_arithmetic(
             if m is not None:
                 d.mul_(m[sl])
             deltas.append(d.mul_(f) if f != 1.0 else d)
-        if consensus:
-            merged = disjoint_merge(deltas, w, normalize)
-        else:
-            merged = weighted_sum(deltas, w)
-            if normalize:
-                merged.div_(_weight_total(w))
-        return merged.mul_(scaling).add_(b)
+        return _combine_deltas(deltas, w, normalize=normalize, consensus=consensus, scaling=scaling).add_(b)
 
     return map_chunks(merge, [*tensors, base], base.shape)
+
+
+def _combine_deltas(deltas: list[torch.Tensor], w: list[float], *, normalize: bool, consensus: bool,
+                    scaling: float) -> torch.Tensor:
+    """mergekit's ``GTATask`` mixing of (sparsified) task vectors, in its float32 operation order."""
+    if consensus:
+        merged = disjoint_merge(deltas, w, normalize)
+    else:
+        merged = product_sum(deltas, w)
+        if normalize:
+            merged.div_(_weight_total(w))
+    return merged.mul_(scaling) if scaling != 1.0 else merged
 
 
 @merge_method("dare", seeded=True)
@@ -545,13 +569,8 @@ def della(
             elif f != 1.0:
                 d.mul_(f)
         flat = [d.reshape(-1) for d in deltas]
-        if consensus:
-            merged = disjoint_merge(flat, w, normalize)
-        else:
-            merged = weighted_sum(flat, w)
-            if normalize:
-                merged.div_(_weight_total(w))
-        out_rows[rs] = merged.mul_(scaling).view_as(b).add_(b)
+        merged = _combine_deltas(flat, w, normalize=normalize, consensus=consensus, scaling=scaling)
+        out_rows[rs] = merged.view_as(b).add_(b)
     return out
 
 

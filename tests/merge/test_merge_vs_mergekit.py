@@ -1,0 +1,157 @@
+"""The same mergekit YAML merged by mergekit and by ``fuseflow merge``, tensor by tensor.
+
+Skipped unless mergekit is importable (it is not a fuseflow dependency): run it with an interpreter that
+has mergekit, e.g. ``/work/venvs/mergekit/bin/python -m pytest tests/merge/test_merge_vs_mergekit.py``.
+
+Both compute in float32 here (``dtype: float32``). Each case states the largest difference allowed and
+why it is not 0 where it is not:
+- 0: linear, task_arithmetic, ties, breadcrumbs(_ties), passthrough, dare / della at density 1
+  (nothing dropped) — the same float32 operations in the same order, and random inputs have no ties in
+  |Δ| at the trimming thresholds;
+- float32 rounding (≤ 1e-6 of the tensor's scale): slerp, nuslerp, multislerp, model_stock, sce's weights
+  and the ``rescale: true`` L1 factors take their per-tensor statistics (dots, norms, sums of squares) in
+  float64 here, in float32 in mergekit, and multislerp is evaluated as a linear combination from the Gram
+  matrix;
+- not compared entry by entry: dare / della at density < 1, whose random masks come from fuseflow's
+  seeded generator and mergekit's global one (tests/merge/test_merge_methods.py tests them on their own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fuseflow.merge.run import main
+
+mergekit = pytest.importorskip("mergekit")
+pytestmark = pytest.mark.slow
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run_mergekit(doc: dict, out: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    cfg = MergeConfiguration.model_validate(doc)
+    run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+
+
+def _models(base, ft, with_base, **per_model):
+    """``models:`` entries for the fine-tuned copies (and the base when ``with_base``)."""
+    entries = [{"model": str(base)}] if with_base else []
+    for j, m in enumerate(ft):
+        params = {k: (v[j] if isinstance(v, list) else v) for k, v in per_model.items()}
+        entries.append({"model": str(m), **({"parameters": params} if params else {})})
+    return entries
+
+
+# (name, merge_method, base_model?, models builder kwargs, top-level parameters, n fine-tuned, atol)
+CASES = [
+    ("linear", "linear", False, {"weight": [1.0, 0.5, 2.0]}, {}, 3, 0.0),
+    ("task_arithmetic", "task_arithmetic", True, {"weight": [1.0, 0.5, 0.3]}, {"lambda": 0.8}, 3, 0.0),
+    ("ties", "ties", True, {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.8]}, {}, 3, 0.0),
+    ("breadcrumbs", "breadcrumbs", True, {"weight": 1.0, "density": 0.8, "gamma": 0.05}, {}, 3, 0.0),
+    ("breadcrumbs_ties", "breadcrumbs_ties", True, {"weight": [1.0, 0.4, 0.6], "density": 0.6}, {"normalize": True}, 3, 0.0),
+    ("ties_rescale", "ties", True, {"weight": 1.0, "density": 0.4}, {"rescale": True}, 2, 1e-6),
+    ("sce", "sce", True, {}, {"select_topk": 0.5}, 3, 1e-6),
+    ("dare_linear_dense", "dare_linear", True, {"weight": [0.6, 0.4]}, {}, 2, 0.0),
+    ("dare_ties_dense", "dare_ties", True, {"weight": [0.6, 0.4]}, {}, 2, 0.0),
+    ("della_dense", "della", True, {"weight": [0.6, 0.4, 1.0]}, {}, 3, 0.0),
+    ("della_linear_dense", "della_linear", True, {"weight": [0.6, 0.4, 1.0]}, {}, 3, 0.0),
+    ("slerp", "slerp", "in_models", {}, {"t": [0.2, 0.7, 0.4]}, 1, 1e-6),
+    ("nuslerp", "nuslerp", True, {"weight": [1.0, 2.0]}, {}, 2, 1e-6),
+    ("nuslerp_rows", "nuslerp", False, {"weight": [1.0, 2.0]}, {"nuslerp_flatten": False}, 2, 1e-6),
+    ("nuslerp_cols", "nuslerp", True, {"weight": [3.0, 1.0]}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, 2, 1e-6),
+    ("multislerp", "multislerp", True, {"weight": [1.0, 2.0, 3.0]}, {}, 3, 1e-6),
+    ("multislerp_nobase", "multislerp", False, {"weight": [1.0, 2.0, 3.0]}, {}, 3, 1e-6),
+    ("model_stock", "model_stock", True, {}, {}, 3, 1e-6),
+    ("model_stock_filter", "model_stock", True, {}, {"filter_wise": True}, 3, 1e-6),
+]
+
+
+@pytest.mark.parametrize("name,method,base,per_model,params,n,atol", CASES, ids=[c[0] for c in CASES])
+def test_same_yaml_same_merge(name, method, base, per_model, params, n, atol, llama5, llama5_finetuned, tmp_path):
+    ft = llama5_finetuned[:n]
+    doc = {
+        "merge_method": method,
+        "models": _models(llama5, ft, with_base=base == "in_models", **per_model),
+        "dtype": "float32",
+    }
+    if base:
+        doc["base_model"] = str(llama5)
+    if params:
+        doc["parameters"] = params
+    cfg = tmp_path / "mergekit.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    run_mergekit(doc, tmp_path / "mk")
+    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    ours, theirs = _weights(tmp_path / "ff"), _weights(tmp_path / "mk")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        scale = max(theirs[k].abs().max().item(), 1.0)
+        diff = (ours[k].float() - theirs[k].float()).abs().max().item()
+        assert diff <= atol * scale, (k, diff)
+
+
+def test_gradient_slerp_and_frankenmerge_examples_match(llama5, llama5_finetuned, tmp_path):
+    """mergekit's own example configs (tests/merge/fixtures), run by both tools. They say ``dtype:
+    float16``: mergekit then computes in float16, fuseflow in float32 (rounding once, at the end), so
+    mergekit runs them with ``dtype: float32, out_dtype: float16`` and the two must agree but for slerp's
+    float64 angle (one float16 step at most)."""
+    fixtures = Path(__file__).parent / "fixtures"
+    a, b, c = llama5_finetuned
+    two = {"MODEL_A": llama5, "MODEL_B": b}
+    for name, models, atol in (
+        ("gradient-slerp.yml", two, 1e-3), ("frankenmerge.yml", two, 0.0),
+        ("ties.yml", {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5}, 0.0),
+    ):
+        text = (fixtures / name).read_text()
+        for key, path in models.items():
+            text = text.replace(key, str(path))
+        cfg = tmp_path / name
+        cfg.write_text(text)
+        run_mergekit({**yaml.safe_load(text), "dtype": "float32", "out_dtype": "float16"}, tmp_path / f"mk-{name}")
+        assert main([str(cfg), f"output={tmp_path / f'ff-{name}'}", "--no-progress"]) == 0
+        ours, theirs = _weights(tmp_path / f"ff-{name}"), _weights(tmp_path / f"mk-{name}")
+        assert ours.keys() == theirs.keys(), name
+        for k in ours:
+            # One float16 step at the tensor's largest magnitude (2^-10 relative) for slerp.
+            diff = (ours[k].float() - theirs[k].float()).abs().max().item()
+            assert diff <= atol * max(theirs[k].abs().max().item(), 1.0), (name, k, diff)
+
+
+def test_sce_with_realistic_update_sizes_uses_mergekits_equal_weight_fallback(llama5, tmp_path):
+    """Updates of σ 2e-4 (a real fine-tune's size) put Σ_j mean(Δ_j²) below 1e-6 on every tensor: mergekit
+    then weighs the models equally. Read from a mergekit YAML, fuseflow does the same (``uniform_below``);
+    fuseflow's own ``sce`` follows the paper and differs (issue 17)."""
+    from merge_helpers import perturbed_copy
+
+    from fuseflow.merge.methods import MERGE_METHODS
+
+    ft = [perturbed_copy(llama5, tmp_path / f"small{j}", seed=300 + j, scale=2e-4 * (j + 1)) for j in range(2)]
+    doc = {"merge_method": "sce", "base_model": str(llama5), "models": [{"model": str(m)} for m in ft],
+           "dtype": "float32"}
+    cfg = tmp_path / "sce.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    run_mergekit(doc, tmp_path / "mk")
+    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    ours, theirs, base = _weights(tmp_path / "ff"), _weights(tmp_path / "mk"), _weights(llama5)
+    inputs = [_weights(m) for m in ft]
+    worst_paper = 0.0
+    for k in ours:
+        assert (ours[k] - theirs[k]).abs().max().item() <= 1e-6 * max(theirs[k].abs().max().item(), 1.0), k
+        paper = MERGE_METHODS["sce"].fn([w[k] for w in inputs], base[k])
+        largest_delta = max((w[k] - base[k]).abs().max().item() for w in inputs)
+        worst_paper = max(worst_paper, (paper - theirs[k]).abs().max().item() / largest_delta)
+    assert worst_paper > 0.1  # the paper's weights are not equal weights at this size
