@@ -95,7 +95,10 @@ class CorpusConfig(BaseModel):
         if self.held_out_documents is not None and self.held_out_fraction > 0:
             raise ValueError("set corpus.held_out_fraction or corpus.held_out_documents, not both")
         if self.sources is not None:
-            clash = sorted({"source", "format", "text_field", "messages_field", "hf_split"} & self.model_fields_set)
+            # compared with the defaults, not model_fields_set: a dumped config (run_dir/config.yaml) re-validates
+            fields = type(self).model_fields
+            clash = sorted(f for f in ("source", "format", "text_field", "messages_field", "hf_split")
+                           if getattr(self, f) != fields[f].default)
             if clash:
                 raise ValueError(f"corpus.sources is set: give {', '.join(clash)} per source (corpus.sources[i]), not here")
             names = [s.name for s in self.sources]

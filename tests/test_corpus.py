@@ -495,7 +495,7 @@ def test_mixed_sample_ids_carry_the_corpus_and_are_stable(tmp_path, bpe_tokenize
         ({"sources": [{"name": "en"}]}, "corpus.sources[0].source"),
         ({"sources": [{"name": "en", "source": "builtin", "typo": 1}]}, "corpus.sources[0].typo"),
         ({"sources": [{"name": "en", "source": "builtin"}, {"name": "en", "source": "builtin"}]}, "names must be unique"),
-        ({"source": "builtin", "sources": [{"name": "en", "source": "builtin"}]}, "give source per source"),
+        ({"source": "x.jsonl", "sources": [{"name": "en", "source": "builtin"}]}, "give source per source"),
         ({"sources": []}, "corpus.sources"),
     ],
 )
@@ -578,3 +578,12 @@ def test_corpus_samples_mix_samples_by_weight_whatever_the_document_lengths(tmp_
     assert [s.id for s in corpus_samples(CorpusConfig(source=str(long_dir)), bpe_tokenizer, 64)] == [
         s.id for s in make_samples(iter_documents(CorpusConfig(source=str(long_dir))), bpe_tokenizer, 64)
     ]
+
+
+def test_a_dumped_mix_config_loads_again():
+    from fuseflow.config import FuseConfig, dump_config, load_config
+
+    cfg = load_config(FuseConfig, None, ["target.model=x", "sources=[{model: x}]",
+                                         "corpus={sources: [{name: en, source: builtin}], held_out_documents: 2}"])
+    again = FuseConfig.model_validate(__import__("yaml").safe_load(dump_config(cfg)))
+    assert again.corpus == cfg.corpus
