@@ -6,6 +6,7 @@ that moves them is seen)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
     assert sorted(a) == sorted(b)
     different = [name for name in a if not np.array_equal(a[name], b[name])]
     assert not different, f"weights differ between the transports: {different}"
-    before = _weights_of(tiny_llama)
+    before = _weights(Path(tiny_llama))
     assert any(not np.array_equal(a[n], before[n]) for n in a if n in before), "training changed nothing"
 
     for name in ("trained_samples.log", "dead_letter.jsonl"):
@@ -67,9 +68,3 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
               for side in ("inprocess", "redis")}
     assert losses["inprocess"] == losses["redis"]
     np.testing.assert_allclose(losses["inprocess"], PINNED_LOSSES, rtol=1e-5)
-
-
-def _weights_of(model_dir):
-    from pathlib import Path
-
-    return _weights(Path(model_dir))
