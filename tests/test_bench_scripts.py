@@ -149,3 +149,54 @@ def test_bench_objective_matches_the_trainers(train_bench, common):
         for key in ("loss", "clm", "kl"):
             torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=0, atol=0)
         assert (got_ce is None) == (want_ce is None)
+
+
+def test_quality_script_trains_every_arm_on_the_same_samples(tmp_path, tiny_llama, tiny_gemma, monkeypatch):
+    quality = _load("quality")
+    for name, words in (("en", "The quick brown fox jumps over the lazy dog."), ("de", "Der schnelle braune Fuchs springt.")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(12):
+            (folder / f"{i:02d}.txt").write_text(f"{words} Nummer {i}.\n\n" + f"{words} " * (8 + i))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"""
+target: {{model: {tiny_llama}}}
+sources:
+  - {{name: gemma, model: {tiny_gemma}}}
+  - {{name: self, model: {tiny_llama}}}
+corpus:
+  sources: [{{name: en, source: {tmp_path / 'en'}}}, {{name: de, source: {tmp_path / 'de'}, weight: 2}}]
+  held_out_documents: 2
+fusion: {{top_k: 4, lam: 0.5}}
+train: {{max_length: 32, micro_batch_size: 2, lr: 1.0e-3, warmup_ratio: 0.0}}
+eval: {{max_length: 32}}
+""")
+    out, png = tmp_path / "quality.json", tmp_path / "quality.png"
+    base = ["--config", str(run), "--size", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert quality.main(base + ["--arms", "clm,distil:gemma,fuse:min_ce,fuse:avg_ce", "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["corpora"]) == {"en", "de"} and sum(result["train_mix"].values()) == 4 * 2
+    assert result["train_mix"]["de"] > result["train_mix"]["en"]  # weight 2 : 1
+    assert set(result["sources"]) == {"source gemma", "target (start)"}
+    assert list(result["arms"]) == ["clm", "distil:gemma", "fuse:min_ce", "fuse:avg_ce"]
+    for name, arm in result["arms"].items():
+        assert [p["step"] for p in arm["curve"]] == [1, 2, 4]
+        assert [p["tokens"] for p in arm["curve"]] == [p["tokens"] for p in result["arms"]["clm"]["curve"]]
+        for p in arm["curve"]:
+            assert set(p["per_corpus"]) == {"en", "de"} and math.isfinite(p["bpb"])
+            d = p["vs_clm"]["overall"]
+            assert d["low"] <= d["value"] <= d["high"]
+            if name == "clm":
+                assert d["value"] == 0.0
+        assert (arm["kind"] == "clm") == all(r["kl"] == 0 for r in arm["loss"])
+    assert png.stat().st_size > 1000
+    # the teachers' scores are cached: a second run on the same samples scores nothing
+    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 2
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a cached sample was scored again")
+
+    monkeypatch.setattr("fuseflow.trainer.knowledge_fusion.build_teachers", no_scoring)
+    assert quality.main(base + ["--arms", "clm,fuse:min_ce@fusion.lam=0.2", "--no-sources", "--plot", ""]) == 0
+    arm = json.loads(out.read_text())["arms"]["fuse:min_ce@fusion.lam=0.2"]
+    assert arm["lam"] == 0.2 and arm["function"] == "min_ce" and arm["teachers"] == ["gemma", "self"]

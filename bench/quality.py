@@ -1,0 +1,452 @@
+"""Quality benchmark (issue 11): does the fused target beat the same-budget CLM-only target, per corpus?
+
+On the same training samples, in the same order, from the same start, it trains one copy of the target per
+*arm* — CLM only, distillation from each single source, fusion (``min_ce``, ``avg_ce``, token-level) —
+exactly as ``fuseflow fuse`` trains (``fuseflow.trainer.loop.train``, the run config's fusion and train
+sections), and evaluates each arm at several token budgets within its one run (a learning curve):
+held-out bits/byte per corpus and overall, and the paired bootstrap over documents of ``arm − CLM``.
+
+Every teacher scores (and aligns) each training sample once per run; every arm reuses those distributions
+(``--cache DIR`` keeps them on disk across runs, keyed by teacher, alignment and samples).
+
+Settings are tuned on ``--split dev``: documents of the training part that the bench keeps out of training
+(per corpus, chosen by a hash of the document index); ``--split held_out`` (the default) evaluates on the
+run config's held-out documents and is what docs/quality.md reports for the chosen settings only.
+
+    python bench/quality.py                                   # the default size, ~30 min on 2 CPU cores
+    python bench/quality.py --split dev --arms clm,fuse:min_ce fusion.lam=0.5 train.lr=1e-4
+    python bench/quality.py --size gpu --config examples/fuse-gpu.yaml device=cuda
+
+Writes ``--out`` (JSON: every figure, per-document nll included) and ``--plot`` (PNG learning curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import math
+import pickle
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# steps: optimizer steps of every arm; budgets: the steps at which each arm is evaluated (step 0, the start,
+# is evaluated once); eval_documents: per corpus; eval_chars: the first characters of each evaluated document
+# default ≈ 30 min on 2 idle CPU cores.
+SIZES: dict[str, dict] = {
+    "tiny": dict(steps=4, budgets=(1, 2, 4), eval_documents=2, eval_chars=300, dev_documents=2),
+    "default": dict(steps=24, budgets=(6, 12, 24), eval_documents=10, eval_chars=1000, dev_documents=10),
+    "gpu": dict(steps=600, budgets=(50, 150, 300, 600), eval_documents=100, eval_chars=8000, dev_documents=100),
+}
+DEFAULT_ARMS = "clm,distil:gemma,distil:smollm,fuse:min_ce,fuse:avg_ce"
+
+log = logging.getLogger("bench.quality")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training the target: ``kind`` clm | distil (one teacher) | fuse (every teacher, ``function``),
+    with its own run-config ``overrides`` (``fusion.lam=0.5``) on top of the shared ones."""
+
+    name: str
+    kind: str
+    teachers: tuple[str, ...] = ()
+    function: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def parse_arms(spec: str, teachers: Sequence[str]) -> list[Arm]:
+    """``"clm,distil:gemma,fuse:min_ce,fuse:min_ce@fusion.lam=0.5@train.lr=1e-4"`` → arms (``@`` adds an arm's
+    own overrides, so one run compares settings against one CLM baseline); ``distil:NAME`` needs a source NAME."""
+    arms = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        head, *overrides = item.split("@")
+        kind, _, arg = head.partition(":")
+        if kind == "clm" and not arg:
+            arms.append(Arm(item, "clm", overrides=tuple(overrides)))
+        elif kind == "distil" and arg in teachers:
+            arms.append(Arm(item, "distil", (arg,), overrides=tuple(overrides)))
+        elif kind == "fuse" and arg:
+            arms.append(Arm(item, "fuse", tuple(teachers), arg, tuple(overrides)))
+        else:
+            raise SystemExit(f"--arms: cannot read {item!r} (clm, distil:SOURCE with SOURCE in {list(teachers)}, "
+                             "fuse:FUNCTION, each optionally @key=value…)")
+    if not arms or arms[0].kind != "clm":
+        raise SystemExit("--arms: the first arm must be clm (every other arm is compared with it)")
+    return arms
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: training samples, dev and held-out documents, per corpus.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dev_indices(indices: np.ndarray, seed: int, count: int) -> set[int]:
+    """The ``count`` training documents of one corpus kept out of training for tuning: those with the smallest
+    keys under a salt other than the held-out split's, so dev is neither train nor held-out, on every run."""
+    from fuseflow.corpus import split_keys
+
+    if count <= 0 or len(indices) == 0:
+        return set()
+    keys = split_keys(indices, seed + 0x5EED)  # [N]
+    return {int(i) for i in indices[np.argsort(keys, kind="stable")[:count]]}
+
+
+def prepare(cfg, size: dict, split: str, num_samples: int, tokenizer):
+    """(training samples, evaluation texts, their corpus names). Dev documents never reach training."""
+    from dataclasses import replace
+    from itertools import islice
+
+    from fuseflow.corpus import interleave, iter_documents, make_samples
+
+    streams, train_docs, dev = [], [], set()
+    for name, weight, sub in cfg.corpus.corpora():  # as fuseflow.corpus.corpus_samples, less the dev documents
+        docs = [replace(d, corpus=name) for d in iter_documents(sub, "train")]
+        dev |= {(name, i) for i in dev_indices(np.array([d.index for d in docs]), cfg.corpus.seed, size["dev_documents"])}
+        train_docs += docs
+        kept = [d for d in docs if (name, d.index) not in dev]
+        streams.append((weight, make_samples(kept, tokenizer, cfg.train.max_length)))
+    samples = list(islice(interleave(streams), num_samples))
+    if len(samples) < num_samples:
+        raise SystemExit(f"the corpus gives {len(samples)} training samples; this size needs {num_samples}")
+    if split == "dev":
+        docs = [d for d in train_docs if (d.corpus, d.index) in dev]
+    else:
+        docs = list(iter_documents(cfg.corpus, "held_out"))
+    kept: dict[str, int] = {}
+    texts, groups = [], []
+    for d in docs:  # the first eval_documents of each corpus, in order
+        if d.text and d.text.strip() and kept.get(d.corpus, 0) < size["eval_documents"]:
+            kept[d.corpus] = kept.get(d.corpus, 0) + 1
+            texts.append(d.text[: size["eval_chars"]])
+            groups.append(d.corpus or "corpus")
+    if not texts:
+        raise SystemExit(f"no {split} documents to evaluate on (corpus.held_out_documents, --size)")
+    return samples, texts, groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring once: every teacher's aligned top-k for every sample, cached.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cache_key(cfg, src) -> str:
+    h = hashlib.sha256()
+    for part in (src.model, src.dtype, cfg.target.model, cfg.align.vocab_map, cfg.align.sequence, cfg.fusion.top_k):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def score_all(cfg, samples, tokenizer, cache: Path | None) -> tuple[dict[str, dict], dict[str, float]]:
+    """{sample id: {teacher: AlignedDist}} for every source of ``cfg``, and seconds spent scoring per teacher.
+    The cache file of a teacher maps sample id → (text hash, distribution): only samples it lacks are scored.
+    Samples that a teacher cannot score are dropped (as ``fuseflow fuse`` dead-letters them)."""
+    from fuseflow.trainer.knowledge_fusion import build_teachers
+
+    dists: dict[str, dict] = {s.id: {} for s in samples}
+    seconds: dict[str, float] = {}
+    stats = [s.text for s in samples[: cfg.align.stats_documents]] if cfg.align.vocab_map == "stats" else None
+    for src in cfg.sources:
+        path = cache / f"{src.key}-{_cache_key(cfg, src)}.pkl" if cache else None
+        stored = pickle.loads(path.read_bytes()) if path is not None and path.exists() else {}
+        todo = [s for s in samples if stored.get(s.id, ("",))[0] != _text_hash(s.text)]
+        t0 = time.perf_counter()
+        if todo:
+            (teacher,) = build_teachers(cfg, [src], tokenizer, stats)
+            for start in range(0, len(todo), 8):
+                for res in teacher.run(todo[start : start + 8]):
+                    if res.error is None:
+                        stored[res.sample.id] = (_text_hash(res.sample.text), res.dist)
+                    else:
+                        log.warning("teacher %s: sample %s dropped: %s", src.key, res.sample.id, res.error)
+            del teacher
+            gc.collect()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(pickle.dumps(stored))
+        seconds[src.key] = time.perf_counter() - t0
+        log.info("teacher %s: scored %d samples in %.0f s, %d from the cache", src.key, len(todo), seconds[src.key],
+                 len(samples) - len(todo))
+        for s in samples:
+            if s.id in stored and stored[s.id][0] == _text_hash(s.text):
+                dists[s.id][src.key] = stored[s.id][1]
+    return dists, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training the arms, evaluating along the way.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, texts, groups, cfg) -> dict:
+    from fuseflow.trainer.evaluate import evaluate_lm, group_bpb
+
+    res = evaluate_lm(model, tokenizer, texts, max_length=cfg.eval.max_length, batch_tokens=cfg.eval.batch_tokens,
+                      progress=False)
+    return {"bpb": res["bpb"], "per_corpus": group_bpb(res["text_nll"], res["text_bytes"], groups),
+            "text_nll": res["text_nll"], "text_bytes": res["text_bytes"], "eval_tokens": res["tokens"]}
+
+
+def train_arm(arm: Arm, cfg, samples, dists, texts, groups, budgets: Sequence[int], work: Path) -> dict:
+    """Train a fresh copy of the target on ``samples`` as ``arm``; evaluate at every step in ``budgets``."""
+    import torch
+
+    from fuseflow.models import load
+    from fuseflow.trainer.loop import train
+
+    from fuseflow.config import FuseConfig, apply_overrides
+
+    if arm.overrides:
+        cfg = FuseConfig.model_validate(apply_overrides(cfg.model_dump(), list(arm.overrides)))
+    fusion = cfg.fusion if arm.function is None else cfg.fusion.model_copy(update={"function": arm.function})
+    k = fusion.top_k
+    if k > cfg_top_k(dists):
+        raise SystemExit(f"arm {arm.name}: fusion.top_k {k} exceeds the scored top-k {cfg_top_k(dists)}")
+    usable = [s for s in samples if all(t in dists[s.id] for t in arm.teachers)]
+    mb = cfg.train.micro_batch_size
+
+    def groups_iter():
+        for start in range(0, len(usable), mb):
+            chunk = usable[start : start + mb]
+            yield [(s, {t: _top(dists[s.id][t], k) for t in arm.teachers} if arm.teachers else None) for s in chunk]
+
+    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
+    torch.manual_seed(cfg.seed)
+    curve: list[dict] = []
+    run_dir = work / "".join(c if c.isalnum() else "-" for c in arm.name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    def on_log(row: dict) -> None:
+        if row["step"] in budgets:
+            t0 = time.perf_counter()
+            point = {"step": row["step"], "tokens": row["tokens"], **evaluate(target.model, target.tokenizer, texts, groups, cfg)}
+            point["eval_seconds"] = time.perf_counter() - t0
+            curve.append(point)
+            log.info("%s step %d (%d tokens): %.4f bits/byte %s", arm.name, row["step"], row["tokens"], point["bpb"],
+                     {g: round(v, 4) for g, v in point["per_corpus"].items()})
+
+    t0 = time.perf_counter()
+    result = train(
+        target.model, target.tokenizer, groups_iter(), teachers=list(arm.teachers), train_cfg=cfg.train,
+        fusion_cfg=fusion, total_steps=max(budgets), run_dir=run_dir, progress=False, on_log=on_log,
+    )
+    seconds = time.perf_counter() - t0
+    history = result.history
+    del target, result
+    gc.collect()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"kind": arm.kind, "teachers": list(arm.teachers), "function": fusion.function if arm.teachers else None,
+            "overrides": list(arm.overrides), "lam": fusion.lam, "temperature": fusion.temperature, "top_k": k,
+            "lr": cfg.train.lr, "min_lr_ratio": cfg.train.min_lr_ratio,
+            "samples": len(usable), "seconds": seconds, "curve": curve,
+            "loss": [{k_: r.get(k_) for k_ in ("step", "loss", "clm", "kl", "lr")} for r in history]}
+
+
+def cfg_top_k(dists: dict) -> int:
+    """The top-k the teachers scored with (arms may use fewer)."""
+    for per_teacher in dists.values():
+        for d in per_teacher.values():
+            return d.top_k
+    return 1 << 30
+
+
+def _top(dist, k: int):
+    """A cached distribution cut to the arm's top-k (rows are sorted, so the first k columns are its top-k)."""
+    if dist.top_k <= k:
+        return dist
+    from fuseflow.sparse import AlignedDist
+
+    return AlignedDist(dist.ids[:, :k], dist.logprobs[:, :k], dist.gold_logprobs, dist.aligned, dist.meta)
+
+
+def compare(arms: dict, groups: Sequence[str], num_resamples: int = 2000) -> None:
+    """Add to every point of every arm the paired bootstrap of ``arm − clm`` (the first arm) at the same budget
+    (overall and per corpus), in place."""
+    from fuseflow.trainer.evaluate import bootstrap_bpb
+
+    base = {p["step"]: p for p in next(iter(arms.values()))["curve"]}
+    for arm in arms.values():
+        for point in arm["curve"]:
+            ref = base.get(point["step"])
+            if ref is None:
+                continue
+            diff = {"overall": bootstrap_bpb(point["text_nll"], point["text_bytes"], ref["text_nll"], num_resamples)}
+            for g in dict.fromkeys(groups):
+                sel = [i for i, x in enumerate(groups) if x == g]
+                diff[g] = bootstrap_bpb([point["text_nll"][i] for i in sel], [point["text_bytes"][i] for i in sel],
+                                        [ref["text_nll"][i] for i in sel], num_resamples)
+            point["vs_clm"] = diff
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def table(result: dict) -> str:
+    corpora = list(result["corpora"])
+    head = "| arm | step | train tokens | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | overall | Δ vs clm overall [95 % CI] | " + \
+        " | ".join(f"Δ {c} [95 % CI]" for c in corpora) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(corpora) + 1)]
+    start, first = result["start"], next(iter(result["arms"]))
+    lines.append(f"| start | 0 | 0 | " + " | ".join(f"{start['per_corpus'][c]:.4f}" for c in corpora) +
+                 f" | {start['bpb']:.4f} | | " + " | ".join("" for _ in corpora) + " |")
+    for name, arm in result["arms"].items():
+        for p in arm["curve"]:
+            d = p.get("vs_clm", {})
+            ci = lambda x: f"{x['value']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" if x and name != first else ""  # noqa: E731
+            lines.append(
+                f"| {name} | {p['step']} | {p['tokens']} | " + " | ".join(f"{p['per_corpus'][c]:.4f}" for c in corpora)
+                + f" | {p['bpb']:.4f} | {ci(d.get('overall'))} | " + " | ".join(ci(d.get(c)) for c in corpora) + " |"
+            )
+    return "\n".join(lines)
+
+
+def sources_table(result: dict) -> str:
+    corpora = list(result["corpora"])
+    lines = ["| model | " + " | ".join(corpora) + " | overall |", "|---|" + "---:|" * (len(corpora) + 1)]
+    for name, r in result["sources"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_corpus'][c]:.4f}" for c in corpora) + f" | {r['bpb']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["overall", *result["corpora"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, arm in result["arms"].items():
+            xs = [0] + [p["tokens"] for p in arm["curve"]]
+            if arm is next(iter(result["arms"].values())):
+                ax.plot(xs, [0.0] * len(xs), color="black", lw=1, label=name)
+                continue
+            ys, lo, hi = [0.0], [0.0], [0.0]
+            for p in arm["curve"]:
+                d = p["vs_clm"][panel]
+                ys.append(d["value"])
+                lo.append(d["low"])
+                hi.append(d["high"])
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{panel}: Δ bits/byte vs CLM", fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("arm − CLM (bits/byte, 95 % CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="run-config overrides key=value (fusion.lam=0.5 train.lr=1e-4 …)")
+    p.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"), help="run config (fuseflow fuse)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm (default: the size's)")
+    p.add_argument("--budgets", help="comma-separated steps to evaluate at (default: the size's)")
+    p.add_argument("--split", choices=("held_out", "dev"), default="held_out", help="tune on dev, report held_out")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated (default {DEFAULT_ARMS})")
+    p.add_argument("--no-sources", action="store_true", help="skip evaluating the source models on the eval texts")
+    p.add_argument("--cache", default=str(ROOT / "runs" / "quality-cache"), help="teacher-score cache ('' for none)")
+    p.add_argument("--out", default="quality.json")
+    p.add_argument("--plot", default="quality.png")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("fuseflow", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    from fuseflow.config import FuseConfig, load_config
+    from fuseflow.models import load, load_tokenizer
+
+    t_start = time.perf_counter()
+    cfg = load_config(FuseConfig, args.config, list(args.overrides))
+    size = dict(SIZES[args.size])
+    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else size["budgets"]
+    steps = args.steps or max(budgets)
+    budgets = tuple(b for b in budgets if b <= steps) or (steps,)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "max_steps": steps, "checkpoint_every": steps + 1, "log_every": 1, "epochs": 1})})
+    teachers = [s.key for s in cfg.sources]
+    arms = parse_arms(args.arms, teachers)
+    num_samples = steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+
+    tokenizer = load_tokenizer(cfg.target.model)
+    samples, texts, groups = prepare(cfg, size, args.split, num_samples, tokenizer)
+    corpora = {g: {"documents": groups.count(g), "bytes": sum(len(t.encode()) for t, x in zip(texts, groups) if x == g)}
+               for g in dict.fromkeys(groups)}
+    mix = {g: sum(1 for s in samples if (s.id.partition("/")[0] if "/" in s.id else "corpus") == g) for g in corpora}
+    log.info("%d training samples %s; %d %s documents %s", len(samples), mix, len(texts), args.split, corpora)
+
+    needs_teachers = any(a.teachers for a in arms)
+    dists, score_seconds = score_all(cfg, samples, tokenizer, Path(args.cache) if args.cache else None) if needs_teachers else ({}, {})
+
+    result: dict = {
+        "command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "size": args.size, "split": args.split, "steps": steps, "budgets": list(budgets),
+        "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
+        "train_samples": len(samples), "train_mix": mix, "corpora": corpora, "eval_groups": groups, "score_seconds": score_seconds,
+        "sources": {}, "arms": {},
+    }
+    if not args.no_sources:
+        for src in cfg.sources:
+            if src.model == cfg.target.model:
+                continue  # the target's start is evaluated below
+            lm = load(src.model, device=cfg.device)
+            r = evaluate(lm.model, lm.tokenizer, texts, groups, cfg)
+            result["sources"][f"source {src.key}"] = {"bpb": r["bpb"], "per_corpus": r["per_corpus"]}
+            del lm
+            gc.collect()
+    target = load(cfg.target.model, device=cfg.device)
+    result["start"] = evaluate(target.model, target.tokenizer, texts, groups, cfg)
+    result["sources"]["target (start)"] = {"bpb": result["start"]["bpb"], "per_corpus": result["start"]["per_corpus"]}
+    del target
+    gc.collect()
+
+    with tempfile.TemporaryDirectory(prefix="fuseflow-quality-") as work:
+        for arm in arms:
+            result["arms"][arm.name] = train_arm(arm, cfg, samples, dists, texts, groups, budgets, Path(work))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))  # every arm so far, should the run stop
+    compare(result["arms"], groups)
+    result["total_seconds"] = time.perf_counter() - t_start
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, Path(args.plot))
+    print(sources_table(result))
+    print()
+    print(table(result))
+    print(f"\n{args.split} documents: {corpora}; train samples {mix}; "
+          f"{result['total_seconds'] / 60:.1f} min (scoring {sum(score_seconds.values()):.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
