@@ -67,7 +67,8 @@ def page_files(language: str, root: Path | None = None) -> list[Path]:
     if not files:
         raise ManpagesMissing(
             f"corpus source 'manpages:{language}': no manual pages under {folder}. Install them with "
-            f"`apt-get update && apt-get install -y --no-install-recommends manpages-{language}` (Debian/Ubuntu)"
+            f"`apt-get update && apt-get install -y --no-install-recommends manpages-{language}` (Debian/Ubuntu; "
+            "slim Docker images exclude /usr/share/man with a path-exclude in /etc/dpkg/dpkg.cfg.d/: drop it first)"
         )
     return files
 
