@@ -50,7 +50,8 @@ class CorpusError(ValueError):
 
 
 class CorpusSourceConfig(BaseModel):
-    """One corpus of a mix (``corpus.sources[i]``). Held-out settings left unset take the ``corpus:`` section's."""
+    """One corpus of a mix (``corpus.sources[i]``). Held-out settings and ``max_documents`` left unset take the
+    ``corpus:`` section's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -124,6 +125,7 @@ class CorpusConfig(BaseModel):
                 else {"held_out_documents": self.held_out_documents, "held_out_fraction": self.held_out_fraction}
             )
             fields = src.model_dump(exclude={"name", "weight", "held_out_documents", "held_out_fraction"})
+            fields["max_documents"] = src.max_documents or self.max_documents
             out.append((src.name, src.weight, CorpusConfig(**fields, **held, seed=self.seed)))
         return out
 

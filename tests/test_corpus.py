@@ -467,6 +467,9 @@ def test_mix_holds_out_per_corpus_and_tags_documents(tmp_path):
     assert len(train) == 20 + 12 - 5
     assert not {(d.corpus, d.index) for d in held} & {(d.corpus, d.index) for d in train}
     assert count_documents(cfg) == 32
+    capped = CorpusConfig(sources=[{"name": "en", "source": str(tmp_path / "en")},
+                                   {"name": "de", "source": str(tmp_path / "de"), "max_documents": 3}], max_documents=5)
+    assert count_documents(capped) == 5 + 3  # the section's max_documents applies to each corpus lacking its own
     # each corpus splits exactly as it would alone: adding a corpus never moves another's held-out documents
     alone = CorpusConfig(source=str(tmp_path / "en"), held_out_documents=3)
     assert [d.index for d in held if d.corpus == "en"] == [d.index for d in iter_documents(alone, "held_out")]
