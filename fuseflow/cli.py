@@ -121,6 +121,10 @@ def exit_code_for(error: BaseException) -> int | None:
         return EXIT_USAGE  # ConfigError, CorpusError, UsageError, …, or a check of ours on an input
     if isinstance(error, OSError):
         return EXIT_FAILED  # a port in use, an unreachable Redis (TransportUnavailable), a full disk
+    from fuseflow.config import RunFailed
+
+    if isinstance(error, RunFailed):
+        return EXIT_FAILED
     return None
 
 

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A config that does not validate; the message lists each offending field."""
 
 
+class RunFailed(RuntimeError):
+    """A run that ended but must not count as a success (e.g. too many samples dead-lettered); the message
+    says what to look at. The CLI exits 1 with it."""
+
+
 class _Strict(BaseModel):
     # A typo in a key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -142,6 +147,14 @@ class TrainConfig(_Strict):
         "fused",
         description="fused: gradients of each loss chunk computed in the forward (3 head matmuls per chunk); "
         "chunked: recomputed under checkpointing (4)",
+    )
+    rejected_results: Literal["redispatch", "dead_letter"] = Field(
+        "redispatch",
+        description="a teacher's answer the trainer rejects (undecodable, NaN, ids outside the vocabulary, wrong "
+        "length): ask that teacher again once, then dead-letter (redispatch), or dead-letter at once",
+    )
+    max_dead_letter_fraction: float = Field(
+        0.1, ge=0, le=1, description="a run that dead-letters more than this fraction of its samples fails (exit 1)"
     )
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from fuseflow.sparse import AlignedDist, Sample
 from fuseflow.wire.codec import decode_aligned, encode_aligned
-from fuseflow.wire.transport import ReadySample, Transport, WorkItem, check_result
+from fuseflow.wire.transport import REDISPATCH_LIMIT, ReadySample, Transport, WorkItem, check_result
 
 DEAD_TEXT_CHARS = 1000
 
@@ -41,6 +41,7 @@ class _InFlight:
     work_id: str
     answers: dict[str, AlignedDist] = field(default_factory=dict)
     ready_id: str | None = None
+    redispatched: int = 0
 
 
 class InProcessTransport(Transport):
@@ -146,16 +147,7 @@ class InProcessTransport(Transport):
             if state is None or state.work_id != item.entry_id or teacher in state.answers:
                 return  # finished sample, stale delivery, or a duplicate answer: the first one wins
             if error is not None:
-                self._dead.append(
-                    {
-                        "sample_id": state.sample.id,
-                        "teacher": teacher,
-                        "reason": error,
-                        "text": state.sample.text[:DEAD_TEXT_CHARS],
-                    }
-                )
-                self._dead_total += 1
-                self._free(state)
+                self._dead_letter(state, teacher, error)
             else:
                 # What a Redis round trip gives back (float16 logprobs): one precision whatever the transport.
                 state.answers[teacher] = decode_aligned(encode_aligned(dist))
@@ -167,6 +159,13 @@ class InProcessTransport(Transport):
         state.ready_id = self._entry_id()
         self._ready[state.ready_id] = state.sample.id
         self._ready_undelivered.append(state.ready_id)
+
+    def _dead_letter(self, state: _InFlight, teacher: str, reason: str) -> None:
+        self._dead.append(
+            {"sample_id": state.sample.id, "teacher": teacher, "reason": reason, "text": state.sample.text[:DEAD_TEXT_CHARS]}
+        )
+        self._dead_total += 1
+        self._free(state)
 
     def _free(self, state: _InFlight) -> None:
         self._work.pop(state.work_id, None)
@@ -222,6 +221,25 @@ class InProcessTransport(Transport):
                 self._ready_pending[ready_id] = _Delivery(consumer, now)
                 out.append(self._ready_sample(ready_id))
             return out
+
+    def reject_ready(self, item: ReadySample, teacher: str, reason: str, redispatch: bool) -> str:
+        with self._cond:
+            if self._ready_pending.pop(item.entry_id, None) is None:
+                return "gone"
+            state = self._in_flight[self._ready.pop(item.entry_id)]
+            if redispatch and state.redispatched < REDISPATCH_LIMIT and teacher in self.teachers:
+                state.redispatched += 1
+                state.answers.pop(teacher, None)
+                state.ready_id = None
+                self._work.pop(state.work_id, None)
+                state.work_id = self._entry_id()
+                self._work[state.work_id] = state.sample
+                self._undelivered[teacher].append(state.work_id)  # only the rejected teacher answers again
+                self._cond.notify_all()
+                return "redispatched"
+            self._dead_letter(state, teacher, reason)
+            self._cond.notify_all()
+            return "dead"
 
     def reclaim_ready(self, consumer: str, min_idle_ms: int, count: int) -> list[ReadySample]:
         with self._cond:

@@ -38,6 +38,7 @@ import redis
 from fuseflow.sparse import AlignedDist, Sample
 from fuseflow.wire.codec import decode_aligned, encode_aligned
 from fuseflow.wire.transport import (
+    REDISPATCH_LIMIT,
     ReadySample,
     Transport,
     TransportRefused,
@@ -179,6 +180,36 @@ end
 return 1
 """
 
+# KEYS: ready, dist hash, work, dead, state.
+# ARGV: trainer group, ready entry id, teacher, reason, 'redispatch' | 'dead', redispatch limit, dead maxlen.
+# Returns 0 already acked or freed, 1 dead-lettered, 2 redispatched to the teacher.
+_REJECT_LUA = f"""
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('HGET', KEYS[2], '_ready') ~= ARGV[2] then return 0 end
+local h = redis.call('HMGET', KEYS[2], '_id', '_text', '_spans', '_work', '_redispatched')
+local n = tonumber(h[5] or '0')
+redis.call('XDEL', KEYS[3], h[4])
+if ARGV[5] == 'redispatch' and n < tonumber(ARGV[6]) then
+  local prefix = ARGV[3] .. '/'
+  for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+    if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', KEYS[2], f) end
+  end
+  redis.call('HDEL', KEYS[2], '@' .. ARGV[3], '_ready')
+  redis.call('HINCRBY', KEYS[2], '_n', -1)
+  redis.call('HSET', KEYS[2], '_redispatched', n + 1)
+  local wid = redis.call('XADD', KEYS[3], '*', 'id', h[1], 'text', h[2], 'spans', h[3])
+  redis.call('HSET', KEYS[2], '_work', wid)
+  return 2
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'sample_id', h[1], 'teacher', ARGV[3],
+           'reason', ARGV[4], 'text', string.sub(h[2], 1, {DEAD_TEXT_CHARS}))
+redis.call('DEL', KEYS[2])
+redis.call('HINCRBY', KEYS[5], 'done', 1)
+redis.call('HINCRBY', KEYS[5], 'dead', 1)
+return 1
+"""
+
 
 def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
@@ -230,6 +261,7 @@ class RedisTransport(Transport):
         self._submit = self.r.register_script(_SUBMIT_LUA)
         self._complete = self.r.register_script(_COMPLETE_LUA)
         self._ack = self.r.register_script(_ACK_LUA)
+        self._reject = self.r.register_script(_REJECT_LUA)
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
         self._create_groups()
@@ -420,11 +452,24 @@ class RedisTransport(Transport):
                 teacher, sep, name = key.partition(b"/")
                 if sep:
                     per_teacher.setdefault(teacher.decode(), {})[name] = value
-            dists = {t: decode_aligned(f) for t, f in per_teacher.items() if f}
-            out.append(ReadySample(entry_id, sample, dists))
+            dists, problems = {}, {}
+            for t, f in per_teacher.items():
+                if not f:
+                    continue
+                try:  # a teacher on another fuseflow version, or a rogue writer: the trainer rejects, never crashes
+                    dists[t] = decode_aligned(f)
+                except Exception as e:  # noqa: BLE001 - any decode failure is this entry's problem
+                    problems[t] = f"undecodable entry: {e!r}"
+            out.append(ReadySample(entry_id, sample, dists, problems))
         if orphans:
             self.r.xack(self.k_ready, TRAINER_GROUP, *orphans)
         return out
+
+    def reject_ready(self, item: ReadySample, teacher: str, reason: str, redispatch: bool) -> str:
+        keys = [self.k_ready, self.dist_key(item.sample.id), self.k_work, self.k_dead, self.k_state]
+        args = [TRAINER_GROUP, item.entry_id, teacher, reason, "redispatch" if redispatch else "dead",
+                REDISPATCH_LIMIT, self.dead_maxlen]
+        return {0: "gone", 1: "dead", 2: "redispatched"}[int(self._reject(keys=keys, args=args))]
 
     def ack_ready(self, items: Sequence[ReadySample]) -> None:
         if not items:

@@ -29,7 +29,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fuseflow.sparse import AlignedDist, Sample
@@ -96,11 +96,38 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class ReadySample:
-    """A sample every teacher has answered, with each teacher's distributions by teacher name."""
+    """A sample every teacher has answered, with each teacher's distributions by teacher name. ``problems``:
+    teachers whose answer the transport could not even decode, with why (their ``dists`` entry is missing)."""
 
     entry_id: str
     sample: Sample
     dists: dict[str, AlignedDist]
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+# How often a sample may go back to a teacher whose answer the trainer rejected, before it is dead-lettered.
+REDISPATCH_LIMIT = 1
+
+
+def check_ready(item: ReadySample, teachers: Sequence[str], vocab_size: int | None = None,
+                num_positions: int | None = None) -> dict[str, str]:
+    """The trainer's side of the trust boundary (DESIGN.md; issue 15): ``{teacher: reason}`` for each teacher
+    whose answer for ``item`` cannot be trained on — undecodable, missing, or breaking
+    :meth:`AlignedDist.validate` (NaN, +inf gold, ids outside the target's ``vocab_size``, not the sample's
+    ``num_positions`` target positions: a teacher on another version or target tokenizer). Empty: train."""
+    problems = dict(item.problems)
+    for t in teachers:
+        if t in problems:
+            continue
+        dist = item.dists.get(t)
+        if dist is None:
+            problems[t] = "no distributions from this teacher in the ready entry"
+            continue
+        try:
+            dist.validate(vocab_size, num_positions)
+        except ValueError as e:
+            problems[t] = f"rejected by the trainer: {e}"
+    return problems
 
 
 class Transport(ABC):
@@ -182,6 +209,15 @@ class Transport(ABC):
     @abstractmethod
     def ack_ready(self, items: Sequence[ReadySample]) -> None:
         """The step that used ``items`` is durable: free them (idempotent)."""
+
+    @abstractmethod
+    def reject_ready(self, item: ReadySample, teacher: str, reason: str, redispatch: bool) -> str:
+        """``teacher``'s answer for ``item`` cannot be trained on (see :func:`check_ready`). With
+        ``redispatch``, while the sample went back fewer than ``REDISPATCH_LIMIT`` times, forget that answer and
+        queue the sample again (the other teachers' answers stand; they ignore the new entry as a duplicate);
+        otherwise dead-letter it with ``reason`` and ``teacher``. Either way the ready entry is acked, so a bad
+        entry never comes back to crash a restarted trainer. Returns ``"redispatched"``, ``"dead"``, or
+        ``"gone"`` (already acked or freed)."""
 
     @abstractmethod
     def reclaim_ready(self, consumer: str, min_idle_ms: int, count: int) -> list[ReadySample]:

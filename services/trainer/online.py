@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fuseflow.config import ConfigError, FuseConfig, load_config
-from fuseflow.wire.transport import ReadySample, Transport, TransportUnavailable, retrying
+from fuseflow.config import ConfigError, FuseConfig, RunFailed, load_config
+from fuseflow.wire.transport import ReadySample, Transport, TransportUnavailable, check_ready, retrying
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class ReadyFeed:
         poll_ms: int = 100,
         on_batch: Callable[[int, int], None] | None = None,
         stall_timeout_s: float = 120.0,
+        check: Callable[[ReadySample], dict[str, str]] | None = None,
+        redispatch: bool = True,
     ):
         self.transport = transport
         self.consumer = consumer
@@ -109,6 +111,9 @@ class ReadyFeed:
         self.stall_timeout_s = stall_timeout_s
         self.micro_steps = 0
         self.skipped = 0  # redelivered samples that a checkpoint already covered
+        self.check = check  # the trust boundary: {teacher: reason} for answers that cannot be trained on
+        self.redispatch = redispatch
+        self.rejected = 0
         self._unacked: dict[str, ReadySample] = {}  # trained, waiting for the checkpoint that covers them
         self._skip: set[str] | None = None
 
@@ -159,11 +164,22 @@ class ReadyFeed:
                     self._skip.discard(r.sample.id)
                     self.skipped += 1
                     log.info("sample %s is in the checkpoint already: acked, not trained again", r.sample.id)
+                elif problems := (self.check(r) if self.check is not None else r.problems):
+                    self._reject(r, problems)
                 else:
                     batch.append(r)
             if not got and cannot_grow(retrying(self.transport.stats, "trainer stats")):
                 break
         return batch
+
+    def _reject(self, r: ReadySample, problems: dict[str, str]) -> None:
+        """An entry that fails the checks never reaches the loss, and is acked so that it cannot crash-loop a
+        restarted trainer (issue 15): back to its teacher once, or dead-lettered, per train.rejected_results."""
+        teacher, reason = next(iter(problems.items()))
+        outcome = retrying(lambda: self.transport.reject_ready(r, teacher, reason, self.redispatch), "reject")
+        self.rejected += 1
+        log.warning("sample %s: teacher %s's answer rejected (%s): %s", r.sample.id, teacher, outcome, reason,
+                    extra={"fields": {"sample": r.sample.id, "teacher": teacher, "outcome": outcome}})
 
     def ack_durable(self, sample_ids: list[str]) -> None:
         items = [self._unacked.pop(i) for i in sample_ids if i in self._unacked]
@@ -271,6 +287,8 @@ def run_online(
         transport, f"rank{rank}", cfg.train.micro_batch_size, cfg.train.grad_accum,
         trained_ids_path(out, rank, world), poll_ms=poll_ms,
         on_batch=metrics.observe_batch if metrics is not None else None,
+        check=result_check(target.model, target.tokenizer, teachers),
+        redispatch=cfg.train.rejected_results == "redispatch",
     )
     try:
         result = train(
@@ -295,9 +313,36 @@ def run_online(
                 f.write(json.dumps({"sample": d["sample_id"], "reason": f"{d['teacher']}: {d['reason']}"}) + "\n")
         if not retrying(transport.is_finished, "trainer stats"):
             log.warning("online run %r ended with samples still in flight: %s", transport.run, stats)
-        log.info("online run %r done: %d steps, %d samples on rank 0, %d dead letters, %d redelivered and skipped",
-                 transport.run, result.steps, result.samples, stats["dead_letters"], feed.skipped)
+        log.info("online run %r done: %d steps, %d samples on rank 0, %d dead letters, %d redelivered and skipped, "
+                 "%d answers rejected", transport.run, result.steps, result.samples, stats["dead_letters"],
+                 feed.skipped, feed.rejected)
+        check_dead_letters(stats, cfg.train.max_dead_letter_fraction, out)
     return result
+
+
+def result_check(model, tokenizer, teachers: list[str]) -> Callable[[ReadySample], dict[str, str]]:
+    """The trainer's checks of a ready sample (:func:`fuseflow.wire.transport.check_ready`) against this
+    target: ids below its output vocabulary, one row per target position of the sample's text."""
+    from fuseflow.models import encode
+
+    head = model.get_output_embeddings()
+    vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+    def check(item: ReadySample) -> dict[str, str]:
+        return check_ready(item, teachers, vocab_size, len(encode(tokenizer, item.sample.text).ids) - 1)
+
+    return check
+
+
+def check_dead_letters(stats: dict, max_fraction: float, out: Path) -> None:
+    """Raise :class:`RunFailed` when more than ``max_fraction`` of the run's samples were dead-lettered: a run
+    that lost most of its data must not exit 0 (issue 15)."""
+    submitted, dead = int(stats["submitted"]), int(stats["dead_letters"])
+    if submitted and dead / submitted > max_fraction:
+        raise RunFailed(
+            f"{dead} of {submitted} samples ({dead / submitted:.0%}) were dead-lettered, more than "
+            f"train.max_dead_letter_fraction={max_fraction}: see {out / 'dead_letter.jsonl'} for each reason"
+        )
 
 
 def _poll_queue(transport: Transport, metrics, stop: threading.Event, every_s: float = 2.0) -> None:
