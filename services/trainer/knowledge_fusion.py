@@ -15,21 +15,23 @@ sources), giving one fused copy of the target per source, ready for ``fuseflow m
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from fuseflow.config import FuseConfig, SourceConfig, dump_config
-from fuseflow.corpus import iter_documents, make_samples, render_chat
+from fuseflow.corpus import corpus_samples, iter_documents, render_chat
 from fuseflow.models import load, load_tokenizer
 from fuseflow.sparse import Sample
 
-from .evaluate import evaluate_lm
+from .evaluate import evaluate_lm, group_bpb
 from .report import format_table, plot_loss
 
 log = logging.getLogger(__name__)
@@ -39,21 +41,25 @@ log = logging.getLogger(__name__)
 class Corpus:
     train: list[Sample]
     held_out: list[str]
+    held_out_corpus: list[str] = field(default_factory=list)  # each held-out text's corpus ("" unless a mix)
 
 
 def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
-    """Split documents (held-out documents never reach training) and cut training samples to fit."""
-    samples = list(make_samples(iter_documents(cfg.corpus, "train"), target_tokenizer, cfg.train.max_length))
-    held = [
-        render_chat(d.messages, target_tokenizer, d.origin)[0] if d.is_chat else d.text
-        for d in iter_documents(cfg.corpus, "held_out")
-    ]
+    """Split documents (held-out documents never reach training) and cut training samples to fit (a
+    ``corpus.sources`` mix: samples interleaved by weight, held-out documents per corpus)."""
+    samples = corpus_samples(cfg.corpus, target_tokenizer, cfg.train.max_length)
+    if cfg.train.max_steps:  # cut no more than the run can train on (a large corpus takes minutes to cut)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        samples = itertools.islice(samples, cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * world)
+    samples = list(samples)
+    docs = list(iter_documents(cfg.corpus, "held_out"))
+    held = [render_chat(d.messages, target_tokenizer, d.origin)[0] if d.is_chat else d.text for d in docs]
     held = [t[: cfg.eval.max_chars_per_document] for t in held]
     if not samples:
         raise ValueError("corpus: no training samples (check corpus.source and corpus.held_out_*)")
     if not held:
         raise ValueError("corpus: no held-out documents to evaluate on (set corpus.held_out_documents)")
-    return Corpus(train=samples, held_out=held)
+    return Corpus(train=samples, held_out=held, held_out_corpus=[d.corpus for d in docs])
 
 
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts=None):
@@ -105,13 +111,17 @@ def total_steps(cfg: FuseConfig, n_samples: int, world: int = 1) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def _eval(name: str, model_ref, cfg: FuseConfig, texts: list[str], progress: bool) -> dict:
+def _eval(name: str, model_ref, cfg: FuseConfig, corpus: Corpus, progress: bool) -> dict:
     lm = load(model_ref, device=cfg.device)
     res = evaluate_lm(
-        lm.model, lm.tokenizer, texts, max_length=cfg.eval.max_length, batch_tokens=cfg.eval.batch_tokens, progress=progress
+        lm.model, lm.tokenizer, corpus.held_out, max_length=cfg.eval.max_length, batch_tokens=cfg.eval.batch_tokens,
+        progress=progress,
     )
     del lm
     gc.collect()
+    text_nll, text_bytes = res.pop("text_nll"), res.pop("text_bytes")
+    if any(corpus.held_out_corpus):  # a mix: held-out bits/byte per corpus too (issue 11)
+        res["per_corpus"] = group_bpb(text_nll, text_bytes, corpus.held_out_corpus)
     return {"model": name, **res}
 
 
@@ -128,8 +138,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     rows: list[dict] = []
     if cfg.eval.before:
         for src in cfg.sources:
-            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus.held_out, progress))
-        rows.append(_eval("target before", cfg.target.model, cfg, corpus.held_out, progress))
+            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus, progress))
+        rows.append(_eval("target before", cfg.target.model, cfg, corpus, progress))
 
     # Each run is the recipe on a config whose sources are that run's teachers (model_copy: not re-validated,
     # so the baseline's empty list is allowed).
@@ -146,7 +156,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
             for name, (sources, out) in plan.items()}
 
     for name, res in runs.items():
-        rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus.held_out, progress), "train_tokens": res.tokens,
+        rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus, progress), "train_tokens": res.tokens,
                      "train_seconds": round(res.seconds, 1)})
     report = {
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
@@ -166,7 +176,7 @@ def evaluate_models(cfg: FuseConfig, models: dict[str, str], progress: bool = Tr
     """``fuseflow evaluate``: the table of :func:`run_fuse` for any models (pivot, pairwise, merged …) on the
     run config's held-out documents."""
     corpus = prepare_corpus(cfg, load_tokenizer(cfg.target.model))
-    rows = [_eval(name, ref, cfg, corpus.held_out, progress) for name, ref in models.items()]
+    rows = [_eval(name, ref, cfg, corpus, progress) for name, ref in models.items()]
     print(format_table(rows))
     return rows
 
