@@ -1,20 +1,28 @@
-"""Merge time and peak memory of ``fuseflow merge`` on a ≥1B-parameter Llama-shaped model, and of mergekit
-doing the same merge when it is importable.
+"""Every merge method fuseflow shares with mergekit, run by both tools on the same mergekit YAML, in one run:
+wall time, peak memory, and the largest difference between the two outputs.
 
-The models are random: a base with Llama tensor names and shapes, and N "fine-tuned" copies (base plus small
-seeded noise), written as bf16 safetensors shards one tensor at a time, so the bench itself never holds a
-model. Each merge runs in a fresh subprocess; a thread samples its resident set (VmRSS, and RssAnon: the
-part that is not file-backed page cache) every 50 ms. Inputs are read from the page cache once warm.
+Inputs (default): SmolLM2-135M (``smollm2-135m`` from fuseflow.models) written as a bf16 base and N
+"fine-tuned" copies, base + σ·N(0, 1) with σ = 2e-4 (an update size like a real fine-tune's), one tensor
+at a time. ``--shape`` instead writes random Llama-shaped models (e.g. TinyLlama-1.1B shapes) to see how
+memory scales with the largest tensor.
 
-    python bench/merge.py                                        # TinyLlama-1.1B shapes, N=2, varm/sce/linear
-    python bench/merge.py --shape llama-3.2-1b --models 3 --out merge.json
-    python bench/merge.py --mergekit-path /tmp/mergekit-pkgs     # a `pip install --target` of mergekit
+Each method gets one mergekit YAML (``dtype: float32, out_dtype: bfloat16``: both compute in float32 and
+write bf16). mergekit runs it with ``mergekit.scripts.run_yaml`` (``--num-threads`` = ``--threads``,
+``--random-seed 0``); fuseflow runs the same file (``python -m fuseflow.merge.run FILE output=...
+threads=...``). Each merge is a fresh subprocess; a thread samples its resident set (VmRSS, and RssAnon:
+the part that is not file-backed page cache) every 50 ms. Inputs are read from the page cache once warm.
 
-mergekit runs with ``dtype: float32, out_dtype: bfloat16`` (float32 arithmetic, as fuseflow) and its default
-options; its ``linear`` gets the N models without the base (fuseflow's ``linear`` leaves the base out);
-it has no ``varm``. The "max abs diff" column compares the two outputs: for ``sce`` they differ only where
-entries tie in variance at the selection threshold (common with bf16 inputs) and the two tools keep
-different ones (fuseflow.merge.methods.top_k_mask), and through those, slightly, in the weights.
+Columns: wall s, peak RSS / RssAnon GB, peak RssAnon over the largest tensor (bf16 bytes) next to the
+bound N + 2, and ``max |Δ|`` = max over tensors and entries of |fuseflow − mergekit| in the bf16 outputs,
+also divided by the largest update max |θ_j − θ_base| of the inputs. Rows marked ``random`` drop entries
+at random: fuseflow's seeded generator and mergekit's global one draw different masks, so their
+``max |Δ|`` is not a comparison of the methods. ``sce (paper)`` is fuseflow's own config (weights from the
+paper's formula at every update size) against mergekit's sce on the same inputs; ``varm`` has no
+mergekit counterpart.
+
+    python bench/merge.py --mergekit-python /work/venvs/mergekit/bin/python --out merge.json
+    python bench/merge.py --methods ties,sce --models 3
+    python bench/merge.py --shape tinyllama-1.1b --methods linear,ties --no-mergekit
 """
 
 from __future__ import annotations
@@ -191,118 +199,274 @@ def max_abs_diff(a_dir: Path, b_dir: Path, names: list[str]) -> float:
     return worst
 
 
-def mergekit_env(path: str | None) -> dict[str, str] | None:
-    env = dict(os.environ)
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    probe = subprocess.run([sys.executable, "-c", "import mergekit"], env=env, capture_output=True)
-    return env if probe.returncode == 0 else None
+def write_copy_of(src: Path, out: Path, variant: int | None, shard_bytes: int, noise: float) -> Path:
+    """A bf16 copy of the HF model ``src`` (``variant=None``) or that copy + ``noise``·N(0, 1) for fine-tuned
+    copy ``variant`` (seeded per tensor), with ``src``'s config and tokenizer files; one tensor in memory at
+    a time. Reused when complete with the same settings."""
+    stamp = json.dumps({"src": str(src), "variant": variant, "shard_bytes": shard_bytes, "noise": noise})
+    if (out / ".bench-complete").exists() and (out / ".bench-complete").read_text() == stamp:
+        return out
+    from fuseflow.merge.plan import inspect_model
+
+    info = inspect_model(src)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(info.tensors)
+    shards: list[list[ShardEntry]] = [[]]
+    filled = 0
+    for name in names:
+        meta = info.tensors[name]
+        dtype = torch.bfloat16 if meta.dtype.is_floating_point else meta.dtype
+        size = nbytes(meta.shape, dtype)
+        if filled and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(ShardEntry(name, meta.shape, dtype))
+        filled += size
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for file, entries in zip(files, shards):
+        writer = StreamingShardWriter(out / file, entries)
+        for e in entries:
+            w = load_tensor(TensorRef(info.tensors[e.name].file, e.name))
+            if e.dtype == torch.bfloat16:
+                w = w.float()
+                if variant is not None:
+                    w = w + noise * _randn(tuple(e.shape), zlib.crc32(e.name.encode()) + 7919 * (variant + 1))
+            writer.write(e.name, w.to(e.dtype))
+            weight_map[e.name] = file
+        writer.close()
+    if n > 1:
+        write_index(out, weight_map, sum(nbytes(e.shape, e.dtype) for sh in shards for e in sh))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json") and f.name != "fuseflow_source.json":
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    cfg.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / ".bench-complete").write_text(stamp)
+    return out
 
 
+def largest_update(base: Path, models: list[Path], names: list[str]) -> float:
+    """max over tensors, models and entries of |θ_j − θ_base| (the scale ``max |Δ|`` is compared with)."""
+    worst = 0.0
+    for n in names:
+        b = load_tensor(TensorRef(_where(base, names)[n], n)).float()
+        for m in models:
+            worst = max(worst, (load_tensor(TensorRef(_where(m, names)[n], n)).float() - b).abs().max().item())
+    return worst
+
+
+def _where(d: Path, names: list[str]) -> dict[str, Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return {k: d / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    return {n: d / "model.safetensors" for n in names}
+
+
+def mergekit_ok(python: str) -> bool:
+    return subprocess.run([python, "-c", "import mergekit"], capture_output=True).returncode == 0
+
+
+def mergekit_version(python: str) -> str:
+    probe = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() or "?"
+
+
+# The shared methods: mergekit YAML for (base, models, layers). Parameters are mergekit's names; where a
+# method has a sparsity knob it is set to a typical value rather than mergekit's no-op default of 1.0.
+def _models(models: list[Path], **params) -> list[dict]:
+    return [{"model": str(m), **({"parameters": params} if params else {})} for m in models]
+
+
+METHODS = {
+    "linear": lambda b, ms, L: {"models": _models(ms, weight=1.0)},
+    "task_arithmetic": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0)},
+    "ties": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.5)},
+    "dare_linear": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.5)},
+    "dare_ties": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.5)},
+    "breadcrumbs": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.9, gamma=0.01)},
+    "breadcrumbs_ties": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.9, gamma=0.01)},
+    "della": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.5, epsilon=0.1)},
+    "della_linear": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0, density=0.5, epsilon=0.1)},
+    "sce": lambda b, ms, L: {"base_model": str(b), "models": _models(ms), "parameters": {"select_topk": 0.1}},
+    "slerp": lambda b, ms, L: {"base_model": str(b), "models": _models([b, ms[0]]), "parameters": {"t": 0.5}},
+    "nuslerp": lambda b, ms, L: {"base_model": str(b), "models": _models(ms[:2], weight=1.0)},
+    "multislerp": lambda b, ms, L: {"base_model": str(b), "models": _models(ms, weight=1.0)},
+    "model_stock": lambda b, ms, L: {"base_model": str(b), "models": _models(ms)},
+    "passthrough": lambda b, ms, L: {"slices": [
+        {"sources": [{"model": str(b), "layer_range": [0, L * 2 // 3]}]},
+        {"sources": [{"model": str(ms[0]), "layer_range": [L // 3, L]}]},
+    ]},
+}
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
+FUSEFLOW_ONLY = {"varm": {}, "sce (paper)": {"select_topk": 0.1}}
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b", help="Llama shapes to imitate")
-    ap.add_argument("--models", type=int, default=2, help="N, the number of fine-tuned models merged")
-    ap.add_argument("--methods", default="varm,sce,linear", help="comma-separated fuseflow methods")
-    ap.add_argument("--select-topk", type=float, default=0.1, help="sce's τ (FuseChat-2.0: 0.1)")
+    ap.add_argument("--base-model", default="smollm2-135m", help="HF dir or fuseflow short name copied as the base")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="random Llama-shaped models instead of --base-model")
+    ap.add_argument("--noise", type=float, help="σ of the fine-tuned copies' updates (default 2e-4; 2e-3 with --shape)")
+    ap.add_argument("--models", type=int, default=2, help="N, the number of fine-tuned copies merged")
+    ap.add_argument("--methods", default=",".join([*METHODS, *FUSEFLOW_ONLY]),
+                    help="comma-separated: mergekit method names, plus 'varm' and 'sce (paper)' (fuseflow only)")
     ap.add_argument("--input-shard-size", default="2GB", help="shard size of the generated models")
-    ap.add_argument("--shard-size", default="5GB", help="fuseflow's output shard size")
-    ap.add_argument("--threads", type=int, default=1, help="fuseflow's `threads` (torch intra-op threads)")
-    ap.add_argument("--mergekit-path", help="directory to prepend to PYTHONPATH for mergekit (pip install --target)")
+    ap.add_argument("--shard-size", default="5GB", help="output shard size (both tools)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of both tools")
+    ap.add_argument("--mergekit-python", default=sys.executable, help="a Python that can import mergekit")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit runs")
     ap.add_argument("--workdir", help="where to write the models (default: a temporary directory, removed after)")
-    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--out", help="write the results as JSON here (after every row)")
+    ap.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return 0
 
     from fuseflow.merge.config import parse_size
+    from fuseflow.models import resolve
 
-    spec = SHAPES[args.shape]
-    tensors = llama_tensors(spec)
-    params = sum(torch.Size(s).numel() for _, s in tensors)
-    model_bytes = sum(nbytes(s, torch.bfloat16) for _, s in tensors)
-    largest = max(nbytes(s, torch.bfloat16) for _, s in tensors)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fuseflow-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
-    mk_env = None if args.no_mergekit else mergekit_env(args.mergekit_path)
-    if not args.no_mergekit and mk_env is None:
-        print("mergekit is not importable here: its rows are skipped "
-              "(pip install --target DIR mergekit, then --mergekit-path DIR)")
+    use_mk = not args.no_mergekit and mergekit_ok(args.mergekit_python)
+    mk_version = mergekit_version(args.mergekit_python) if use_mk else None
+    if not args.no_mergekit and not use_mk:
+        print(f"mergekit is not importable by {args.mergekit_python}: its rows are skipped "
+              "(python -m venv --system-site-packages DIR && DIR/bin/pip install mergekit; --mergekit-python DIR/bin/python)")
 
-    t0 = time.perf_counter()
-    base = write_random_model(work / "base", spec, None, parse_size(args.input_shard_size))
     shard_bytes = parse_size(args.input_shard_size)
-    models = [write_random_model(work / f"ft{j}", spec, j, shard_bytes) for j in range(args.models)]
-    gen_s = time.perf_counter() - t0
-    print(
-        f"{args.shape}: {params / 1e9:.2f}B parameters, {model_bytes / 1e9:.2f} GB per bf16 model, largest tensor "
-        f"{largest / 1e6:.0f} MB; base + {args.models} models written in {gen_s:.0f} s to {work}"
-    )
+    t0 = time.perf_counter()
+    if args.shape:
+        spec = SHAPES[args.shape]
+        noise = args.noise if args.noise is not None else 2e-3
+        base = write_random_model(work / "base", spec, None, shard_bytes)
+        models = [write_random_model(work / f"ft{j}", spec, j, shard_bytes, noise) for j in range(args.models)]
+        source, layers = f"random {args.shape}-shaped", spec["layers"]
+    else:
+        noise = args.noise if args.noise is not None else 2e-4
+        src = resolve(args.base_model)
+        base = write_copy_of(src, work / "base", None, shard_bytes, noise)
+        models = [write_copy_of(src, work / f"ft{j}", j, shard_bytes, noise) for j in range(args.models)]
+        source, layers = f"{args.base_model} (bf16 copy)", json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    from fuseflow.merge.plan import inspect_model
 
-    rows = []
+    info = inspect_model(base)
+    names = sorted(info.tensors)
+    params = sum(torch.Size(m.shape).numel() for m in info.tensors.values())
+    model_bytes = sum(nbytes(m.shape, m.dtype) for m in info.tensors.values())
+    largest = max(nbytes(m.shape, m.dtype) for m in info.tensors.values())
+    gen_s = time.perf_counter() - t0
+    max_update = largest_update(base, models, names)
+    print(f"{source}: {params / 1e6:.0f}M parameters, {model_bytes / 1e9:.2f} GB per model, largest tensor "
+          f"{largest / 1e6:.0f} MB; base + {args.models} copies (σ {noise:g}, max |θ_j − θ_base| {max_update:.2e}) "
+          f"written in {gen_s:.0f} s to {work}")
+
+    rows: list[dict] = []
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    n = args.models
+    meta = {
+        "source": source, "parameters": params, "models": n, "noise": noise, "max_update": max_update,
+        "model_bytes": model_bytes, "largest_tensor_bytes": largest, "generate_s": gen_s,
+        "threads": args.threads, "mergekit": mk_version, "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows,
+    }
+
+    def save() -> None:  # after every row: a long run interrupted keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(meta, indent=2))
+
+    outputs: dict[str, Path] = {}
     try:
         for method in args.methods.split(","):
-            parameters = {"select_topk": args.select_topk} if method == "sce" else {}
-            ours_out = work / f"out-fuseflow-{method}"
-            cfg = work / f"fuseflow-{method}.yaml"
-            cfg.write_text(yaml.safe_dump({
-                "method": method, "base": str(base), "models": [str(m) for m in models], "parameters": parameters,
-                "output": str(ours_out), "dtype": "bfloat16", "shard_size": args.shard_size, "overwrite": True,
-                "threads": args.threads,
-            }))
-            m = run_measured([sys.executable, "-m", "fuseflow.merge.run", str(cfg), "--no-progress"], env)
+            fuseflow_only = method in FUSEFLOW_ONLY
+            if not fuseflow_only and method not in METHODS:
+                raise SystemExit(f"--methods: unknown {method!r}; choose from {', '.join([*METHODS, *FUSEFLOW_ONLY])}")
+            slug = method.replace(" ", "-").strip("()").replace("(", "").replace(")", "")
+            ours_out = work / f"out-fuseflow-{slug}"
+            cfg = work / f"{slug}.yml"
+            if fuseflow_only:
+                cfg.write_text(yaml.safe_dump({
+                    "method": method.split(" ")[0], "base": str(base), "models": [str(m) for m in models],
+                    "parameters": FUSEFLOW_ONLY[method], "output": str(ours_out), "dtype": "bfloat16",
+                    "shard_size": args.shard_size, "overwrite": True, "threads": args.threads,
+                }))
+                cmd = [sys.executable, "-m", "fuseflow.merge.run", str(cfg), "--no-progress"]
+            else:
+                doc = {"merge_method": method, **METHODS[method](base, models, layers),
+                       "dtype": "float32", "out_dtype": "bfloat16"}
+                cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+                cmd = [sys.executable, "-m", "fuseflow.merge.run", str(cfg), f"output={ours_out}", "overwrite=true",
+                       f"threads={args.threads}", f"shard_size={args.shard_size}", "--no-progress"]
+            m = run_measured(cmd, env)
             rows.append({"method": method, "tool": "fuseflow", **m})
+            save()
             print(f"  fuseflow {method}: {m['wall_s']:.1f} s, peak RSS {m['peak_rss_bytes'] / 1e9:.2f} GB")
 
-            mk_method = {"sce": "sce", "linear": "linear"}.get(method)
-            if mk_env is not None and mk_method is not None:
-                mk_out = work / f"out-mergekit-{method}"
-                shutil.rmtree(mk_out, ignore_errors=True)
-                mk_cfg = work / f"mergekit-{method}.yaml"
-                weight = {"parameters": {"weight": 1.0}} if method == "linear" else {}
-                doc = {
-                    "models": [{"model": str(p), **weight} for p in models],
-                    "merge_method": mk_method,
-                    "dtype": "float32",
-                    "out_dtype": "bfloat16",
-                }
-                if method == "sce":
-                    doc.update(base_model=str(base), parameters={"select_topk": args.select_topk})
-                mk_cfg.write_text(yaml.safe_dump(doc))
-                cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(mk_cfg), str(mk_out)]
-                cmd += ["--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
-                mm = run_measured(cmd, {**mk_env, "TOKENIZERS_PARALLELISM": "false"})
-                diff = max_abs_diff(ours_out, mk_out, [n for n, _ in tensors])
-                rows.append({"method": method, "tool": "mergekit 0.1.5", **mm, "max_abs_diff_vs_fuseflow": diff})
-                print(f"  mergekit {method}: {mm['wall_s']:.1f} s, peak RSS {mm['peak_rss_bytes'] / 1e9:.2f} GB, "
-                      f"max |diff| {diff:.2e}")
-                shutil.rmtree(mk_out, ignore_errors=True)
+            mk_method = "sce" if method == "sce (paper)" else None if fuseflow_only else method
+            if use_mk and mk_method is not None:
+                mk_out = outputs.get(mk_method)
+                if mk_out is None:
+                    mk_out = work / f"out-mergekit-{mk_method}"
+                    shutil.rmtree(mk_out, ignore_errors=True)
+                    mk_cfg = work / f"mergekit-{mk_method}.yml"
+                    mk_cfg.write_text(yaml.safe_dump({"merge_method": mk_method, **METHODS[mk_method](base, models, layers),
+                                                      "dtype": "float32", "out_dtype": "bfloat16"}, sort_keys=False))
+                    mk_cmd = [args.mergekit_python, "-m", "mergekit.scripts.run_yaml", str(mk_cfg), str(mk_out),
+                              "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+                              "--num-threads", str(args.threads), "--random-seed", "0"]
+                    mm = run_measured(mk_cmd, {**env, "PYTHONPATH": ""})
+                    rows.append({"method": mk_method, "tool": f"mergekit {mk_version}", **mm})
+                    save()
+                    print(f"  mergekit {mk_method}: {mm['wall_s']:.1f} s, peak RSS {mm['peak_rss_bytes'] / 1e9:.2f} GB")
+                    outputs[mk_method] = mk_out
+                out_names = sorted(json.loads((ours_out / "model.safetensors.index.json").read_text())["weight_map"]) \
+                    if (ours_out / "model.safetensors.index.json").exists() else sorted(
+                        load_header_names(ours_out / "model.safetensors"))
+                diff = max_abs_diff(ours_out, mk_out, out_names)
+                target = next(r for r in reversed(rows) if r["tool"] == "fuseflow" and r["method"] == method)
+                target["max_abs_diff_vs_mergekit"] = diff
+                target["max_abs_diff_over_max_update"] = diff / max_update if max_update else None
+                save()
+                print(f"    max |fuseflow − mergekit| {diff:.2e} ({diff / max_update:.1%} of the largest update)")
             shutil.rmtree(ours_out, ignore_errors=True)
     finally:
+        for p in outputs.values():
+            shutil.rmtree(p, ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    print()
-    print(f"Merge of N={args.models} {args.shape}-shaped models ({params / 1e9:.2f}B parameters, bf16, "
-          f"{model_bytes / 1e9:.2f} GB each; largest tensor {largest / 1e6:.0f} MB; "
-          f"(N+2) x largest = {(args.models + 2) * largest / 1e9:.2f} GB; "
-          f"N+1 models = {(args.models + 1) * model_bytes / 1e9:.2f} GB)")
-    print()
-    print("| method | tool | wall s | peak RSS GB | peak anon GB | peak anon / largest tensor "
-          "| max abs diff vs fuseflow | load avg |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        diff = f"{r['max_abs_diff_vs_fuseflow']:.1e}" if "max_abs_diff_vs_fuseflow" in r else ""
-        print(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-              f"{r['peak_anon_bytes'] / 1e9:.2f} | {r['peak_anon_bytes'] / largest:.1f} | {diff} "
-              f"| {r['loadavg_1min_after']:.1f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "shape": args.shape, "spec": spec, "parameters": params, "models": args.models, "model_bytes": model_bytes,
-            "largest_tensor_bytes": largest, "generate_s": gen_s, "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows,
-        }, indent=2))
+    print_table(meta)
     return 0
+
+
+def print_table(meta: dict) -> None:
+    """The markdown table of a run (``meta``: the JSON written with ``--out``)."""
+    n, largest = meta["models"], meta["largest_tensor_bytes"]
+    print()
+    print(f"Merges of N={n} copies of {meta['source']} ({meta['parameters'] / 1e6:.0f}M parameters, bf16, "
+          f"{meta['model_bytes'] / 1e9:.2f} GB each; updates σ {meta['noise']:g}, largest {meta['max_update']:.2e}; "
+          f"largest tensor {largest / 1e6:.0f} MB; {meta['threads']} torch thread(s) each; load average per row)")
+    print()
+    print("| method | tool | wall s | peak RSS GB | peak anon GB | peak anon / largest tensor (bound N+2) "
+          "| max abs diff vs mergekit | … / largest update | load avg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in meta["rows"]:
+        diff = f"{r['max_abs_diff_vs_mergekit']:.1e}" if "max_abs_diff_vs_mergekit" in r else ""
+        rel = f"{r['max_abs_diff_over_max_update']:.1%}" if r.get("max_abs_diff_over_max_update") is not None else ""
+        if r["method"] in RANDOM and diff:
+            diff, rel = diff + " (random)", rel + " (random)"
+        inputs = {"slerp": 1, "nuslerp": 2, "passthrough": 1}.get(r["method"], n)
+        print(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+              f"{r['peak_anon_bytes'] / 1e9:.2f} | {r['peak_anon_bytes'] / largest:.1f} ({inputs + 2}) | {diff} | {rel} "
+              f"| {r['loadavg_1min_after']:.1f} |")
+
+
+def load_header_names(file: Path) -> list[str]:
+    from fuseflow.merge.safetensors_io import read_header
+
+    return list(read_header(file))
 
 
 if __name__ == "__main__":
