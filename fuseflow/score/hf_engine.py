@@ -259,9 +259,16 @@ class HFEngine(Engine):
             if float((logits - reference).abs().max() / scale) < tol:
                 log.debug("%s: final hidden states from the %s", self.name, label)
                 return fn
+        # Both sides of the probe run the same attention kernel: a mismatch under a non-default kernel usually
+        # means the kernel is wrong, not the head (torch 2.13's compiled CPU flex attention at head dims <= 16,
+        # issue 12).
+        kernel = (
+            f", or attn_implementation={self.attn_implementation!r} gives inconsistent outputs on this device "
+            "(try sdpa)" if self.attn_implementation not in (None, "sdpa", "eager") else ""
+        )
         raise ValueError(
             f"model {self.name!r} ({type(self.model).__name__}): lm_head applied to its final hidden states does "
-            "not reproduce its logits (an unsupported logit transform); use another engine kind"
+            f"not reproduce its logits (an unsupported logit transform{kernel}); use another engine kind"
         )
 
     # ------------------------------------------------------------------------------------------------------
