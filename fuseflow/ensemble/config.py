@@ -99,7 +99,12 @@ class ServerConfig(_Strict):
 
 class EvalConfig(_Strict):
     task: str = Field("arithmetic", description="a name in fuseflow.ensemble.tasks.TASKS")
-    num_problems: int = Field(20, ge=1)
+    num_problems: int = Field(20, ge=1, description="problems (next-word: per language)")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en", "de", "fr", "es"],
+        description="next-word: en (the built-in corpus) and manpages:LANG codes, each reported on its own",
+    )
+    context_chars: int = Field(600, ge=50, description="next-word: characters of passage before the word")
     shots: int = Field(4, ge=0, description="solved examples in front of each problem")
     seed: int = 0
     max_tokens: int = Field(16, ge=1, description="tokens generated per answer")

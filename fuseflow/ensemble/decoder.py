@@ -622,7 +622,8 @@ class CoolFusionDecoder:
 def _continuation_logprobs(teacher, items: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """Per ``(context, tokens)``, the logprobs (float64) of ``tokens`` after ``context``. An in-process hf
     engine scores all candidates that share a context in one batched forward on its prefix KV cache
-    (``score_continuations``); any other teacher scores the whole sequences in one ``score_ids`` call."""
+    (``score_continuations``); a served one scores the tails on its prefix cache (``score_tails``, one call);
+    any other teacher scores the whole sequences in one ``score_ids`` call."""
     if not items:
         return []
     out: list[np.ndarray | None] = [None] * len(items)
@@ -636,6 +637,9 @@ def _continuation_logprobs(teacher, items: list[tuple[np.ndarray, np.ndarray]]) 
                 out[k] = np.asarray(r, dtype=np.float64)
         return out  # type: ignore[return-value]
     seqs = [np.concatenate([c, t]).astype(np.int32) for c, t in items]
+    if hasattr(teacher, "score_tails"):  # a served hf teacher: the tails on its prefix cache (ScoreTails RPC)
+        rows = teacher.score_tails(seqs, [len(c) for c, _ in items])
+        return [np.asarray(r, dtype=np.float64) for r in rows]
     for k, ((context, _), s) in enumerate(zip(items, teacher.score_ids(seqs, top_k=1))):
         out[k] = np.asarray(s.gold_logprobs, dtype=np.float64)[len(context) - 1 :]  # row t predicts token t + 1
     return out  # type: ignore[return-value]

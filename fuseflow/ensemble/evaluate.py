@@ -1,6 +1,10 @@
 """``fuseflow eval-ensemble ENSEMBLE.yaml``: each source alone vs Cool-Fusion, on three measures.
 
-1. **Accuracy** on a generated task set (:mod:`fuseflow.ensemble.tasks`, greedy decoding, few-shot prompt).
+1. **Accuracy** on a task set (:mod:`fuseflow.ensemble.tasks`, greedy decoding): generated arithmetic, or
+   next-word prediction on held-out passages of the mixed corpus (``next-word``, per language). Each
+   accuracy comes with its count and a 95 % Wilson interval; Cool-Fusion is compared with each source on
+   the same problems (paired: the difference with a bootstrap interval, the problems only one of them got
+   right, and McNemar's exact test on those).
 2. **Latency per generated token**: decode wall time / completion tokens, each system in the tokens it
    counts (a source alone: its own; Cool-Fusion: the first source's), plus milliseconds per generated
    character, which compares across tokenizers.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -53,8 +58,18 @@ class SystemResult:
     chars: int = 0
     seconds: float = 0.0
     segments: int = 0
-    wins: dict[str, int] = field(default_factory=dict)
+    wins: dict[str, int] = field(default_factory=dict)  # segments whose winning text each source proposed
+    contested: int = 0  # segments where distinct candidates were compared
     answers: list[dict] = field(default_factory=list)
+
+    def groups(self) -> dict[str, tuple[int, int]]:
+        """(correct, n) per problem group (language), in first-seen order."""
+        out: dict[str, list[int]] = {}
+        for a in self.answers:
+            g = out.setdefault(a.get("group", ""), [0, 0])
+            g[0] += int(a["correct"])
+            g[1] += 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
 
     @property
     def accuracy(self) -> float:
@@ -76,11 +91,14 @@ class SystemResult:
 
 def run_task(
     decoder: CoolFusionDecoder, task: Task, num_problems: int, shots: int, seed: int, max_tokens: int,
-    systems: Sequence[str] | None = None,
+    systems: Sequence[str] | None = None, **options,
 ) -> list[SystemResult]:
-    """Each source alone, then Cool-Fusion, on the same problems with greedy decoding."""
+    """Each source alone, then Cool-Fusion, on the same problems with greedy decoding. ``options`` go to
+    the task's problem maker (next-word: ``languages``, ``context_chars``)."""
     sources = decoder.sources
-    problems, examples = task.problems(num_problems, seed), task.shots(shots, seed)
+    problems, examples = task.problems(num_problems, seed, **options), task.shots(shots, seed)
+    if not problems:
+        raise ValueError(f"task {task.name!r} made no problems (eval.num_problems, eval.languages)")
     params = DecodeParams(max_tokens=max_tokens, temperature=0.0, stop=task.stop)
     names = [s.name for s in sources] + ["cool-fusion"]
     wanted = set(systems) if systems else set(names)
@@ -107,12 +125,57 @@ def run_task(
             r.seconds += c.seconds
             r.segments += len(c.segments)
             for s in c.segments:
-                r.wins[s.winner] = r.wins.get(s.winner, 0) + 1
-            r.answers.append({"id": problem.id, "answer": problem.answer, "output": c.text, "correct": ok,
-                              "finish_reason": c.finish_reason, "segments": [s.text for s in c.segments]})
+                for source in s.proposers:  # every source that proposed the winning text (issue 16)
+                    r.wins[source] = r.wins.get(source, 0) + 1
+                r.contested += int(s.contested)
+            r.answers.append({"id": problem.id, "group": problem.group, "answer": problem.answer, "output": c.text,
+                              "correct": ok, "finish_reason": c.finish_reason,
+                              "segments": [s.text for s in c.segments]})
         log.info("%s: %d/%d correct, %.1f ms/token", name, r.correct, r.n, r.ms_per_token)
         results.append(r)
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Uncertainty.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % at z = 1.96); (0, 1) when ``n == 0``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """``a`` vs ``b``: per-problem correctness [N] bool of two systems on the same problems.
+
+    Accuracy difference with a 95 % paired bootstrap interval (problems resampled together), the counts of
+    problems only ``a`` / only ``b`` got right, and McNemar's exact two-sided p-value on those.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    n = a.size
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # [B, N]
+    diffs = a[idx].mean(axis=1) - b[idx].mean(axis=1)  # [B]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    m, k = a_only + b_only, min(a_only, b_only)
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m) if m else 1.0
+    return {"n": n, "difference": float(a.mean() - b.mean()) if n else 0.0, "ci95": [float(lo), float(hi)],
+            "only_first_right": a_only, "only_second_right": b_only, "mcnemar_p": p}
+
+
+def comparisons(results: list[SystemResult]) -> dict[str, dict]:
+    """Cool-Fusion vs each source alone, paired on the same problems (whole set)."""
+    fused = next((r for r in results if r.mode == "cool-fusion"), None)
+    if fused is None:
+        return {}
+    ok = {r.system: np.array([a["correct"] for a in r.answers], dtype=bool) for r in results}
+    return {r.system: paired_comparison(ok[fused.system], ok[r.system]) for r in results if r.mode == "single"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,10 +263,29 @@ def format_table(results: list[SystemResult], bpb: dict | None) -> str:
         lines.append(f"| uniform mixture of the sources | — | — | — | — | — | — | {bpb['mixture']:.3f} |")
         oracle = bpb["best_source_per_chunk"]
         lines.append(f"| best source per chunk (oracle, no density) | — | — | — | — | — | — | {oracle:.3f} |")
+    groups = list(dict.fromkeys(g for r in results for g in r.groups()))
+    if len(groups) > 1 or groups != [""]:
+        lines += ["", "| system | " + " | ".join(groups) + " | all |", "|---|" + "---|" * (len(groups) + 1)]
+        for r in results:
+            cells = []
+            for k, n in [r.groups().get(g, (0, 0)) for g in groups] + [(r.correct, r.n)]:
+                lo, hi = wilson_interval(k, n)
+                cells.append(f"{k}/{n} = {k / n if n else 0:.0%} [{lo:.0%}, {hi:.0%}]")
+            lines.append(f"| {r.system} | " + " | ".join(cells) + " |")
+        lines.append("(correct / n = accuracy [95 % Wilson interval])")
+    for name, c in comparisons(results).items():
+        lines.append(
+            f"\ncool-fusion vs {name} alone (paired, n = {c['n']}): {c['difference']:+.1%} "
+            f"[{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}] (95 % bootstrap); right only with cool-fusion "
+            f"{c['only_first_right']}, only with {name} {c['only_second_right']}; McNemar p = {c['mcnemar_p']:.3f}"
+        )
     for r in results:
         if r.mode == "cool-fusion" and r.segments:
             share = ", ".join(f"{k} {v / r.segments:.0%}" for k, v in sorted(r.wins.items()))
-            lines.append(f"\nCool-Fusion segments won: {share} ({r.segments} segments).")
+            lines.append(
+                f"\nCool-Fusion segments proposed by each source (every proposer of the winning text credited): "
+                f"{share} ({r.segments} segments, {r.contested} contested)."
+            )
     return "\n".join(lines)
 
 
@@ -213,7 +295,8 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
     try:
         task = get_task(e.task)
         t0 = time.perf_counter()
-        results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems)
+        results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems,
+                           languages=e.languages, context_chars=e.context_chars)
         bpb = None
         if e.heldout_chars:
             from fuseflow.models import builtin_text
@@ -230,9 +313,12 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
             "segment_max_tokens": cfg.decoding.segment_max_tokens,
             "sources": [s.name for s in sources],
             "systems": [
-                {**asdict(r), "accuracy": r.accuracy, "ms_per_token": r.ms_per_token, "ms_per_char": r.ms_per_char}
+                {**asdict(r), "accuracy": r.accuracy, "accuracy_ci95": wilson_interval(r.correct, r.n),
+                 "groups": {g: {"correct": k, "n": n, "ci95": wilson_interval(k, n)} for g, (k, n) in r.groups().items()},
+                 "ms_per_token": r.ms_per_token, "ms_per_char": r.ms_per_char}
                 for r in results
             ],
+            "paired": comparisons(results),
             "heldout_bits_per_byte": bpb,
             "seconds": time.perf_counter() - t0,
             "table": format_table(results, bpb),

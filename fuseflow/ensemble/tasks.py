@@ -5,38 +5,55 @@ stop strings that end an answer and the answer check.
 ``arithmetic``: one- and two-step word problems in the style of GSM8K (Cobbe et al. 2021, the benchmark on
 which Cool-Fusion reports its largest gains), small numbers, integer answers, few-shot prompt
 ``Question: … / Answer: N``. ``arithmetic-1step`` keeps the one-step templates only (for small models).
+
+``next-word``: a task where small sources differ (issue 16): predict the next word of a held-out passage of
+the mixed corpus (:mod:`fuseflow.corpus`): English technical text (the built-in corpus, Python's own
+documentation, where SmolLM2 leads) and Debian's translated manual pages (``manpages:LANG``, where Gemma-3's
+multilingual training leads). The prompt is the passage up to the end of a word; the answer is the next word
+(letters only, at least two); a system is right when the first word it writes is that word. Each problem is
+tagged with its language (``Problem.group``), reported on its own.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Problem:
     id: str
     question: str
-    answer: int
+    answer: int | str
+    group: str = ""  # reported on its own (the language of a next-word passage)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    make: Callable[[int, int], list[Problem]]  # (n, seed) → problems
+    make: Callable[..., list[Problem]]  # (n, seed, **options) → problems
     stop: tuple[str, ...]
+    kind: str = "arithmetic"  # "arithmetic": few-shot Question/Answer, integer answers; "next-word"
 
-    def problems(self, n: int, seed: int) -> list[Problem]:
-        return self.make(n, seed)
+    def problems(self, n: int, seed: int, **options) -> list[Problem]:
+        return self.make(n, seed, **options)
 
-    def shots(self, k: int, seed: int) -> list[Problem]:
+    def shots(self, k: int, seed: int, **options) -> list[Problem]:
         """``k`` solved examples, drawn from a stream disjoint from :meth:`problems`' for the same seed."""
-        return self.make(k, seed + 1_000_003) if k else []
+        if self.kind != "arithmetic":
+            return []  # a passage is its own prompt
+        return self.make(k, seed + 1_000_003, **options) if k else []
 
     def prompt(self, problem: Problem, shots: list[Problem]) -> str:
+        if self.kind == "next-word":
+            return problem.question
         solved = "".join(f"Question: {s.question}\nAnswer: {s.answer}\n\n" for s in shots)
         return f"{solved}Question: {problem.question}\nAnswer:"
 
@@ -49,18 +66,29 @@ class Task:
         digits = m.group(0).replace(",", "")
         return int(digits) if digits.lstrip("-").isdigit() else None
 
+    @staticmethod
+    def first_word(text: str) -> str | None:
+        """The first word of a continuation (after its leading whitespace), or ``None``."""
+        m = _FIRST_WORD.match(text)
+        return m.group(1) if m else None
+
     def correct(self, text: str, problem: Problem) -> bool:
+        if self.kind == "next-word":
+            return self.first_word(text) == problem.answer
         return self.extract(text) == problem.answer
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, stop: tuple[str, ...] = ("\n",)):
-    def wrap(make: Callable[[int, int], list[Problem]]):
+_FIRST_WORD = re.compile(r"\s*(\w+)")
+
+
+def register_task(name: str, stop: tuple[str, ...] = ("\n",), kind: str = "arithmetic"):
+    def wrap(make: Callable[..., list[Problem]]):
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = Task(name, make, stop)
+        TASKS[name] = Task(name, make, stop, kind)
         return make
 
     return wrap
@@ -102,7 +130,7 @@ def _two_step(rng: np.random.Generator, name: str, item: str) -> tuple[str, int]
     )
 
 
-def _arithmetic(n: int, seed: int, two_step_share: float) -> list[Problem]:
+def _arithmetic(n: int, seed: int, two_step_share: float, **_) -> list[Problem]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -113,12 +141,69 @@ def _arithmetic(n: int, seed: int, two_step_share: float) -> list[Problem]:
 
 
 @register_task("arithmetic")
-def arithmetic(n: int, seed: int) -> list[Problem]:
+def arithmetic(n: int, seed: int, **_) -> list[Problem]:
     """One-step (+, −, ×) and two-step (+ then −) problems, a third of them two-step."""
     return _arithmetic(n, seed, two_step_share=1 / 3)
 
 
 @register_task("arithmetic-1step")
-def arithmetic_one_step(n: int, seed: int) -> list[Problem]:
+def arithmetic_one_step(n: int, seed: int, **_) -> list[Problem]:
     """One-step problems only."""
     return _arithmetic(n, seed, two_step_share=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Next-word prediction on held-out passages of the mixed corpus.
+# ----------------------------------------------------------------------------------------------------------
+
+# A target: a space, then a word of letters (two or more), then no word character.
+_TARGET = re.compile(r" ([^\W\d_]{2,})(?!\w)")
+
+
+def corpus_source_of(language: str) -> str:
+    """``en`` → the built-in corpus (English technical text); any other code → ``manpages:LANG``."""
+    return "builtin" if language == "en" else f"manpages:{language}"
+
+
+def passage_problems(text: str, doc_id: str, group: str, context_chars: int, rng: np.random.Generator,
+                     k: int) -> list[Problem]:
+    """Up to ``k`` problems from one document: at random target positions past ``context_chars``, the
+    ``context_chars`` before the target's space (starting at a word) and the target word."""
+    starts = np.array([m.start() for m in _TARGET.finditer(text) if m.start() >= context_chars], dtype=np.int64)
+    if starts.size == 0:
+        return []
+    picks = np.sort(rng.choice(starts, size=min(k, starts.size), replace=False))
+    out = []
+    for pos in picks.tolist():
+        context = text[pos - context_chars : pos]
+        first_space = re.search(r"\s", context)
+        context = context[first_space.end() :] if first_space else context  # start on a whole word
+        if not context.strip():
+            continue
+        word = _TARGET.match(text, pos).group(1)
+        out.append(Problem(f"{doc_id}@{pos}", context, word, group))
+    return out
+
+
+@register_task("next-word", stop=(), kind="next-word")
+def next_word(n: int, seed: int, languages: Sequence[str] = ("en", "de", "fr", "es"), context_chars: int = 600,
+              held_out_fraction: float = 0.2, per_document: int = 2, **_) -> list[Problem]:
+    """``n`` problems per language from the held-out documents of that language's corpus (the split of
+    :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document."""
+    from fuseflow.corpus import CorpusConfig, iter_documents
+
+    out = []
+    for language in languages:
+        cfg = CorpusConfig(source=corpus_source_of(language), held_out_fraction=held_out_fraction, seed=seed)
+        rng = np.random.default_rng([seed, len(out)])
+        problems: list[Problem] = []
+        for doc in iter_documents(cfg, "held_out"):
+            if doc.text and len(doc.text) > context_chars + 20:
+                problems += passage_problems(doc.text, f"{language}/{doc.index}", language, context_chars, rng,
+                                             per_document)
+            if len(problems) >= n:
+                break
+        if len(problems) < n:
+            log.warning("next-word: only %d held-out problems in %s (asked for %d)", len(problems), language, n)
+        out += problems[:n]
+    return out

@@ -22,6 +22,14 @@ class ScriptedTeacher:
         self.likes_eos = likes_eos
         self.max_length = max_length
         self.generate_calls: list[np.ndarray] = []
+        self.score_calls = 0
+
+    def _logprob(self, token: int) -> float:
+        """What it thinks of one token: its generation and its scoring agree, as a model's do."""
+        if token == self.tokenizer.eos_token_id:
+            return LIKED if self.likes_eos else DISLIKED
+        piece = self.tokenizer.decode([token], skip_special_tokens=True).strip()
+        return LIKED if not piece or piece in self.likes else DISLIKED  # a bare space: neutral
 
     def _continuation(self, text: str) -> str:
         # Resume after the longest prefix of the script the text ends with (another source's words may
@@ -43,20 +51,15 @@ class ScriptedTeacher:
             ids.append(self.tokenizer.eos_token_id)
         ids = ids[:max_new_tokens]
         stopped = bool(ids) and ids[-1] in set(stop_token_ids)
-        return Generated(np.asarray(ids, dtype=np.int32), np.zeros(len(ids), np.float32), "stop" if stopped else "length")
+        logprobs = np.asarray([self._logprob(t) for t in ids], dtype=np.float32)
+        return Generated(np.asarray(ids, dtype=np.int32), logprobs, "stop" if stopped else "length")
 
     def score_ids(self, ids, top_k, temperature=1.0):
+        self.score_calls += 1
         out = []
-        eos = self.tokenizer.eos_token_id
         for seq in ids:
             seq = np.asarray(seq)
-            gold = []
-            for t in seq[1:].tolist():
-                if t == eos:
-                    gold.append(LIKED if self.likes_eos else DISLIKED)
-                else:
-                    piece = self.tokenizer.decode([t], skip_special_tokens=True).strip()
-                    gold.append(LIKED if not piece or piece in self.likes else DISLIKED)  # a bare space: neutral
+            gold = [self._logprob(t) for t in seq[1:].tolist()]
             n = len(seq) - 1
             out.append(ScoredText(seq.astype(np.int32), None, None, np.zeros((n, top_k), np.int32),
                                   np.zeros((n, top_k), np.float32), np.asarray(gold, np.float32)))

@@ -13,6 +13,7 @@ from fuseflow.ensemble.boundaries import (
     cut_at_token,
     first_boundary,
     own_token_mask,
+    space_boundary_mask,
     token_boundary_mask,
     word_boundary_mask,
 )
@@ -126,3 +127,10 @@ def test_common_boundaries_smollm2_vs_gemma3():
     from fuseflow.models import builtin_text
 
     _check_pair(_pretrained_tokenizer("smollm2-135m"), _pretrained_tokenizer("gemma3-270m"), builtin_text(302_000)[300_000:])
+
+
+@pytest.mark.parametrize("text", ["", " ", "a b", "one  two\n\nthree ", " 42", "x\t", "日本 語"])
+def test_space_boundary_mask_matches_reference(text):
+    """Whitespace joins the next word: no boundary right after a whitespace character, but at the end."""
+    ref = [p == 0 or p == len(text) or not text[p - 1].isspace() for p in range(len(text) + 1)]
+    np.testing.assert_array_equal(space_boundary_mask(text), ref)

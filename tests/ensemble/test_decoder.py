@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fuseflow.ensemble.boundaries import token_boundary_mask
-from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single
+from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single, stream_single
 from fuseflow.ensemble.sources import completion_prompt
 
 from ensemble_scripted import scripted_source
@@ -103,6 +103,73 @@ def test_duplicate_source_names_and_unknown_rerank_are_refused(bpe_tokenizer):
         CoolFusionDecoder([a], rerank="best")
 
 
+def test_identical_candidates_are_not_scored_and_every_proposer_is_credited(bpe_tokenizer, spm_tokenizer):
+    script = " one two three"
+    a = scripted_source("a", bpe_tokenizer, script, likes=script)
+    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    c = _decode([a, b])
+    assert c.text == script and c.finish_reason == "stop"
+    assert a.teacher.score_calls == b.teacher.score_calls == 0  # the single-candidate shortcut
+    for s in c.segments:
+        assert not s.contested and s.proposers == ["a", "b"] and len(s.candidates) == 1
+
+
+def test_distinct_candidates_are_scored_once_per_source_per_step(bpe_tokenizer, spm_tokenizer):
+    a = scripted_source("a", bpe_tokenizer, " one two", likes="alpha beta")
+    b = scripted_source("b", spm_tokenizer, " alpha beta", likes="alpha beta")
+    c = _decode([a, b])
+    assert c.text == " alpha beta"
+    contested = sum(s.contested for s in c.segments)
+    assert contested >= 1
+    # A proposer scores its own candidate from its generation: each source scores only the other's, once.
+    assert a.teacher.score_calls == b.teacher.score_calls == contested
+
+
+def test_whitespace_joins_the_next_word(bpe_tokenizer, spm_tokenizer):
+    """No segment is only whitespace or ends on it (but the final one): a space or newline before a word,
+    a digit or punctuation belongs to that word's segment."""
+    script = " 4 2 apples.\n\nQuestion:  how  many ?\n"
+    a = scripted_source("a", bpe_tokenizer, script, likes=script)
+    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    c = _decode([a, b])
+    assert c.text == script and len(c.segments) > 5
+    for s in c.segments[:-1]:
+        assert s.text.strip() and not s.text[-1].isspace(), [x.text for x in c.segments]
+
+
+@pytest.mark.parametrize("boundary", ["word", "token"])
+def test_cuts_are_never_inside_a_token_of_any_source(bpe_tokenizer, spm_tokenizer, boundary, monkeypatch):
+    """Long words, many tokens without a space: past segment_max_tokens the guard cuts at a boundary of every
+    source's tokenization of the text known when cutting (the text so far + the whole proposal), never inside
+    a token of either tokenizer; every cut is checked as it is made."""
+    from fuseflow.ensemble import decoder as decoder_module
+
+    cuts = []
+    original = decoder_module._Proposal.candidate
+
+    def spy(self, position, at_boundary):
+        cuts.append(([st.text for st in self.req.states], self.text(), position, self.stopped))
+        return original(self, position, at_boundary)
+
+    monkeypatch.setattr(decoder_module._Proposal, "candidate", spy)
+    script = " Antidisestablishmentarianism counterrevolutionaries, pneumonoultramicroscopic."
+    a = scripted_source("a", bpe_tokenizer, script, likes=script)
+    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    c = _decode([a, b], segment_max_tokens=2, boundary=boundary)
+    assert c.text == script and len(c.segments) > 3 and all(s.at_common_boundary for s in c.segments)
+    inside_words = 0
+    for contexts, text, position, stopped in cuts:
+        if stopped and position == len(text):
+            continue  # the end of a final proposal
+        assert 0 < position < len(text)
+        for context, tok in zip(contexts, (bpe_tokenizer, spm_tokenizer)):
+            offsets = tok(context + text, return_offsets_mapping=True)["offset_mapping"]
+            assert token_boundary_mask(offsets, len(context), len(text))[position], (text, position)
+        assert not text[position - 1].isspace()  # whitespace joins the next word
+        inside_words += text[position - 1].isalnum() and text[position].isalnum()
+    assert inside_words > 0  # the guard did cut long words
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tiny random models.
 # ----------------------------------------------------------------------------------------------------------
@@ -125,17 +192,19 @@ def test_greedy_is_deterministic(llama_source, gemma_source):
     assert all(s.winner in s.proposers for s in first.segments)
 
 
+@pytest.mark.parametrize("hidden", [("score_continuations",), ("score_continuations", "score_tails")])
 def test_tail_scoring_on_the_prefix_cache_decodes_like_whole_sequence_scoring(
-    llama_source, gemma_source, without_attribute
+    llama_source, gemma_source, without_attribute, hidden
 ):
     """The in-process reranking path (score_continuations on cached contexts) and the served-teacher path
     (score_ids of whole sequences) pick the same candidates."""
     import dataclasses
+    import functools
 
     params = DecodeParams(max_tokens=20)
     cached = _decode([llama_source, gemma_source], params, TINY_PROMPT, rerank="mean_bits_per_byte")
     plain_sources = [  # each teacher as a served vllm one looks: whole-sequence score_ids only, no batched continuations
-        dataclasses.replace(s, teacher=without_attribute(s.teacher, "score_continuations"))
+        dataclasses.replace(s, teacher=functools.reduce(without_attribute, hidden, s.teacher))
         for s in (llama_source, gemma_source)
     ]
     plain = _decode(plain_sources, params, TINY_PROMPT, rerank="mean_bits_per_byte")
@@ -182,3 +251,56 @@ def test_sampling_is_seeded(llama_source, gemma_source):
 
     assert run(7) == run(7)
     assert len({run(s) for s in (1, 2, 3)}) > 1
+
+
+def test_word_segments_end_outside_words(llama_source, gemma_source):
+    c = _decode([llama_source, gemma_source], DecodeParams(max_tokens=24), TINY_PROMPT, rerank="mean_bits_per_byte")
+    full, end = TINY_PROMPT + c.text, len(TINY_PROMPT)
+    for s in c.segments[:-1]:
+        end += len(s.text)
+        if s.at_common_boundary and len(s.text) and end < len(full):
+            assert not (full[end - 1].isalnum() and full[end].isalnum()) or len(s.candidates) > 0
+            assert not full[end - 1].isspace()
+
+
+def _forward_calls(engine):
+    counter = {"n": 0}
+    handle = engine.model.register_forward_pre_hook(lambda module, args: counter.__setitem__("n", counter["n"] + 1))
+    return counter, handle
+
+
+def test_single_source_streams_token_by_token_and_stops_at_a_stop_string_while_generating(gemma_source):
+    prompt, params = "Once upon a time", DecodeParams(max_tokens=40)
+    plain = generate_single(gemma_source, prompt, True, params)
+    assert plain.completion_tokens == 40
+    cut = next(k for k in range(30, len(plain.text) - 3) if plain.text.find(plain.text[k : k + 3]) == k)
+    stop = plain.text[cut : cut + 3]  # first seen after several tokens
+    counter, handle = _forward_calls(gemma_source.teacher)
+    try:
+        events = list(stream_single(gemma_source, prompt, True, DecodeParams(max_tokens=40, stop=(stop,))))
+    finally:
+        handle.remove()
+    c = events[-1].completion
+    assert c.text == plain.text[:cut] and c.finish_reason == "stop"
+    assert "".join(e.delta for e in events) == c.text
+    assert len([e for e in events if e.delta]) > 2  # token by token, not one chunk at the end
+    # It stopped generating once the stop string appeared: one forward per token up to it, not max_tokens.
+    n_prompt = gemma_source.encode([prompt], True)[0].ids.size
+    needed = gemma_source.encode([prompt + plain.text[: cut + len(stop)]], True)[0].ids.size - n_prompt
+    assert counter["n"] <= needed + 1 < 40
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_score_continuations_equals_whole_sequence_scoring(which, llama_source, gemma_source):
+    source = {"llama": llama_source, "gemma": gemma_source}[which]
+    engine = source.teacher
+    (enc,) = source.encode([TINY_PROMPT + " and more words here"], True)
+    context, rest = enc.ids[:6], enc.ids[6:]
+    conts = [rest[:1], rest[:4], rest[2:5], rest]
+    engine.prefix_cache.clear()
+    engine.generate(context, max_new_tokens=3)  # a cache entry longer than the context, as after a proposal
+    for _ in range(2):  # from the cached context, then again: the entry is copied, not spent
+        got = engine.score_continuations(context, conts)
+        for cont, lp in zip(conts, got, strict=True):
+            want = engine.score_ids([np.concatenate([context, cont])], top_k=1)[0].gold_logprobs[len(context) - 1 :]
+            np.testing.assert_allclose(lp, want, atol=1e-4)

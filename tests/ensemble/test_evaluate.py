@@ -98,3 +98,44 @@ def test_cli_writes_table_and_json(tiny_llama, tiny_gemma, tmp_path, capsys, _ke
     assert [s["system"] for s in report["systems"]] == ["llama", "gemma", "cool-fusion"]
     assert set(report["heldout_bits_per_byte"]["sources"]) == {"llama", "gemma"}
     assert main([str(cfg), "eval.task=nope"]) == 2
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (10, 10), (17, 40), (1, 1)])
+def test_wilson_interval_matches_its_formula(k, n):
+    from fuseflow.ensemble.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(k, n)
+    # The interval's ends are the proportions p0 whose score test |p - p0| / sqrt(p0 (1 - p0) / n) = 1.96.
+    p = k / n
+    for end in (lo, hi):
+        if 0 < end < 1:
+            assert abs(p - end) / math.sqrt(end * (1 - end) / n) == pytest.approx(1.96, rel=1e-6)
+    assert lo <= p <= hi
+
+
+def test_paired_comparison_counts_and_bounds():
+    from fuseflow.ensemble.evaluate import paired_comparison
+
+    a = np.array([1, 1, 1, 0, 1, 0] * 10, dtype=bool)
+    b = np.array([1, 0, 0, 0, 1, 1] * 10, dtype=bool)
+    c = paired_comparison(a, b)
+    assert (c["only_first_right"], c["only_second_right"]) == (20, 10)
+    assert c["difference"] == pytest.approx(10 / 60)
+    assert c["ci95"][0] < c["difference"] < c["ci95"][1]
+    assert c["mcnemar_p"] == pytest.approx(2 * sum(math.comb(30, i) for i in range(11)) / 2**30)
+    same = paired_comparison(a, a)
+    assert same["difference"] == 0 and same["mcnemar_p"] == 1.0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_next_word_task_reports_per_language_with_intervals(llama_source, gemma_source):
+    from fuseflow.ensemble.evaluate import comparisons, format_table
+
+    decoder = CoolFusionDecoder([llama_source, gemma_source])
+    results = run_task(decoder, get_task("next-word"), num_problems=2, shots=0, seed=0, max_tokens=3,
+                       languages=["en"], context_chars=120)
+    for r in results:
+        assert r.n == 2 and r.groups() == {"en": (r.correct, 2)}
+        assert all(a["group"] == "en" for a in r.answers)
+    assert set(comparisons(results)) == {"llama", "gemma"}
+    table = format_table(results, None)
+    assert "| system | en | all |" in table and "cool-fusion vs llama alone (paired, n = 2)" in table

@@ -1,0 +1,182 @@
+"""Cool-Fusion cost benchmark: forward calls and milliseconds per generated token, each source alone vs the
+ensemble, on the same prompts in one run (issue 16).
+
+Default sources: smollm2-135m and gemma3-270m (``fuseflow models prepare smollm2-135m gemma3-270m``), in-process
+``hf`` engines. ``--tiny``: the tests' tiny random models. Prompts: passages of the built-in corpus (Python's
+own documentation) past the part the tiny tokenizers are trained on, cut on a space; greedy decoding, no stop
+string, ``--max-tokens`` tokens each (fewer when a source ends the text).
+
+Forward calls are counted with a pre-hook on each model's decoder trunk, so generation steps, prompt
+prefills and the rerank's scoring forwards all count once per call. Per system: generated tokens (a source
+alone: its own tokens; the ensemble: the first source's, as its ``usage`` counts), characters, wall time,
+ms/token, ms/char (which compares across tokenizers), forward calls per generated token; for the ensemble
+also the segments, how many were contested (distinct candidates scored) and the forward calls per source.
+
+    nice -n 10 python bench/ensemble.py --threads 2 --out runs/bench-ensemble.json
+    python bench/ensemble.py --tiny --prompts 2 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prompts_from_corpus(n: int, chars: int, offset: int = 300_000) -> list[str]:
+    """``n`` passages of about ``chars`` characters, each cut after a word (ending before a space)."""
+    from fuseflow.models import builtin_text
+
+    text = builtin_text(offset + n * (chars + 500))[offset:]
+    out, pos = [], 0
+    for _ in range(n):
+        piece = text[pos : pos + chars]
+        cut = piece.rfind(" ")
+        piece = " ".join(piece[: cut if cut > 0 else len(piece)].split())  # one line, no trailing space
+        out.append(piece)
+        pos += chars + 500
+    return out
+
+
+class ForwardCounter:
+    """Counts forward calls of an engine's decoder trunk (or of the whole model when it has none)."""
+
+    def __init__(self, engine):
+        model = engine.model
+        trunk = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.calls = 0
+        (trunk if trunk is not None and trunk is not model else model).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+
+def build_sources(args):
+    from fuseflow.ensemble.sources import EnsembleSource
+    from fuseflow.score.engine import create_engine
+
+    if args.tiny:
+        from fuseflow.models import make_tiny_model, make_tiny_tokenizer
+
+        root = Path(tempfile.mkdtemp(prefix="bench-ensemble-"))
+        refs = [
+            ("llama", str(make_tiny_model(root / "llama", "llama", tokenizer=make_tiny_tokenizer("bpe", 512), seed=0))),
+            ("gemma", str(make_tiny_model(root / "gemma", "gemma3", tokenizer=make_tiny_tokenizer("spm", 640), seed=1))),
+        ]
+    else:
+        refs = [(m, m) for m in args.models]
+    sources = []
+    for name, ref in refs:
+        engine = create_engine("hf", ref, name=name)
+        sources.append(EnsembleSource.from_engine(engine, name=name))
+    return sources
+
+
+def run_system(name, sources, counters, decoder, prompts, max_tokens):
+    from fuseflow.ensemble.decoder import DecodeParams, generate_single
+    from fuseflow.ensemble.sources import completion_prompt
+
+    params = DecodeParams(max_tokens=max_tokens, temperature=0.0)
+    names = [s.name for s in sources]
+    row = {"system": name, "tokens": 0, "chars": 0, "seconds": 0.0, "forward_calls": {n: 0 for n in names},
+           "segments": 0, "contested": 0, "texts": []}
+    for text in prompts:
+        for s in sources:
+            s.teacher.prefix_cache.clear()  # every request starts cold, as a new prompt would
+        before = [c.calls for c in counters]
+        t0 = time.perf_counter()
+        if name == "cool-fusion":
+            c = decoder.generate(completion_prompt(sources, text), params)
+        else:
+            c = generate_single(sources[names.index(name)], text, True, params)
+        row["seconds"] += time.perf_counter() - t0
+        for n, counter, b in zip(names, counters, before):
+            row["forward_calls"][n] += counter.calls - b
+        row["tokens"] += c.completion_tokens
+        row["chars"] += len(c.text)
+        row["segments"] += len(c.segments)
+        row["contested"] += sum(s.contested for s in c.segments)
+        row["texts"].append(c.text)
+    calls = sum(row["forward_calls"].values())
+    row["token_source"] = names[0] if name == "cool-fusion" else name
+    row["ms_per_token"] = 1e3 * row["seconds"] / max(row["tokens"], 1)
+    row["ms_per_char"] = 1e3 * row["seconds"] / max(row["chars"], 1)
+    row["forward_calls_per_token"] = calls / max(row["tokens"], 1)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"], help="model references (short names)")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny random models instead")
+    p.add_argument("--prompts", type=int, default=4, help="number of prompts")
+    p.add_argument("--prompt-chars", type=int, default=400, help="characters per prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--rerank", default="mean_perplexity")
+    p.add_argument("--segment-max-tokens", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="JSON results file")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fuseflow.ensemble.decoder import CoolFusionDecoder
+
+    sources = build_sources(args)
+    counters = [ForwardCounter(s.teacher) for s in sources]
+    decoder = CoolFusionDecoder(sources, rerank=args.rerank, segment_max_tokens=args.segment_max_tokens)
+    prompts = prompts_from_corpus(args.prompts, args.prompt_chars)
+    systems = [s.name for s in sources] + ["cool-fusion"]
+    run_system("cool-fusion", sources, counters, decoder, prompts[:1], 4)  # warm-up: first-call costs
+    rows = [run_system(name, sources, counters, decoder, prompts, args.max_tokens) for name in systems]
+
+    slowest = max(r["ms_per_token"] for r in rows if r["system"] != "cool-fusion")
+    slowest_char = max(r["ms_per_char"] for r in rows if r["system"] != "cool-fusion")
+    fused = rows[-1]
+    header = ["system", "tokens (of)", "chars", "ms / token", "ms / char", "forward calls", "calls / token",
+              "segments (contested)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        calls = sum(r["forward_calls"].values())
+        per = ", ".join(f"{k} {v}" for k, v in r["forward_calls"].items() if v)
+        seg = f"{r['segments']} ({r['contested']})" if r["system"] == "cool-fusion" else "—"
+        lines.append(
+            f"| {r['system']} | {r['tokens']} ({r['token_source']}) | {r['chars']} | {r['ms_per_token']:.1f} | "
+            f"{r['ms_per_char']:.1f} | {calls} ({per}) | {r['forward_calls_per_token']:.2f} | {seg} |"
+        )
+    summary = (
+        f"\ncool-fusion / slower source: {fused['ms_per_token'] / slowest:.2f}x per token, "
+        f"{fused['ms_per_char'] / slowest_char:.2f}x per character "
+        f"({len(prompts)} prompts, {args.max_tokens} max tokens, torch threads {torch.get_num_threads()})"
+    )
+    print("\n".join(lines) + summary)
+    result = {
+        "sources": [s.name for s in sources],
+        "tiny": args.tiny,
+        "prompts": prompts,
+        "max_tokens": args.max_tokens,
+        "rerank": args.rerank,
+        "segment_max_tokens": args.segment_max_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "systems": rows,
+        "ratio_ms_per_token_vs_slower_source": fused["ms_per_token"] / slowest,
+        "ratio_ms_per_char_vs_slower_source": fused["ms_per_char"] / slowest_char,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
