@@ -67,7 +67,8 @@ def test_run_task_counts(llama_source, gemma_source):
         assert r.n == 2 and len(r.answers) == 2 and 0 <= r.correct <= 2
         assert 0 < r.completion_tokens <= 8 and r.seconds > 0
     fused = results[-1]
-    assert fused.segments == sum(fused.wins.values()) > 0
+    # every proposer of a winning segment is credited (issue 16): at least one source, at most all, per segment
+    assert 0 < fused.segments <= sum(fused.wins.values()) <= 2 * fused.segments
     with pytest.raises(ValueError, match="unknown systems"):
         run_task(decoder, get_task("arithmetic"), 1, 0, 0, 2, systems=["gpt"])
 
