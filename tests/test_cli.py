@@ -51,8 +51,8 @@ def test_global_log_flags_reach_every_command(tmp_path, capsys, where):
         assert main(argv) == 0
         root = logging.getLogger()
         assert root.level == logging.DEBUG and type(root.handlers[0].formatter).__name__ == "JsonFormatter"
-        logging.getLogger("fuseflow.test").info("hello")
-        assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["msg"] == "hello"
+        record = logging.LogRecord("fuseflow.test", logging.INFO, __file__, 1, "hello", None, None)
+        assert json.loads(root.handlers[0].format(record))["msg"] == "hello"
     finally:
         main(["config", str(p), "--log-format", "text", "--log-level", "INFO"])
 
