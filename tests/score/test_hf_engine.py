@@ -340,11 +340,18 @@ def test_cohere_logit_scale(bpe_tokenizer, tmp_path, texts, logit_scale):
 
 
 @pytest.mark.slow
-def test_flex_attention_packs_whole_batches_into_one_row(tiny_llama, texts):
+def test_flex_attention_packs_whole_batches_into_one_row(tmp_path, bpe_tokenizer, texts):
     """With a varlen kernel (flex_attention runs on CPU too) rows take the whole batch budget, and the
-    block-sparse document mask keeps sequences apart: scores equal the padded SDPA ones."""
-    padded = HFEngine(load(tiny_llama), pack=False, max_batch_tokens=8192).score_texts(texts, top_k=4)
-    engine = HFEngine(tiny_llama, max_batch_tokens=8192, attn_implementation="flex_attention")
+    block-sparse document mask keeps sequences apart: scores equal the padded SDPA ones.
+
+    Head dim 32 (hidden 128, 4 heads), not the session's tiny Llama (head dim 8): torch 2.13's compiled CPU
+    flex-attention kernel returns wrong, run-to-run different outputs for head dims of 8 and 16 (any
+    transformers; measured against SDPA, issue 12), which the engine's probe rejects; real models have 64+."""
+    from fuseflow.models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path, "llama", tokenizer=bpe_tokenizer, hidden_size=128, seed=0)
+    padded = HFEngine(load(model_dir), pack=False, max_batch_tokens=8192).score_texts(texts, top_k=4)
+    engine = HFEngine(model_dir, max_batch_tokens=8192, attn_implementation="flex_attention")
     assert engine.attn_implementation == "flex_attention"
     rows = []
     inner = engine._hidden
