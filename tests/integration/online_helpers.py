@@ -51,7 +51,8 @@ sources:
 corpus: {{source: {corpus}, held_out_documents: 2}}
 align: {{vocab_map: mined, sequence: offsets}}
 fusion: {{top_k: 4, lam: 0.5}}
-train: {{max_length: 48, micro_batch_size: 2, lr: 1.0e-3, checkpoint_every: 2, warmup_ratio: 0.0}}
+train: {{max_length: 48, micro_batch_size: 2, lr: 1.0e-3, checkpoint_every: 2, warmup_ratio: 0.0,
+        max_dead_letter_fraction: 0.5}}
 eval: {{max_length: 48, before: false}}
 baseline: none
 {extra}

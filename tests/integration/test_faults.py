@@ -159,4 +159,4 @@ def test_run_survives_a_redis_restart(setup, tmp_path, restartable_redis_server)
         restartable_redis_server.start()
 
     text = _run_trainer_with_fault(setup, tmp_path, restartable_redis_server, "redis-restart", restart)
-    assert "Redis unavailable" in text  # the trainer did see the outage, and rode it out
+    assert "transport unavailable (Redis at" in text  # the trainer did see the outage, and rode it out
