@@ -96,7 +96,7 @@ else
 fi
 
 step "deployment tests"
-python -m pytest -q -rs tests/deploy tests/teacher/test_vllm_engine.py tests/teacher/test_healthcheck.py || failed=1
+python -m pytest -q -rs tests/deploy tests/score/test_vllm_engine.py tests/teacher/test_healthcheck.py || failed=1
 
 if (( ${#missing[@]} )); then echo; echo "not checked (tool missing): ${missing[*]}"; fi
 if (( failed )); then echo; echo "check_deploy: FAILED"; exit 1; fi
