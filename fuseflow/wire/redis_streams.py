@@ -101,11 +101,16 @@ def run_acl_rules(run: str, role: str) -> str:
     """
     if role not in ("teacher", "trainer"):
         raise ValueError(f"role must be 'teacher' or 'trainer', got {role!r}")
-    key = re.sub(r"([*?\[\]\\])", r"\\\1", "{" + validate_run(run) + "}")
+    key = _glob_escape("{" + validate_run(run) + "}")
     rules = f"resetkeys ~*{key}* resetchannels +@all -@dangerous -@admin"
     if role == "teacher":
         rules += " -scan -xgroup|destroy -xgroup|setid"
     return rules
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN MATCH, ACL key patterns)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _redacted(url: str) -> str:
@@ -528,7 +533,7 @@ class RedisTransport(Transport):
     def reset(self) -> int:
         """Delete every key of this run and recreate the consumer groups: a fresh start under the same run
         name (otherwise a run name resumes where it was). Returns the number of keys deleted."""
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._k_dist_prefix) + "*"  # run names may hold glob syntax
+        pattern = _glob_escape(self._k_dist_prefix) + "*"  # run names may hold glob syntax
         keys = [self.k_work, self.k_ready, self.k_dead, self.k_state, *self.r.scan_iter(match=pattern, count=1000)]
         deleted = int(self.r.delete(*keys))
         self._history_done.clear()
