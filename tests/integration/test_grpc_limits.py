@@ -4,9 +4,6 @@ array fields, malformed protobuf as INVALID_ARGUMENT, and RSS bounded under conc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +11,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from test_grpc_server import GatedEngine
 
 from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import TEXT_BYTES_PER_TOKEN, ServerOptions, build_server
@@ -133,25 +132,8 @@ def test_a_message_over_the_receive_limit_is_refused_by_grpc(engine, serve):
     assert server.metrics.value("requests_total", {"method": "Tokenize", "code": "RESOURCE_EXHAUSTED"}) == 0  # gRPC's
 
 
-class GatedEngine:
-    """The hf engine whose scoring waits for ``gate`` (to hold calls in flight)."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def score_ids(self, *args, **kwargs):
-        self.entered.set()
-        self.gate.wait(60)
-        return self._engine.score_ids(*args, **kwargs)
-
-
 def test_calls_over_the_concurrency_cap_are_busy_and_health_still_answers(engine, serve):
-    gated = GatedEngine(engine)
+    gated = GatedEngine(engine, wait_s=60)
     server, address = serve(gated, max_concurrent_rpcs=2, max_wait_ms=0)
     results = {}
 

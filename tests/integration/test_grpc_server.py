@@ -315,10 +315,11 @@ def test_health_and_reflection(engine, serve):
 
 
 class GatedEngine:
-    """The hf engine whose scoring waits for ``gate`` (to hold a request in flight)."""
+    """The hf engine whose scoring waits up to ``wait_s`` for ``gate`` (to hold requests in flight)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, wait_s: float = 30.0):
         self._engine = engine
+        self.wait_s = wait_s
         self.gate = threading.Event()
         self.entered = threading.Event()
 
@@ -327,7 +328,7 @@ class GatedEngine:
 
     def score_ids(self, *args, **kwargs):
         self.entered.set()
-        self.gate.wait(30)
+        self.gate.wait(self.wait_s)
         return self._engine.score_ids(*args, **kwargs)
 
 
