@@ -1,14 +1,16 @@
 """Typed run configs: YAML in, validated at load (pydantic, as mergekit's ``config.py``), with
 ``key=value`` command-line overrides (as torchtune's ``config/_parse.py``). Errors name the field.
 
-Every default lives here and is written out in ``examples/``; ``fuseflow config show CONFIG`` prints the
+Every default lives here and is written out in ``examples/``; ``fuseflow config CONFIG`` prints the
 resolved config.
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -107,6 +109,17 @@ class FusionConfig(_Strict):
     top_k: int = Field(10, gt=0, le=256)
     temperature: float = Field(1.0, gt=0)
     lam: float = Field(0.9, ge=0, le=1, description="weight of the CLM loss; 1 - lam weighs the fusion KL")
+    kl: Literal["renormalised", "tail"] = Field(
+        "renormalised",
+        description="renormalised: teacher rows renormalised over their top-k, KL on those k ids (FuseLLM's "
+        "released trainer); tail: the teachers' mass outside their top-k kept as one more outcome of the KL "
+        "(fuseflow.fuse.loss.sparse_kl; docs/quality.md)",
+    )
+    criterion: Literal["aligned", "text"] = Field(
+        "aligned",
+        description="what min_ce / avg_ce rank teachers by: aligned: mean CE over the teacher's aligned positions "
+        "(FuseLLM); text: the teacher's nll of the whole sample text per target position (docs/quality.md)",
+    )
 
     @field_validator("function")
     @classmethod
@@ -115,6 +128,15 @@ class FusionConfig(_Strict):
 
         FUSIONS.lookup(v)
         return v
+
+    @model_validator(mode="after")
+    def _criterion_fits_function(self) -> "FusionConfig":
+        from fuseflow.fuse.fusion import SAMPLE_CE_FUSIONS
+
+        if self.criterion == "text" and self.function not in SAMPLE_CE_FUSIONS:
+            raise ValueError(f"criterion 'text' ranks teachers per sample: function must be one of "
+                             f"{list(SAMPLE_CE_FUSIONS)}, got {self.function!r}")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -179,6 +201,85 @@ class EvalConfig(_Strict):
     before: bool = Field(True, description="evaluate sources and the target before training")
 
 
+class ServeConfig(_Strict):
+    """``fuseflow teacher serve``: how a source is served over gRPC and bounded (issue 15's request limits).
+    Each field is also a flag of the command (``--max-texts 128`` = ``serve.max_texts=128``)."""
+
+    host: str = Field("0.0.0.0", description="address to bind (gRPC and metrics)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (chain); with tls_key turns TLS on")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    token_file: Path | None = Field(
+        None, description="file holding the bearer token clients must send (default: env FUSEFLOW_TEACHER_TOKEN; "
+        "neither: no auth)"
+    )
+    worker: bool = Field(
+        False, description="also be a worker of the run: take samples from its Redis stream (online.redis), write "
+        "aligned distributions back (needs a run config)"
+    )
+    max_texts: int = Field(256, gt=0, description="sequences per request")
+    max_tokens: int = Field(16384, gt=0, description="tokens per request")
+    max_text_bytes: int | None = Field(
+        None, gt=0, description="UTF-8 bytes of texts per request, refused before tokenizing (default 16 per token of "
+        "max_tokens: 256 KiB); the gRPC receive limit follows from this, max_tokens and max_texts"
+    )
+    max_concurrent_rpcs: int = Field(
+        32, gt=0, description="TeacherService calls served at once; more are answered RESOURCE_EXHAUSTED (health "
+        "checks are not counted)"
+    )
+    max_tokenizing: int = Field(
+        2, gt=0, description="texts requests tokenized at once; tokenizing holds ~250 bytes of memory per text byte"
+    )
+    max_top_k: int = Field(64, gt=0, description="largest top_k")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits to share a batch")
+    grace_s: float = Field(30.0, ge=0, description="shutdown grace period for in-flight requests")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both serve.tls_cert and serve.tls_key (--tls-cert and --tls-key)")
+        return self
+
+
+class OnlineConfig(_Strict):
+    """A run over Redis: ``fuseflow train`` (rank 0 dispatches, every rank trains) and the teachers' workers
+    (``fuseflow teacher serve --redis``). Each field is also a flag of those commands (``--window 512`` =
+    ``online.window=512``)."""
+
+    redis: str | None = Field(
+        None, description="Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (default: env FUSEFLOW_REDIS_URL, which keeps "
+        "the password off command lines and out of this file)"
+    )
+    run: str | None = Field(
+        None, description="run name: the Redis keys' tag, shared by the trainer and the teachers (default: env "
+        "FUSEFLOW_RUN, else the name of run_dir)"
+    )
+    window: int | None = Field(
+        None, gt=0, description="samples in flight at most (default: twice what a checkpoint interval needs, at "
+        "least 256)"
+    )
+    max_deliveries: int = Field(
+        5, ge=1, description="a teacher dead-letters a sample taken over from dead replicas more than this many "
+        "times: a poison sample that kills the process"
+    )
+    metrics_host: str = Field("0.0.0.0", description="address of the trainer's metrics port")
+    metrics_port: int = Field(9401, ge=0, le=65535, description="the trainer's Prometheus /metrics port on rank 0 (0: off)")
+
+    @field_validator("redis")
+    @classmethod
+    def _is_url(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:  # e.g. a bare --redis that took the next word, a key=value
+            raise ValueError(f"not a Redis URL (redis://[:PASSWORD@]HOST:PORT/DB): {v!r}")
+        return v
+
+    def redis_url(self) -> str | None:
+        """``redis``, else env ``FUSEFLOW_REDIS_URL``; None when neither is set."""
+        import os
+
+        return self.redis or os.environ.get("FUSEFLOW_REDIS_URL") or None
+
+
 class FuseConfig(_Strict):
     """``fuseflow fuse CONFIG``: knowledge fusion of ``sources`` into ``target`` (FuseLLM)."""
 
@@ -194,6 +295,8 @@ class FuseConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     baseline: Literal["none", "clm"] = Field("clm", description="also train a CLM-only copy on the same tokens")
     pairwise: bool = Field(False, description="FuseChat: one fused copy of the target per source")
+    serve: ServeConfig = ServeConfig()
+    online: OnlineConfig = OnlineConfig()
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "FuseConfig":
@@ -204,12 +307,12 @@ class FuseConfig(_Strict):
         return self
 
     def run_name(self, given: str | None = None) -> str:
-        """The run's name, which tags its Redis keys and is shared by every process of the run: ``given``
-        (``--run``), else env ``FUSEFLOW_RUN``, else the name of ``run_dir`` (resolved, so ``.`` names the
-        folder). One definition for the trainer, the teachers and the stack (issue 13)."""
+        """The run's name, which tags its Redis keys and is shared by every process of the run: ``given``, else
+        ``online.run`` (``--run``), else env ``FUSEFLOW_RUN``, else the name of ``run_dir`` (resolved, so ``.``
+        names the folder). One definition for the trainer, the teachers and the stack (issue 13)."""
         import os
 
-        return given or os.environ.get("FUSEFLOW_RUN") or self.run_dir.resolve().name
+        return given or self.online.run or os.environ.get("FUSEFLOW_RUN") or self.run_dir.resolve().name
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -221,7 +324,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
     value = yaml.safe_load(raw)
-    if isinstance(value, str):
+    if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):  # a quoted value stays a string
         try:  # YAML 1.1 reads "3e-5" (no dot) as a string
             value = float(value)
         except ValueError:
@@ -229,10 +332,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each ``key.sub=value`` on ``data`` in place; a numeric part indexes a list (``sources.0.model=x``)."""
+def apply_overrides(data: dict, overrides: Iterable[str | tuple[str, Any]]) -> dict:
+    """Set each override on ``data`` in place: ``"key.sub=value"`` (the value parsed as YAML) or
+    ``("key.sub", value)`` (a flag's value, taken as given: pydantic converts it as the field's type says); a
+    numeric part indexes a list (``sources.0.model=x``). The one way command lines change a config."""
     for item in overrides:
-        path, value = parse_override(item)
+        if isinstance(item, str):
+            path, value = parse_override(item)
+        else:
+            path, value = item[0].split("."), item[1]
+            item = f"{item[0]}={value}"
         node: Any = data
         for i, part in enumerate(path):
             last = i == len(path) - 1
@@ -263,17 +372,26 @@ def validation_message(error: Any) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, flags: Mapping[str, str] | None = None) -> str:
+    """One line per invalid field, named as in the YAML (``sources[0].model``); ``flags``: field → the flag that
+    set it, named too (``serve.port (--port)``)."""
     lines = [f"{source}: {err.error_count()} invalid field(s)"]
     for e in err.errors():
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")  # sources[0].model
+        dotted = ".".join(str(p) for p in e["loc"])
+        if flags and dotted in flags:
+            loc = f"{loc} ({flags[dotted]})"
         # A whole-config check (a model validator) has no location: its message names the fields itself.
         lines.append(f"  {loc}: {validation_message(e)}" if loc else f"  {validation_message(e)}")
     return "\n".join(lines)
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Read YAML ``path`` (or start empty), apply ``overrides``, validate as ``cls``."""
+def load_config(
+    cls: type[C], path: str | Path | None, overrides: list[str] | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+) -> C:
+    """Read YAML ``path`` (or start empty), apply ``flags`` (field → (flag, value): :func:`flag_values`) and then
+    the ``key=value`` ``overrides``, validate as ``cls``."""
     data: dict = {}
     source = str(path) if path else "config"
     if path is not None:
@@ -286,11 +404,51 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of fields, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    flags = dict(flags or {})
+    data = apply_overrides(data, [*((key, value) for key, (_, value) in flags.items()), *(overrides or [])])
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, {k: flag for k, (flag, _) in flags.items()})) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags that alias config fields.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _FieldFlag(argparse.Action):
+    """Records ``(the flag as typed, its raw value)`` under the dotted field name; :func:`flag_values` reads it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, (option_string, True if self.nargs == 0 else values))
+
+
+def add_field_flags(parser, section: type[BaseModel], prefix: str, names: Iterable[str] | None = None) -> None:
+    """A flag per field of the config section at ``prefix`` (``--max-texts`` for ``serve.max_texts``), help from
+    the field's description and default. A flag is an alias of the override ``prefix.field=value``: its value
+    goes to the config loader as given (:func:`flag_values` → :func:`load_config`), so YAML, flags and
+    overrides are checked by the same model and errors name the field (issue 13). A boolean field is a switch
+    (``--worker``)."""
+    for name in names or section.model_fields:
+        field = section.model_fields[name]
+        switch = field.annotation is bool
+        default = "" if field.default is None else f"; default {field.default}"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=f"{prefix}.{name}", action=_FieldFlag, default=None,
+            nargs=0 if switch else None, metavar=None if switch else _metavar(field.annotation, name),
+            help=f"{field.description or name} [{prefix}.{name}{default}]",
+        )
+
+
+def _metavar(annotation, name: str) -> str:
+    kinds = set(get_args(annotation)) - {type(None)} or {annotation}
+    return next((m for t, m in ((int, "N"), (float, "X"), (Path, "FILE")) if t in kinds), name.upper())
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """The field flags given on the command line (:func:`add_field_flags`): field → (flag, value)."""
+    return {dest: v for dest, v in vars(args).items() if "." in dest and v is not None}
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -40,6 +40,15 @@ def test_unknown_fusion_function(tmp_path):
     assert "fusion.function: unknown fusion function" in str(e.value)  # no pydantic "Value error, " prefix
 
 
+def test_the_text_criterion_needs_a_per_sample_fusion(tmp_path):
+    cfg = load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.criterion=text", "fusion.kl=tail"])
+    assert cfg.fusion.criterion == "text" and cfg.fusion.kl == "tail"
+    with pytest.raises(ConfigError, match=r"fusion: .*criterion 'text'.*min_ce_token"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.criterion=text", "fusion.function=min_ce_token"])
+    with pytest.raises(ConfigError, match=r"fusion\.kl"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["fusion.kl=full"])
+
+
 def test_duplicate_source_names(tmp_path):
     with pytest.raises(ConfigError, match="repeated"):
         load_config(FuseConfig, _write(tmp_path, "target: {model: x}\nsources: [{model: a}, {model: a}]\n"))
@@ -91,3 +100,70 @@ def test_engine_options_are_typed_at_load(tmp_path):
     assert cfg.sources[1].engine_options == {"pack": False, "compile": True}  # coerced, only what was set
     kw = cfg.sources[1].engine_kwargs("cpu")
     assert kw["pack"] is False and kw["name"] == "bee" and kw["device"] == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serving and online flags are config sections (issue 13): YAML, flags and key=value overrides set the same
+# fields, through the same loader.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _command_config(words: str, argv: list[str]):
+    """``fuseflow <words> <argv>`` parsed by the real CLI, its run config loaded as the command loads it."""
+    from fuseflow.cli import build_parser, commands
+    from fuseflow.config import flag_values
+
+    args = build_parser(commands()[tuple(words.split())]).parse_intermixed_args(argv)
+    return load_config(FuseConfig, args.config, args.overrides, flag_values(args))
+
+
+def test_train_flags_are_aliases_of_the_online_section(tmp_path, monkeypatch):
+    monkeypatch.delenv("FUSEFLOW_RUN", raising=False)
+    path = str(_write(tmp_path, BASE + "online: {window: 300, metrics_port: 9500}\n"))
+    from_yaml = _command_config("train", [path])
+    assert (from_yaml.online.window, from_yaml.online.metrics_port, from_yaml.online.redis) == (300, 9500, None)
+    url = "redis://:pw@localhost:6379/0"
+    by_flags = _command_config("train", [path, "--redis", url, "--run", "007", "--window", "512", "--metrics-port", "0"])
+    by_overrides = _command_config("train", [path, f"online.redis={url}", "online.run='007'", "online.window=512",
+                                             "online.metrics_port=0"])
+    assert by_flags == by_overrides
+    assert by_flags.online.window == 512 and by_flags.online.metrics_port == 0 and by_flags.online.run == "007"
+    assert by_flags.run_name() == "007"  # a flag's value is taken as given: "007" stays a string
+    assert _command_config("train", [path, "--window", "64", "online.window=128"]).online.window == 128
+
+
+def test_serve_flags_are_aliases_of_the_serve_section(tmp_path):
+    path = str(_write(tmp_path, BASE + "serve: {max_texts: 8, port: 7000}\n"))
+    from_yaml = _command_config("teacher serve", ["--config", path, "--source", "a"])
+    assert (from_yaml.serve.max_texts, from_yaml.serve.port, from_yaml.serve.max_tokens) == (8, 7000, 16384)
+    by_flags = _command_config("teacher serve", ["--config", path, "--max-texts", "16", "--port", "0",
+                                                 "--max-wait-ms", "2.5", "--max-deliveries", "3", "--tls-cert", "c.pem",
+                                                 "--tls-key", "k.pem"])
+    by_overrides = _command_config("teacher serve", ["--config", path, "serve.max_texts=16", "serve.port=0",
+                                                     "serve.max_wait_ms=2.5", "online.max_deliveries=3",
+                                                     "serve.tls_cert=c.pem", "serve.tls_key=k.pem"])
+    assert by_flags == by_overrides
+    assert by_flags.serve.max_texts == 16 and by_flags.serve.max_wait_ms == 2.5 and by_flags.online.max_deliveries == 3
+
+
+@pytest.mark.parametrize(
+    "words, argv, message",
+    [
+        ("teacher serve", ["--port", "http"], r"serve\.port \(--port\): Input should be a valid integer"),
+        ("teacher serve", ["serve.max_tokens=0"], r"serve\.max_tokens: Input should be greater than 0"),
+        ("teacher serve", ["--max-deliveries", "0"], r"online\.max_deliveries \(--max-deliveries\): .*greater than or equal to 1"),
+        ("teacher serve", ["--tls-cert", "c.pem"], r"TLS needs both serve\.tls_cert and serve\.tls_key"),
+        ("teacher serve", ["serve.max_text=9"], r"serve\.max_text: unknown field"),
+        ("train", ["--window", "0"], r"online\.window \(--window\): Input should be greater than 0"),
+        ("train", ["online.metrics_port=70000"], r"online\.metrics_port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_serving_and_online_errors_name_the_field(tmp_path, words, argv, message):
+    from fuseflow.cli import build_parser, commands
+    from fuseflow.config import flag_values
+
+    path = str(_write(tmp_path, BASE))
+    args = build_parser(commands()[tuple(words.split())]).parse_intermixed_args(
+        [path, *argv] if words == "train" else ["--config", path, *argv])
+    with pytest.raises(ConfigError, match=message):
+        load_config(FuseConfig, args.config, args.overrides, flag_values(args))

@@ -23,6 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
+from fuseflow.config import FuseConfig, ServeConfig, SourceConfig, flag_values, load_config
+
 log = logging.getLogger("fuseflow.teacher.serve")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -33,12 +37,17 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fuseflow.config import OnlineConfig, ServeConfig, add_field_flags
+
     p = argparse.ArgumentParser(
         prog="fuseflow teacher serve",
         description="Serve one source LLM over gRPC (fuseflow.v1.TeacherService), optionally also as the Redis "
-        "worker of a knowledge-fusion run.",
+        "worker of a knowledge-fusion run. Its settings are the run config's `serve` and `online` sections: each "
+        "flag below sets the field in brackets, as does a key=value override (serve.max_texts=128).",
         epilog="example: fuseflow teacher serve --config examples/quickstart.yaml --source smollm --port 50051",
     )
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config (or, with --model, of its "
+                   "serve section), e.g. serve.max_tokens=8192")
     what = p.add_argument_group("model (one of)")
     what.add_argument("--config", metavar="RUN.yaml", help="run config; serve the source named by --source")
     what.add_argument("--source", metavar="NAME", help="name of a source in the config's `sources`")
@@ -47,38 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--device", default=None, help="hf engine device (default: the config's, else cuda if available)")
     what.add_argument("--dtype", default=None, help="model dtype for --model (default: auto)")
 
-    net = p.add_argument_group("network")
-    net.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    net.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
-    net.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (default 9400; 0 = any)")
-    net.add_argument("--tls-cert", metavar="F", help="PEM server certificate (chain); with --tls-key turns TLS on")
-    net.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
-    net.add_argument("--token-file", metavar="F", help="file holding the bearer token clients must send "
-                     "(default: env FUSEFLOW_TEACHER_TOKEN; neither: no auth)")
-
+    add_field_flags(p.add_argument_group("network"), ServeConfig, "serve",
+                    ["host", "port", "metrics_port", "tls_cert", "tls_key", "token_file"])
     work = p.add_argument_group("Redis worker")
-    work.add_argument("--redis", metavar="URL", nargs="?", default=None, const=os.environ.get("FUSEFLOW_REDIS_URL", ""),
-                      help="also be a worker of the run: take samples from its Redis stream, write aligned "
-                      "distributions back (needs --config); --redis without URL uses env FUSEFLOW_REDIS_URL")
-    work.add_argument("--run", metavar="RUN", default=None, help="run name (default: env FUSEFLOW_RUN, else the "
-                      "config's run_dir name)")
-    work.add_argument("--max-deliveries", type=int, default=5, help="dead-letter a sample taken over from dead "
-                      "replicas more than this many times: a poison sample that kills the process (default 5)")
-
-    lim = p.add_argument_group("limits")
-    lim.add_argument("--max-texts", type=int, default=256, help="sequences per request (default 256)")
-    lim.add_argument("--max-tokens", type=int, default=16384, help="tokens per request (default 16384)")
-    lim.add_argument("--max-text-bytes", type=int, default=None, help="UTF-8 bytes of texts per request, refused "
-                     "before tokenizing (default 16 per token of --max-tokens: 256 KiB); the gRPC receive limit "
-                     "follows from this, --max-tokens and --max-texts")
-    lim.add_argument("--max-concurrent-rpcs", type=int, default=32, help="TeacherService calls served at once; "
-                     "more are answered RESOURCE_EXHAUSTED (default 32; health checks are not counted)")
-    lim.add_argument("--max-tokenizing", type=int, default=2, help="texts requests tokenized at once; tokenizing "
-                     "holds ~250 bytes of memory per text byte (default 2)")
-    lim.add_argument("--max-top-k", type=int, default=64, help="largest top_k (default 64)")
-    lim.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch (default 5)")
-    lim.add_argument("--grace-s", type=float, default=30.0, help="shutdown grace period for in-flight requests (default 30)")
+    work.add_argument("--redis", metavar="URL", nargs="?", default=None, const="",
+                      help="also be a worker of the run (serve.worker; needs --config): take samples from its Redis "
+                      "stream, write aligned distributions back; the URL sets online.redis, a bare --redis uses "
+                      "online.redis or env FUSEFLOW_REDIS_URL")
+    add_field_flags(work, OnlineConfig, "online", ["run", "max_deliveries"])
+    add_field_flags(p.add_argument_group("limits"), ServeConfig, "serve",
+                    ["max_texts", "max_tokens", "max_text_bytes", "max_concurrent_rpcs", "max_tokenizing", "max_top_k",
+                     "max_wait_ms", "grace_s"])
     return p
+
+
+class StandaloneConfig(BaseModel):
+    """``fuseflow teacher serve --model M``: no run config, only its ``serve`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    serve: ServeConfig = ServeConfig()
 
 
 @dataclass
@@ -89,8 +85,9 @@ class EngineSpec:
     kind: str
     model: str
     options: dict = field(default_factory=dict)
-    config: object | None = None  # fuseflow.config.FuseConfig with --config
-    source: object | None = None  # its SourceConfig
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    config: FuseConfig | None = None  # with --config
+    source: SourceConfig | None = None  # its source
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,28 +101,25 @@ def run(args: argparse.Namespace) -> int:
     from fuseflow.teacher.server import ServerOptions, build_server
 
     spec = resolve_spec(args)
-    if args.redis == "":
-        raise UsageError("--redis without a URL needs env FUSEFLOW_REDIS_URL (e.g. redis://:PASSWORD@redis:6379/0)")
-    if args.max_deliveries < 1:
-        raise UsageError(f"--max-deliveries must be >= 1, got {args.max_deliveries}")
+    serve = spec.serve
     options = ServerOptions(
-        host=args.host,
-        port=args.port,
-        max_texts=args.max_texts,
-        max_tokens=args.max_tokens,
-        max_text_bytes=args.max_text_bytes,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_tokenizing=args.max_tokenizing,
-        max_top_k=args.max_top_k,
-        token=read_token(args.token_file),
-        max_wait_ms=args.max_wait_ms,
-        **read_tls(args.tls_cert, args.tls_key),
+        host=serve.host,
+        port=serve.port,
+        max_texts=serve.max_texts,
+        max_tokens=serve.max_tokens,
+        max_text_bytes=serve.max_text_bytes,
+        max_concurrent_rpcs=serve.max_concurrent_rpcs,
+        max_tokenizing=serve.max_tokenizing,
+        max_top_k=serve.max_top_k,
+        token=read_token(serve.token_file),
+        max_wait_ms=serve.max_wait_ms,
+        **read_tls(serve.tls_cert, serve.tls_key),
     )
     try:
         options.validate()
     except ValueError as e:
-        raise UsageError(str(e).replace("server option ", "--").replace("_", "-")) from None
-    run_worker = import_worker() if args.redis else None  # fail before loading a model for minutes
+        raise UsageError(str(e).replace("server option ", "serve.")) from None
+    run_worker = import_worker() if serve.worker else None  # fail before loading a model for minutes
 
     from fuseflow.score.engine import create_engine
     from fuseflow.teacher.metrics import TeacherMetrics
@@ -139,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         server, port = build_server(batcher, options, metrics)
-        metrics_port = metrics.start_http(args.metrics_port, args.host)
+        metrics_port = metrics.start_http(serve.metrics_port, serve.host)
     except BaseException:
         batcher.close(cancel_pending=True)
         raise
@@ -150,12 +144,12 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         log.info(
             "serving %s on %s:%d (%s, %s) metrics on :%d",
-            spec.name, args.host, port, "TLS" if options.tls_cert else "plaintext",
+            spec.name, serve.host, port, "TLS" if options.tls_cert else "plaintext",
             "bearer token" if options.token else "no auth", metrics_port,
             extra={"fields": {"port": port, "metrics_port": metrics_port, "model": spec.name}},
         )
         if run_worker is not None:
-            worker = start_worker(run_worker, spec, batcher, metrics, args, stop)
+            worker = start_worker(run_worker, spec, batcher, metrics, stop)
         while not stop.wait(0.5):
             if worker is not None and not worker.is_alive():
                 log.error("the Redis worker stopped; shutting the teacher down")
@@ -164,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
                 break
         else:
             return_code = EXIT_OK
-        log.info("draining: health NOT_SERVING, finishing in-flight requests (grace %.0f s)", args.grace_s)
+        log.info("draining: health NOT_SERVING, finishing in-flight requests (grace %.0f s)", serve.grace_s)
         server.begin_drain()
         if worker is not None:
-            worker.join(args.grace_s)
-        server.stop(args.grace_s).wait(args.grace_s + 5)
+            worker.join(serve.grace_s)
+        server.stop(serve.grace_s).wait(serve.grace_s + 5)
         return return_code
     finally:
         stop.set()
@@ -185,24 +179,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_spec(args: argparse.Namespace) -> EngineSpec:
+    """What to serve and how: the flags (aliases of the ``serve`` and ``online`` fields) and ``key=value``
+    overrides applied to the run config (``--config``) or, standalone (``--model``), to a ``serve`` section."""
     if bool(args.config) == bool(args.model):
         raise UsageError("give either --config RUN.yaml --source NAME or --model MODEL")
+    flags = flag_values(args)
+    if args.redis is not None:  # --redis [URL]: be the run's worker, at URL or online.redis / env
+        flags["serve.worker"] = ("--redis", True)
+        if args.redis:
+            flags["online.redis"] = ("--redis", args.redis)
     if args.model:
         if args.source:
             raise UsageError("--source picks a source of --config; with --model, leave it out")
         if args.redis is not None:
             raise UsageError("--redis needs --config (the run's target, align and top_k); --model serves standalone")
+        serve = load_config(StandaloneConfig, None, args.overrides, flags).serve
+        if serve.worker:
+            raise UsageError("serve.worker needs --config (the run's target, align and top_k); --model serves standalone")
         kind = args.engine or "hf"
-        options = {"max_top_k": args.max_top_k}
+        options = {"max_top_k": serve.max_top_k}
         if args.dtype:
             options["dtype"] = args.dtype
         if kind == "hf":
             options["device"] = args.device or _default_device()
-        return EngineSpec(name=args.model, kind=kind, model=args.model, options=options)
+        return EngineSpec(name=args.model, kind=kind, model=args.model, options=options, serve=serve)
 
-    from fuseflow.config import FuseConfig, load_config
-
-    cfg = load_config(FuseConfig, args.config)
+    cfg = load_config(FuseConfig, args.config, args.overrides, flags)
     names = [s.key for s in cfg.sources]
     if args.source is None:
         if len(names) != 1:
@@ -215,35 +217,37 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
         source = matches[0]
     if args.engine and args.engine != source.engine:
         raise UsageError(f"--engine {args.engine} contradicts sources[{source.key}].engine {source.engine} in {args.config}")
+    if cfg.serve.worker and not cfg.online.redis_url():
+        raise UsageError("serve.worker (--redis) needs a Redis URL: --redis URL, online.redis, or env FUSEFLOW_REDIS_URL "
+                         "(e.g. redis://:PASSWORD@redis:6379/0)")
     # The source's engine as `fuseflow fuse` builds it (SourceConfig.engine_kwargs: its fields, then its
     # engine_options, which win over the server's max_top_k too).
-    options = {"max_top_k": args.max_top_k, **source.engine_kwargs(args.device or cfg.device)}
-    return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, config=cfg, source=source)
+    options = {"max_top_k": cfg.serve.max_top_k, **source.engine_kwargs(args.device or cfg.device)}
+    return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, serve=cfg.serve,
+                      config=cfg, source=source)
 
 
-def read_token(token_file: str | None) -> str | None:
+def read_token(token_file: Path | None) -> str | None:
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as e:
-            raise UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+            raise UsageError(f"cannot read serve.token_file (--token-file) {token_file}: {e.strerror}") from None
         if not token:
-            raise UsageError(f"--token-file {token_file} is empty")
+            raise UsageError(f"serve.token_file (--token-file) {token_file} is empty")
         return token
     return os.environ.get("FUSEFLOW_TEACHER_TOKEN", "").strip() or None
 
 
-def read_tls(cert: str | None, key: str | None) -> dict:
-    if bool(cert) != bool(key):
-        raise UsageError("TLS needs both --tls-cert and --tls-key")
-    if not cert:
+def read_tls(cert: Path | None, key: Path | None) -> dict:
+    if not cert or not key:  # ServeConfig checks that both or neither are given
         return {}
     out = {}
-    for flag, path, field_name in (("--tls-cert", cert, "tls_cert"), ("--tls-key", key, "tls_key")):
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
         try:
-            out[field_name] = Path(path).read_bytes()
+            out[name] = Path(path).read_bytes()
         except OSError as e:
-            raise UsageError(f"cannot read {flag} {path}: {e.strerror}") from None
+            raise UsageError(f"cannot read serve.{name} (--{name.replace('_', '-')}) {path}: {e.strerror}") from None
     return out
 
 
@@ -271,18 +275,17 @@ def import_worker():
     return run_worker
 
 
-def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: threading.Event) -> threading.Thread:
+def start_worker(run_worker, spec: EngineSpec, batcher, metrics, stop: threading.Event) -> threading.Thread:
     """The run's teacher worker on a thread, scoring through ``batcher`` (shared with gRPC clients)."""
     from fuseflow.models import load_tokenizer
     from fuseflow.score.aligner import TeacherAligner
     from fuseflow.wire.redis_streams import RedisTransport
 
     cfg = spec.config
-    run = cfg.run_name(args.run)
+    run = cfg.run_name()
+    url = cfg.online.redis_url()
     aligner = TeacherAligner.for_run(cfg, spec.name, batcher, load_tokenizer(cfg.target.model))
-    transport = RedisTransport(
-        args.redis, run, teachers=[s.key for s in cfg.sources], max_deliveries=args.max_deliveries
-    )
+    transport = RedisTransport(url, run, teachers=[s.key for s in cfg.sources], max_deliveries=cfg.online.max_deliveries)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
 
     def work() -> None:
@@ -295,7 +298,7 @@ def start_worker(run_worker, spec: EngineSpec, batcher, metrics, args, stop: thr
 
     thread = threading.Thread(target=work, name="teacher-worker", daemon=True)
     thread.start()
-    log.info("worker %s for run %r, teacher %r on %s", consumer, run, spec.name, _redact(args.redis))
+    log.info("worker %s for run %r, teacher %r on %s", consumer, run, spec.name, _redact(url))
     return thread
 
 

@@ -41,8 +41,6 @@ from fuseflow.wire.transport import ReadySample, Transport, TransportUnavailable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS_PORT = 9401
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Lockstep between ranks
@@ -148,8 +146,8 @@ class ReadyFeed:
             if all_reduce([too_long], "max")[0]:  # every rank gives up together, none waits on the others
                 raise RuntimeError(
                     f"online trainer stalled for {self.stall_timeout_s:.0f} s: {stats['in_flight']} samples in "
-                    f"flight, all held by trainer ranks, window {stats['window']}: raise --window or lower "
-                    "train.checkpoint_every"
+                    f"flight, all held by trainer ranks, window {stats['window']}: raise online.window (--window) "
+                    "or lower train.checkpoint_every"
                 )
             time.sleep(self.poll_ms / 1000)
 
@@ -243,7 +241,8 @@ def run_online(
         raise ValueError(
             f"transport window {transport.window} < {need} samples, what train.checkpoint_every="
             f"{cfg.train.checkpoint_every} steps of {cfg.train.micro_batch_size}x{cfg.train.grad_accum}x{world} "
-            "samples need (samples are acked at checkpoints): raise --window or lower train.checkpoint_every"
+            "samples need (samples are acked at checkpoints): raise online.window (--window) or lower "
+            "train.checkpoint_every"
         )
     out = Path(out) if out is not None else Path(cfg.run_dir) / "fused"
     out.mkdir(parents=True, exist_ok=True)
@@ -359,26 +358,20 @@ def _poll_queue(transport: Transport, metrics, stop: threading.Event, every_s: f
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fuseflow.config import OnlineConfig, add_field_flags
+
     p = argparse.ArgumentParser(
         prog="fuseflow train",
         description="Online knowledge fusion: train the target on aligned top-k distributions that teacher "
         "services (`fuseflow teacher serve --redis`) stream through Redis. Rank 0 dispatches the corpus; "
-        "run N ranks with the deepspeed or torchrun launcher (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).",
+        "run N ranks with the deepspeed or torchrun launcher (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). "
+        "The flags below set the run config's `online` fields in brackets, as key=value overrides do.",
         epilog="example: fuseflow train examples/quickstart.yaml --redis redis://:PASSWORD@localhost:6379/0 "
         "train.max_steps=20",
     )
     p.add_argument("config", help="run config YAML (see examples/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
-    p.add_argument("--redis", default=os.environ.get("FUSEFLOW_REDIS_URL"),
-                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 (default: env FUSEFLOW_REDIS_URL)")
-    p.add_argument("--run", default=None, help="run name: the Redis keys' tag, shared with the teachers "
-                   "(default: env FUSEFLOW_RUN, else the config's run_dir name)")
-    p.add_argument("--window", type=int, default=None,
-                   help="samples in flight at most (default: twice what a checkpoint interval needs, at least 256)")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics port (default 0.0.0.0; "
-                   "`fuseflow stack up` passes 127.0.0.1)")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                   help=f"Prometheus /metrics port on rank 0 (default {DEFAULT_METRICS_PORT}; 0: off)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5 online.window=512")
+    add_field_flags(p, OnlineConfig, "online", ["redis", "run", "window", "metrics_host", "metrics_port"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # The deepspeed launcher passes --local_rank to each rank (torchrun sets env LOCAL_RANK instead).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -393,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fuseflow.config import flag_values
     from fuseflow.wire.redis_streams import RedisTransport
 
     from .loop import init_distributed
@@ -400,19 +394,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    if not args.redis:
-        raise ConfigError("no Redis URL: pass --redis URL or set FUSEFLOW_REDIS_URL")
-    cfg = load_config(FuseConfig, args.config, args.overrides)
+    cfg = load_config(FuseConfig, args.config, args.overrides, flag_values(args))
+    online = cfg.online
+    url = online.redis_url()
+    if not url:
+        raise ConfigError("no Redis URL: pass --redis URL, set online.redis, or set env FUSEFLOW_REDIS_URL")
     rank, world = init_distributed()
-    window = args.window if args.window is not None else default_window(cfg, world)
+    window = online.window if online.window is not None else default_window(cfg, world)
     teachers = [s.key for s in cfg.sources]
     metrics = None
-    if rank == 0 and args.metrics_port:
+    if rank == 0 and online.metrics_port:
         metrics = TrainerMetrics(teachers)
-        port = metrics.start_http(args.metrics_port, args.metrics_host)
+        port = metrics.start_http(online.metrics_port, online.metrics_host)
         log.info("trainer metrics on :%d/metrics", port)
     try:
-        with RedisTransport(args.redis, cfg.run_name(args.run), teachers, window=window) as transport:
+        with RedisTransport(url, cfg.run_name(), teachers, window=window) as transport:
             run_online(cfg, transport, progress=not args.no_progress, metrics=metrics)
     finally:
         if metrics is not None:

@@ -22,7 +22,8 @@ CONTAINER_ONLY = {"host", "port", "metrics_host", "metrics_port", "run"}
 def _parse(argv: list[str]) -> dict:
     words = tuple(argv[:2] if argv[0] == "teacher" else argv[:1])
     parser = build_parser(commands()[words])
-    return {k: v for k, v in vars(parser.parse_args(argv[len(words):])).items() if k not in CONTAINER_ONLY}
+    args = vars(parser.parse_args(argv[len(words):]))  # a config field's flag: under its field (serve.port)
+    return {k: v for k, v in args.items() if k.rsplit(".", 1)[-1] not in CONTAINER_ONLY}
 
 
 def test_compose_cpu_profile_runs_the_stack_commands():

@@ -263,6 +263,12 @@ def test_config_source_sets_the_engine_options(tiny_llama, tiny_gemma, tmp_path)
         "dtype": "float32", "max_batch_tokens": 1024, "head_chunk_tokens": 1024, "max_top_k": 16,
         "name": "gemma", "max_length": 256, "device": "cpu", "head_method": "torch", "pack": False,
     }
+    assert spec.serve.max_top_k == 16 and spec.serve.port == 50051
+    # Standalone (no run config): flags and overrides set the serve section alone.
+    args = serve_cli.build_parser().parse_intermixed_args(["--model", "m", "--device", "cpu", "serve.port=0",
+                                                           "--max-texts", "4"])
+    spec = serve_cli.resolve_spec(args)
+    assert (spec.serve.port, spec.serve.max_texts, spec.options["device"]) == (0, 4, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -271,11 +277,17 @@ def test_config_source_sets_the_engine_options(tiny_llama, tiny_gemma, tmp_path)
         (["--source", "nope"], "--source 'nope' is not in"),
         ([], "--source is required"),
         (["--source", "gemma", "--model", "x"], "either --config"),
-        (["--source", "gemma", "--tls-cert", "c.pem"], "both --tls-cert and --tls-key"),
-        (["--source", "gemma", "--token-file", "/nonexistent/token"], "cannot read --token-file"),
+        (["--source", "gemma", "--tls-cert", "c.pem"], "TLS needs both serve.tls_cert and serve.tls_key"),
+        (["--source", "gemma", "--token-file", "/nonexistent/token"], "cannot read serve.token_file (--token-file)"),
+        (["--source", "gemma", "--port", "http"], "serve.port (--port): Input should be a valid integer"),
+        # A bare --redis takes the next word when it is not a flag: named as what it is, not used as a URL.
+        (["--source", "gemma", "--redis", "serve.port=1"], "online.redis (--redis): not a Redis URL"),
+        (["--source", "gemma", "serve.worker=true"], "serve.worker (--redis) needs a Redis URL"),
     ],
 )
-def test_serve_usage_errors_exit_2_before_loading(tiny_llama, tiny_gemma, tmp_path, capsys, argv, message):
+def test_serve_usage_errors_exit_2_before_loading(tiny_llama, tiny_gemma, tmp_path, capsys, monkeypatch, argv,
+                                                  message):
+    monkeypatch.delenv("FUSEFLOW_REDIS_URL", raising=False)
     config = write_config(tmp_path, tiny_llama, tiny_gemma)
     code = serve_cli.main(["--config", config, *argv])
     err = capsys.readouterr().err
