@@ -381,8 +381,9 @@ def format_validation_error(err: ValidationError, source: str, flags: Mapping[st
         dotted = ".".join(str(p) for p in e["loc"])
         if flags and dotted in flags:
             loc = f"{loc} ({flags[dotted]})"
+        message = validation_message(e).removeprefix(f"{dotted}: ")  # a registry names its field itself
         # A whole-config check (a model validator) has no location: its message names the fields itself.
-        lines.append(f"  {loc}: {validation_message(e)}" if loc else f"  {validation_message(e)}")
+        lines.append(f"  {loc}: {message}" if loc else f"  {message}")
     return "\n".join(lines)
 
 

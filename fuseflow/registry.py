@@ -4,7 +4,7 @@ decorator under the name the config uses, and an unknown name is an error that n
 the choices (issue 13: one registry type instead of hand-written copies).
 
 A ``Registry`` is a ``dict`` (``name in REG``, ``REG[name]``, ``sorted(REG)`` work as before); ``lookup``
-is the checked access. ``builtins`` maps names to the modules that register them, imported on first lookup,
+is the checked access; its error starts with the config field (``method: unknown merge method …``). ``builtins`` maps names to the modules that register them, imported on first lookup,
 so an optional dependency (vllm) is only imported when its entry is asked for.
 """
 
@@ -50,8 +50,8 @@ class Registry(dict, Generic[T]):
         if name not in self and name in self.builtins:
             importlib.import_module(self.builtins[name])
         if name not in self:
-            where = f" in config field '{self.field}'" if self.field else ""
-            raise ValueError(f"unknown {self.what} {name!r}{where}; choose one of {', '.join(self.names())}")
+            field = f"{self.field}: " if self.field else ""  # as the config loader names a field
+            raise ValueError(f"{field}unknown {self.what} {name!r}; choose one of {', '.join(self.names())}")
         return self[name]
 
 

@@ -16,7 +16,7 @@ def test_register_lookup_and_errors():
     reg.register("a", a)  # the same entry again (a module imported twice) is harmless
     with pytest.raises(ValueError, match="widget 'a' is already registered"):
         reg.register("a")(lambda: 2)
-    with pytest.raises(ValueError, match="unknown widget 'b' in config field 'x.widget'; choose one of a"):
+    with pytest.raises(ValueError, match=r"^x\.widget: unknown widget 'b'; choose one of a$"):
         reg.lookup("b")
 
 
@@ -33,5 +33,8 @@ def test_the_families_share_the_type():
     from fuseflow.fuse.fusion import FUSIONS
     from fuseflow.score.engine import ENGINES
 
-    for reg in (SEQUENCE_ALIGNERS, VOCAB_MAPS, FUSIONS, ENGINES):
+    from fuseflow.ensemble.rerank import RERANKERS
+    from fuseflow.merge.methods import MERGE_METHODS
+
+    for reg in (SEQUENCE_ALIGNERS, VOCAB_MAPS, FUSIONS, ENGINES, RERANKERS, MERGE_METHODS):
         assert isinstance(reg, Registry)

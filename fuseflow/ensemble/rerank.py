@@ -16,23 +16,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fuseflow.registry import Registry
+
 RerankFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-RERANKERS: dict[str, RerankFn] = {}
+RERANKERS: Registry[RerankFn] = Registry("rerank method", field="decoding.rerank")
 
 # exp() of a per-token NLL above this is inf in float64; such a candidate is hopeless anyway.
 _MAX_LOG_PPL = 700.0
-
-
-def rerank_method(name: str) -> Callable[[RerankFn], RerankFn]:
-    """Register a rerank rule under ``name`` (the ``decoding.rerank`` config field)."""
-
-    def wrap(fn: RerankFn) -> RerankFn:
-        if name in RERANKERS:
-            raise ValueError(f"rerank method {name!r} is already registered")
-        RERANKERS[name] = fn
-        return fn
-
-    return wrap
 
 
 def _per_token_nll(logprob_sums: np.ndarray, token_counts: np.ndarray) -> np.ndarray:
@@ -40,7 +30,7 @@ def _per_token_nll(logprob_sums: np.ndarray, token_counts: np.ndarray) -> np.nda
     return -np.asarray(logprob_sums, dtype=np.float64) / counts  # [S, C]
 
 
-@rerank_method("mean_perplexity")
+@RERANKERS.register("mean_perplexity")
 def mean_perplexity(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray) -> np.ndarray:
     """Cool-Fusion's rule (arXiv 2407.19807, joint reranking by perplexity): each source computes the perplexity of
     each candidate segment in its own tokens, and the candidate with the lowest perplexity averaged over the
@@ -49,7 +39,7 @@ def mean_perplexity(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_cou
     return -ppl.mean(axis=0)
 
 
-@rerank_method("mean_logprob")
+@RERANKERS.register("mean_logprob")
 def mean_logprob(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray) -> np.ndarray:
     """Mean over sources of the mean per-token log-likelihood (= minus the log of the geometric mean of
     the sources' perplexities): less swayed than ``mean_perplexity`` by one source that finds a candidate
@@ -57,7 +47,7 @@ def mean_logprob(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts
     return -_per_token_nll(logprob_sums, token_counts).mean(axis=0)
 
 
-@rerank_method("mean_bits_per_byte")
+@RERANKERS.register("mean_bits_per_byte")
 def mean_bits_per_byte(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray) -> np.ndarray:
     """Mean over sources of minus the bits per UTF-8 byte of the candidate: a length normalisation that does
     not depend on how finely each tokenizer splits the text. Returns [C]."""
@@ -70,10 +60,9 @@ def rerank(
     method: str, logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray
 ) -> tuple[int, np.ndarray]:
     """Scores [C] of the candidates under ``method`` and the index of the winner."""
-    if method not in RERANKERS:
-        raise ValueError(f"unknown rerank method {method!r} (decoding.rerank); choose one of {sorted(RERANKERS)}")
+    rule = RERANKERS.lookup(method)
     sums = np.asarray(logprob_sums, dtype=np.float64)
     if sums.ndim != 2 or sums.shape[1] == 0:
         raise ValueError(f"logprob_sums must be [sources, candidates] with at least one candidate, got {sums.shape}")
-    scores = RERANKERS[method](sums, np.asarray(token_counts), np.asarray(byte_counts))  # [C]
+    scores = rule(sums, np.asarray(token_counts), np.asarray(byte_counts))  # [C]
     return int(np.argmax(scores)), scores

@@ -21,6 +21,8 @@ from typing import Annotated, Callable, Iterator, Literal
 import torch
 from pydantic import Field
 
+from fuseflow.registry import Registry
+
 MergeFn = Callable[..., torch.Tensor]
 # Parameter constraints live in the signatures, where the config validation (config.py) reads them.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -40,7 +42,7 @@ class MergeMethod:
     seeded: bool = False
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", field="method")
 
 
 def merge_method(name: str, *, seeded: bool = False) -> Callable[[MergeFn], MergeFn]:
@@ -49,18 +51,14 @@ def merge_method(name: str, *, seeded: bool = False) -> Callable[[MergeFn], Merg
     def register(fn: MergeFn) -> MergeFn:
         if name in MERGE_METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        MERGE_METHODS[name] = MergeMethod(name=name, fn=fn, seeded=seeded)
+        MERGE_METHODS.register(name, MergeMethod(name=name, fn=fn, seeded=seeded))
         return fn
 
     return register
 
 
 def get_method(name: str) -> MergeMethod:
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(MERGE_METHODS))
-        raise ValueError(f"method: unknown merge method {name!r}; choose one of {known}") from None
+    return MERGE_METHODS.lookup(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
