@@ -9,6 +9,7 @@ Conventions (shared by every stage, the wire codec and the trainer):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,9 @@ class AlignedDist:
             raise ValueError(f"gold logprobs must be finite and <= 0, got min {gold.min()} max {gold.max()}")
         if (gold[~self.aligned] != 0).any():
             raise ValueError("gold logprobs must be 0 where a position is not aligned (the one-hot fallback)")
+        nll = self.meta.get("nll")
+        if nll is not None and not (isinstance(nll, (int, float)) and math.isfinite(nll) and nll >= 0):
+            raise ValueError(f"meta 'nll' (the teacher's nll of the whole text) must be a finite number >= 0, got {nll!r}")
 
 
 class ScoreError(ValueError):

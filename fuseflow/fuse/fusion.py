@@ -31,8 +31,18 @@ one-hot gold fallback (``AlignedDist``), so no other special case is needed. Whe
 of the teachers its own distribution is simply one more candidate, as ``distill_with_ref_model`` does.
 
 Every fusion returns ``(ids [B, T, k2], logprobs [B, T, k2])``: sorted descending, ``-inf`` / id 0 padding,
-``k2 = top_k`` if given, else the teachers' k. Logprobs are the fused probabilities' logs *without*
-renormalising after truncation to k2 (the mass kept stays visible); the loss renormalises over the k2 entries.
+distinct ids per row, ``k2 = top_k`` if given, else the teachers' k. Logprobs are the fused probabilities' logs
+*without* renormalising after truncation to k2 (the mass kept stays visible).
+
+Two options change what FuseLLM's released code does (issue 11, docs/quality.md):
+
+- ``renormalise=False`` keeps every teacher row as the teacher gave it (its top-k probabilities, summing to
+  less than 1) instead of renormalising it over its k entries first; the fused rows then carry the teachers'
+  mass outside their top-k, which the tail KL (``fusion_loss(tail=True)``, config ``fusion.kl: tail``) keeps.
+- ``ce`` ``[N, B, T]``: the per-sample CE to rank teachers by, given by the caller instead of the mean over a
+  teacher's aligned positions. The trainer passes each teacher's whole-text nll over the sample's target
+  positions (config ``fusion.criterion: text``): the same text for every teacher, so the ranking no longer
+  depends on how much text one aligned token covers. Sequence-level fusions only.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from fuseflow.registry import Registry
 
 __all__ = [
     "FUSIONS",
+    "SAMPLE_CE_FUSIONS",
     "FusionFn",
     "avg_ce",
     "avg_ce_token",
@@ -72,10 +83,14 @@ class FusionFn(Protocol):
         *,
         top_k: int | None = None,
         segments: torch.Tensor | None = None,
+        renormalise: bool = True,
+        ce: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 FUSIONS: Registry[FusionFn] = Registry("fusion function", field="fusion.function")
+# The fusions that rank teachers per sample, so that a caller's per-sample ``ce`` applies (``fusion.criterion``).
+SAMPLE_CE_FUSIONS = ("min_ce", "avg_ce")
 
 
 def fusion(name: str) -> Callable[[FusionFn], FusionFn]:
@@ -187,9 +202,13 @@ def _resize_k(ids: torch.Tensor, logprobs: torch.Tensor, k2: int) -> tuple[torch
     )
 
 
-def _sample_ce(gold, aligned, mask, segments) -> torch.Tensor:
+def _sample_ce(gold, aligned, mask, segments, ce=None) -> torch.Tensor:
     """Per-sample CE shaped to broadcast over ``[N, B, T]``: ``[N, B, 1]`` (one sample per row) or
-    ``[N, B, T]`` (packed rows)."""
+    ``[N, B, T]`` (packed rows, or the caller's ``ce``)."""
+    if ce is not None:
+        if ce.shape != gold.shape:
+            raise ValueError(f"ce shape {tuple(ce.shape)} != gold shape [N, B, T] = {tuple(gold.shape)}")
+        return ce.float()
     if segments is None:
         return sequence_ce(gold, aligned, mask).unsqueeze(-1)  # [N, B, 1]
     return segment_ce(gold, aligned, mask, segments)  # [N, B, T]
@@ -215,6 +234,12 @@ def _check_inputs(ids, logprobs, gold, aligned, mask, top_k) -> None:
         raise ValueError(f"top_k must be >= 1, got {top_k} (config field 'fusion.top_k')")
 
 
+def _no_sample_ce(ce, name: str) -> None:
+    if ce is not None:
+        raise ValueError(f"{name} ranks teachers per position by their gold logprob; a per-sample ce (config "
+                         "'fusion.criterion: text') applies to min_ce and avg_ce only")
+
+
 def _select_teacher(
     ids: torch.Tensor, logprobs: torch.Tensor, best: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +247,11 @@ def _select_teacher(
     _, b, t, k = ids.shape
     index = best.expand(b, t).reshape(1, b, t, 1).expand(1, b, t, k)  # [1, B, T, k]
     return ids.gather(0, index).squeeze(0), logprobs.gather(0, index).squeeze(0)
+
+
+def _teacher_rows(logprobs: torch.Tensor, renormalise: bool) -> torch.Tensor:
+    """The teachers' rows as the fusion reads them: renormalised over their k entries (FuseLLM) or as given."""
+    return _renormalised_logprobs(logprobs) if renormalise else logprobs.float()
 
 
 def _weighted_union(
@@ -232,7 +262,7 @@ def _weighted_union(
     ``weights`` broadcasts to ``[N, B, T]``; returns ``(ids [B, T, k2], logprobs [B, T, k2])``.
     """
     n, b, t, k = ids.shape
-    probs = _renormalised_logprobs(logprobs).exp() * weights.expand(n, b, t).unsqueeze(-1)  # [N, B, T, k]
+    probs = logprobs.float().exp() * weights.expand(n, b, t).unsqueeze(-1)  # [N, B, T, k]
     union_ids = ids.permute(1, 2, 0, 3).reshape(b, t, n * k)  # [B, T, N*k]
     union_probs = probs.permute(1, 2, 0, 3).reshape(b, t, n * k)  # [B, T, N*k]
     merged_ids, merged_probs = merge_duplicate_ids(union_ids, union_probs)  # [B, T, N*k]
@@ -245,32 +275,32 @@ def _weighted_union(
 
 
 @fusion("min_ce")
-def min_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
+def min_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None, renormalise=True, ce=None):
     """MinCE (FuseLLM §3.3): per sequence, the distribution matrix of the teacher with the lowest CE.
 
     Released code: ``distill_greater_as_gt`` — ``argmax`` of the reward ``1/exp(CE)`` over the sources, i.e.
     ``argmin`` CE; ties go to the first teacher, as ``torch.argmax`` does there.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
-    best = _sample_ce(gold, aligned, mask, segments).argmin(0)  # [B, 1] or [B, T]
-    fused_ids, fused = _select_teacher(ids, _renormalised_logprobs(logprobs), best)
+    best = _sample_ce(gold, aligned, mask, segments, ce).argmin(0)  # [B, 1] or [B, T]
+    fused_ids, fused = _select_teacher(ids, _teacher_rows(logprobs, renormalise), best)
     return _resize_k(fused_ids, fused, top_k or ids.shape[-1])
 
 
 @fusion("avg_ce")
-def avg_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
+def avg_ce(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None, renormalise=True, ce=None):
     """AvgCE (FuseLLM §3.3): per sequence, the CE-weighted average of the teachers' distribution matrices.
 
     Weights ``softmax_n(1/exp(CE_n))`` as the released ``distill_weighted_as_gt`` (see ``ce_weights``); the
     average is taken over the union of the teachers' ids (duplicates summed) and its top ``top_k`` kept.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
-    weights = ce_weights(_sample_ce(gold, aligned, mask, segments))  # [N, B, 1] or [N, B, T]
-    return _weighted_union(ids, logprobs, weights, top_k or ids.shape[-1])
+    weights = ce_weights(_sample_ce(gold, aligned, mask, segments, ce))  # [N, B, 1] or [N, B, T]
+    return _weighted_union(ids, _teacher_rows(logprobs, renormalise), weights, top_k or ids.shape[-1])
 
 
 @fusion("min_ce_token")
-def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
+def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None, renormalise=True, ce=None):
     """MinCE at token granularity: at each position, the row of the aligned teacher with the lowest CE there.
 
     The CE of a position is ``-gold``. FuseLLM's ``forward_for_logits.py --save_per_token_metric`` keeps
@@ -278,20 +308,22 @@ def min_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=Non
     Where no teacher is aligned every row is the one-hot gold fallback and teacher 0's is kept.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
+    _no_sample_ce(ce, "min_ce_token")
     del segments  # per position: packed rows need nothing more
     best = token_ce(gold, aligned, mask).argmin(0)  # [B, T]
-    fused_ids, fused = _select_teacher(ids, _renormalised_logprobs(logprobs), best)
+    fused_ids, fused = _select_teacher(ids, _teacher_rows(logprobs, renormalise), best)
     return _resize_k(fused_ids, fused, top_k or ids.shape[-1])
 
 
 @fusion("avg_ce_token")
-def avg_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None):
+def avg_ce_token(ids, logprobs, gold, aligned, mask, *, top_k=None, segments=None, renormalise=True, ce=None):
     """AvgCE at token granularity: weights ``softmax_n(exp(gold_n[t]))`` over the teachers aligned at t.
 
     The per-position analogue of ``avg_ce`` (reward ``1/exp(CE)`` with CE ``= -gold``); not in FuseLLM's
     released trainer (see ``min_ce_token``). Where no teacher is aligned the weights are uniform.
     """
     _check_inputs(ids, logprobs, gold, aligned, mask, top_k)
+    _no_sample_ce(ce, "avg_ce_token")
     del segments  # per position: packed rows need nothing more
     weights = ce_weights(token_ce(gold, aligned, mask))  # [N, B, T]
-    return _weighted_union(ids, logprobs, weights, top_k or ids.shape[-1])
+    return _weighted_union(ids, _teacher_rows(logprobs, renormalise), weights, top_k or ids.shape[-1])

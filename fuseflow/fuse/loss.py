@@ -55,17 +55,46 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _teacher_distribution(teacher_logprobs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p, p)`` with ``p = softmax(teacher_logprobs / τ)`` over the k entries, ``[..., k]`` each (≥ fp32);
-    ``-inf`` entries get ``p = 0`` and ``log p = 0`` (so that ``p · log p`` is 0, not NaN)."""
-    scaled = _at_least_fp32(teacher_logprobs) / temperature  # [..., k]
+def _teacher_distribution(
+    teacher_logprobs: torch.Tensor, temperature: float, tail: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p [..., k], p [..., k], log r [...], r [...])`` (≥ fp32): the teacher's distribution over its k
+    entries and, with ``tail``, one more outcome ``r`` for the rest of the vocabulary.
+
+    Without ``tail`` (FuseLLM): ``p = softmax(teacher_logprobs / τ)`` over the k entries and ``r = 0``. With
+    ``tail``: the k logprobs are read as the teacher's *unrenormalised* probabilities, ``r = 1 − Σ_k
+    exp(logprobs)`` (clamped at 0: fp16 on the wire can round the sum above 1) is the mass outside them, and
+    ``(p, r) = softmax((logprobs, log r) / τ)`` over the k + 1 outcomes (exact at τ = 1; at τ ≠ 1 the tail is
+    tempered as one outcome, an approximation: the teacher's tail logits are unknown). ``-inf`` entries get
+    ``p = 0`` and ``log p = 0`` (so that ``p · log p`` is 0, not NaN); likewise ``r = 0``."""
+    lp = _at_least_fp32(teacher_logprobs)  # [..., k]
+    if tail:
+        rest = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # [..., 1]
+        lp = torch.cat([lp, rest.log()], dim=-1)  # [..., k+1]
+    scaled = lp / temperature  # [..., k(+1)]
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [..., 1]
-    log_p = scaled - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # [..., k]
-    present = torch.isfinite(log_p)  # [..., k]
+    log_p = scaled - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # [..., k(+1)]
+    present = torch.isfinite(log_p)  # [..., k(+1)]
     # Zero the absent entries before any product: 0 · (-inf) would be NaN, in the forward and the backward.
     log_p = torch.where(present, log_p, torch.zeros_like(log_p))
     p = torch.where(present, log_p.exp(), torch.zeros_like(log_p))
-    return log_p, p
+    if tail:
+        return log_p[..., :-1], p[..., :-1], log_p[..., -1], p[..., -1]
+    zero = p.new_zeros(p.shape[:-1])
+    return log_p, p, zero, zero
+
+
+# Below this student mass outside the teacher's ids, the tail term's log and gradient are clamped (fp32 cannot
+# resolve 1 − Σ q any finer near 1).
+_MIN_STUDENT_TAIL = 1e-6
+
+
+def _student_tail(student_at_ids: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, 1 − Q)`` ``[...]`` each: the student's mass ``Q = Σ q`` on the teacher's present ids (``p > 0``; the
+    ids of a row are distinct, as every fusion's output is) and the rest, clamped at ``_MIN_STUDENT_TAIL``."""
+    q = torch.where(p > 0, _at_least_fp32(student_at_ids).exp(), torch.zeros_like(p))  # [..., k]
+    mass = q.sum(-1)  # [...]
+    return mass, (1.0 - mass).clamp_min(_MIN_STUDENT_TAIL)
 
 
 def sparse_kl(
@@ -74,13 +103,21 @@ def sparse_kl(
     temperature: float = 1.0,
     *,
     scale_by_t2: bool = True,
+    tail: bool = False,
 ) -> torch.Tensor:
-    """``KL(p ‖ q)`` restricted to the teacher's k entries, per row: ``[..., k]`` → ``[...]`` (≥ fp32).
+    """``KL(p ‖ q)`` on the teacher's k entries (and, with ``tail``, the rest of the vocabulary), per row:
+    ``[..., k]`` → ``[...]`` (≥ fp32).
 
-    ``p = softmax(teacher_logprobs / τ)`` over the k entries (``-inf`` entries get ``p = 0`` and contribute
-    nothing); ``q`` is the student's *full-vocabulary* ``log_softmax(logits / τ)`` gathered at the teacher's
-    ids — the caller applies τ to the student, this function only to the teacher. ``Σ_k p (log p − log q) ≥
-    −log Σ_k q ≥ 0``, zero only when the student puts exactly ``p`` on those ids.
+    ``q`` is the student's *full-vocabulary* ``log_softmax(logits / τ)`` gathered at the teacher's ids — the
+    caller applies τ to the student, this function only to the teacher (:func:`_teacher_distribution`).
+
+    - ``tail=False`` (FuseLLM's ``DistillTrainer``): ``p`` is renormalised over the k entries and the KL is
+      ``Σ_k p (log p − log q) ≥ −log Σ_k q ≥ 0``, zero only when the student puts *all* its mass on those ids
+      exactly as ``p``: with k = 10 it asks the student to drop the 25–33 % a real teacher keeps outside its
+      top 10 (docs/quality.md).
+    - ``tail=True``: the KL over k + 1 outcomes, the k ids and "any other id", ``Σ_k p (log p − log q) + r (log r
+      − log(1 − Σ_k q))`` with the teacher's own tail mass ``r``; zero when the student matches the teacher on
+      the k ids *and* keeps the teacher's mass elsewhere (issue 11). Needs distinct ids per row.
 
     ``scale_by_t2`` multiplies by τ² so that the gradient magnitude does not shrink as 1/τ² (Hinton et al.
     2015, "Distilling the Knowledge in a Neural Network", §2).
@@ -92,8 +129,11 @@ def sparse_kl(
             f"student logprobs {tuple(student_logprobs_at_ids.shape)} != teacher logprobs "
             f"{tuple(teacher_logprobs.shape)}"
         )
-    log_p, p = _teacher_distribution(teacher_logprobs, temperature)  # [..., k] each
+    log_p, p, log_r, r = _teacher_distribution(teacher_logprobs, temperature, tail)  # [..., k] ×2, [...] ×2
     kl = (p * (log_p - _at_least_fp32(student_logprobs_at_ids))).sum(-1)  # [...]
+    if tail:
+        _, rest = _student_tail(student_logprobs_at_ids, p)  # [...]
+        kl = kl + r * (log_r - rest.log())
     return kl * temperature**2 if scale_by_t2 else kl
 
 
@@ -136,6 +176,7 @@ def _sums_from_logits(
     *,
     temperature: float,
     scale_by_t2: bool,
+    tail: bool,
     reuse_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(CE sum, KL sum, log_softmax(logits) [c, V], log_softmax(logits / τ) [c, V] or None)``.
@@ -151,7 +192,7 @@ def _sums_from_logits(
         scaled = logits.div_(temperature) if reuse_logits else logits / temperature  # [c, V]
         logq_t = torch.log_softmax(scaled, dim=-1)  # [c, V]
     student = logq_t.gather(-1, fused_ids)  # [c, k]
-    kl_sum = sparse_kl(student, fused_logprobs, temperature, scale_by_t2=scale_by_t2).sum()
+    kl_sum = sparse_kl(student, fused_logprobs, temperature, scale_by_t2=scale_by_t2, tail=tail).sum()
     return ce_sum, kl_sum, logq, logq_t
 
 
@@ -166,11 +207,12 @@ def _chunk_loss_sums(
     temperature: float,
     logit_softcap: float | None,
     scale_by_t2: bool,
+    tail: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE at ``labels`` and summed sparse KL over one chunk of positions (``hidden [c, H]``)."""
     logits = _head_logits(hidden, weight, bias, logit_softcap)  # [c, V]
     ce_sum, kl_sum, _, _ = _sums_from_logits(
-        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2
+        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2, tail=tail
     )
     return ce_sum, kl_sum
 
@@ -186,6 +228,7 @@ def _chunk_loss_sums_and_logit_grad(
     temperature: float,
     logit_softcap: float | None,
     scale_by_t2: bool,
+    tail: bool,
     ce_weight: float,
     kl_weight: float,
     with_grad: bool,
@@ -198,6 +241,9 @@ def _chunk_loss_sums_and_logit_grad(
 
     - ``∂CE/∂y = s − onehot(label)``;
     - ``∂KL/∂y = c·(Σ_k p · s_τ − P)`` with ``c = τ`` (``τ² · 1/τ``) or ``1/τ`` without the τ² scale;
+    - with ``tail`` (teacher tail mass ``r``, student mass ``Q = Σ_k q`` on the ids, ``S`` = ``s_τ`` on the ids and
+      0 elsewhere, ``ρ = r / (1 − Q)``): ``∂KL/∂y = c·((Σ_k p − ρ·Q) · s_τ − P + ρ·S)``, since
+      ``∂(−log(1 − Q))/∂y = (S − Q·s_τ) / (τ·(1 − Q))``;
     - ``∂y/∂z = 1 − tanh²(z / cap) = 1 − (y / cap)²`` under the soft cap, 1 without.
 
     Everything is in place on the chunk's ``[c, V]`` blocks (the logits, their two log-softmaxes): at most
@@ -206,7 +252,7 @@ def _chunk_loss_sums_and_logit_grad(
     """
     logits = _head_logits(hidden, weight, bias, logit_softcap)  # [c, V]
     ce_sum, kl_sum, logq, logq_t = _sums_from_logits(
-        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2,
+        logits, labels, fused_ids, fused_logprobs, temperature=temperature, scale_by_t2=scale_by_t2, tail=tail,
         reuse_logits=True,
     )
     y_scale = 1.0 if logq_t is None or logq_t is logq else temperature  # logits now holds y / y_scale
@@ -215,8 +261,15 @@ def _chunk_loss_sums_and_logit_grad(
     kl_coef = kl_weight * (temperature if scale_by_t2 else 1.0 / temperature)
     with_kl = fused_ids is not None and kl_coef != 0.0
     if with_kl:
-        _, p = _teacher_distribution(fused_logprobs, temperature)  # [c, k]
+        _, p, _, r = _teacher_distribution(fused_logprobs, temperature, tail)  # [c, k], [c]
         p_mass = p.sum(-1, keepdim=True)  # [c, 1]
+        if tail:
+            q_ids = logq_t.gather(-1, fused_ids)  # [c, k]: before logq_t is overwritten below
+            q_mass, rest = _student_tail(q_ids, p)  # [c] each
+            # ρ = r / (1 − Q), 0 where the student's rest is clamped (the forward's log is constant there)
+            rho = torch.where(1.0 - q_mass > _MIN_STUDENT_TAIL, r / rest, torch.zeros_like(r)).unsqueeze(-1)  # [c, 1]
+            p_mass = p_mass - rho * q_mass.unsqueeze(-1)
+            p = p - rho * torch.where(p > 0, q_ids.exp(), torch.zeros_like(p))  # [c, k]: −P + ρ·S, negated below
     grad = logq.exp_()  # [c, V] s; logq is spent (and so is logq_t when τ = 1: it is the same tensor)
     if with_kl and logq_t is logq:
         grad.mul_(ce_weight + kl_coef * p_mass)  # s_τ = s
@@ -267,12 +320,14 @@ class _Options:
     chunk_tokens: int
     logit_softcap: float | None
     scale_by_t2: bool
+    tail: bool = False
 
 
 def _chunked_sums(rows: _Rows, weight, bias, opt: _Options) -> tuple[torch.Tensor, torch.Tensor]:
     """Total CE and KL over the rows, chunk by chunk, each chunk recomputed in the backward."""
     step = functools.partial(
-        _chunk_loss_sums, temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2
+        _chunk_loss_sums, temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2,
+        tail=opt.tail,
     )
     recompute = torch.is_grad_enabled() and (
         rows.hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -305,7 +360,7 @@ def _fused_sums_and_grads(
     grad_bias = weight.new_zeros(weight.shape[:1], dtype=acc) if need_bias else None  # [V]
     step = functools.partial(
         _chunk_loss_sums_and_logit_grad,
-        temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2,
+        temperature=opt.temperature, logit_softcap=opt.logit_softcap, scale_by_t2=opt.scale_by_t2, tail=opt.tail,
         ce_weight=opt.lam / n, kl_weight=(1.0 - opt.lam) / n, with_grad=with_grad,
     )
     ce_sums, kl_sums = [], []
@@ -443,9 +498,9 @@ def _select_rows(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask
 
 def _loss(
     hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, *, lam, temperature, chunk_tokens,
-    logit_softcap, lm_head_bias, scale_by_t2, impl,
+    logit_softcap, lm_head_bias, scale_by_t2, impl, tail=False,
 ) -> LossParts:
-    opt = _Options(lam, temperature, chunk_tokens, logit_softcap, scale_by_t2)
+    opt = _Options(lam, temperature, chunk_tokens, logit_softcap, scale_by_t2, tail)
     _validate(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, lm_head_bias, opt, impl)
     rows = _select_rows(hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask)
     n = rows.n
@@ -482,6 +537,7 @@ def fusion_loss(
     *,
     scale_by_t2: bool = True,
     impl: str = "fused",
+    tail: bool = False,
 ) -> LossParts:
     """``lam·CLM + (1−lam)·KL(fused ‖ student)``, means over the counted positions, by chunks of positions.
 
@@ -494,7 +550,9 @@ def fusion_loss(
     ``fused_ids = fused_logprobs = None`` with ``lam = 1`` is ``clm_loss`` (no teacher in the batch).
 
     CLM is the CE at ``labels`` of ``log_softmax(logits)`` (no temperature); KL is ``sparse_kl`` with the
-    student at ``log_softmax(logits / temperature)`` and the τ² factor unless ``scale_by_t2=False``.
+    student at ``log_softmax(logits / temperature)`` and the τ² factor unless ``scale_by_t2=False``; ``tail``
+    (config ``fusion.kl: tail``) keeps the teacher's mass outside its k ids as one more outcome (``sparse_kl``):
+    ``fused_logprobs`` are then read unrenormalised, as the fusions give them with ``renormalise=False``.
     ``logit_softcap`` applies Gemma's ``cap · tanh(logits / cap)`` first.
 
     ``impl`` (one of ``LOSS_IMPLS``): ``"fused"`` (the default) computes the gradients in the forward,
@@ -508,7 +566,7 @@ def fusion_loss(
     return _loss(
         hidden, lm_head_weight, labels, fused_ids, fused_logprobs, mask, lam=lam, temperature=temperature,
         chunk_tokens=chunk_tokens, logit_softcap=logit_softcap, lm_head_bias=lm_head_bias, scale_by_t2=scale_by_t2,
-        impl=impl,
+        impl=impl, tail=tail,
     )
 
 

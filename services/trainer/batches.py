@@ -39,6 +39,9 @@ class FusionBatch:
     teacher_logprobs: torch.Tensor | None  # [N, B, L-1, k] float32
     teacher_gold: torch.Tensor | None  # [N, B, L-1] float32
     teacher_aligned: torch.Tensor | None  # [N, B, L-1] bool
+    # [N, B, L-1] float32: each teacher's nll of its sample's whole text per target position, on every position
+    # of the sample (fusion.criterion 'text'); None when a teacher's distribution carries no nll (meta "nll")
+    teacher_text_ce: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [B, L] int64, restarting at each sample (packed layout only)
     segment_ids: torch.Tensor | None = None  # [B, L-1] int64, the sample of each position (packed layout only)
 
@@ -142,6 +145,8 @@ def collate(
     t_lp = np.full((n_t, b, L - 1, top_k), -np.inf, dtype=np.float32)  # [N, B, L-1, k]
     t_gold = np.zeros((n_t, b, L - 1), dtype=np.float32)  # [N, B, L-1]
     t_al = np.zeros((n_t, b, L - 1), dtype=bool)  # [N, B, L-1]
+    t_text = np.zeros((n_t, b, L - 1), dtype=np.float32)  # [N, B, L-1]
+    with_nll = all("nll" in d.meta for per_teacher in dists for d in per_teacher.values())
     for i, per_teacher in enumerate(dists):
         r, o, n = row_of[i], offset[i], lengths[i] - 1
         for j, name in enumerate(teachers):
@@ -151,10 +156,13 @@ def collate(
             t_lp[j, r, o : o + n, :kk] = d.logprobs[:, :kk]
             t_gold[j, r, o : o + n] = d.gold_logprobs
             t_al[j, r, o : o + n] = d.aligned
+            if with_nll:
+                t_text[j, r, o : o + n] = float(d.meta["nll"]) / n
     out.teacher_ids = torch.from_numpy(t_ids)
     out.teacher_logprobs = torch.from_numpy(t_lp)
     out.teacher_gold = torch.from_numpy(t_gold)
     out.teacher_aligned = torch.from_numpy(t_al)
+    out.teacher_text_ce = torch.from_numpy(t_text) if with_nll else None
     return out
 
 

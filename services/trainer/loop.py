@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +40,13 @@ ReadyGroup = Sequence[tuple[Sample, Mapping[str, AlignedDist] | None]]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world).
 
     Under a launcher (deepspeed, torchrun, a k8s indexed Job) the env vars are set; a plain single process
-    gets world size 1 on a free local port.
+    gets world size 1 over an in-memory store: no port at all. Probing a free port for a TCPStore and binding
+    it later raced other processes (EADDRINUSE), and writing RANK/MASTER_PORT into ``os.environ`` made every
+    child started afterwards (a stack's trainer) rendezvous on this process's port as a launched rank 0.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -59,11 +54,11 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if "RANK" not in os.environ:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it; a child ignores it without RANK
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an initialised group
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -139,11 +134,18 @@ class FusionObjective(torch.nn.Module):
         lam = self.fusion.lam
         fused_ids = fused_lp = teacher_ce = None
         if batch.teacher_ids is not None:
+            ce = None
+            if self.fusion.criterion == "text":
+                if batch.teacher_text_ce is None:
+                    raise ValueError("fusion.criterion 'text' needs each teacher's whole-text nll (AlignedDist.meta "
+                                     "'nll', sent by fuseflow's aligner); a teacher's results carry none")
+                ce = batch.teacher_text_ce
             with torch.no_grad():
                 fused_ids, fused_lp = FUSIONS[self.fusion.function](
                     batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
                     batch.loss_mask,
                     top_k=self.fusion.top_k, segments=batch.segment_ids,
+                    renormalise=self.fusion.kl == "renormalised", ce=ce,
                 )  # [B, L-1, k] each
                 teacher_ce = per_teacher_ce(batch.teacher_gold, batch.loss_mask, batch.teacher_aligned)  # [N]
         else:
@@ -161,6 +163,7 @@ class FusionObjective(torch.nn.Module):
             logit_softcap=self._softcap,
             lm_head_bias=getattr(self._head, "bias", None),
             impl=self.loss_impl,
+            tail=self.fusion.kl == "tail",
         )
         return parts, teacher_ce
 

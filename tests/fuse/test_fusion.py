@@ -47,14 +47,15 @@ def make_batch(seed: int, n: int = 3, b: int = 2, t: int = 7, k: int = 4, v: int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def dense_teacher_rows(ids, logprobs, v=V):
-    """[N, B, T, V] float64: each row renormalised over its finite entries, scattered one entry at a time."""
+def dense_teacher_rows(ids, logprobs, v=V, renormalise=True):
+    """[N, B, T, V] float64: each row renormalised over its finite entries (or as given), scattered one entry
+    at a time."""
     n, b, t, k = ids.shape
     dense = torch.zeros(n, b, t, v, dtype=torch.float64)
     for i, j, p in itertools.product(range(n), range(b), range(t)):
         entries = [(int(ids[i, j, p, e]), float(logprobs[i, j, p, e])) for e in range(k)]
         finite = [(token, lp) for token, lp in entries if lp > -math.inf]
-        z = sum(math.exp(lp) for _, lp in finite)
+        z = sum(math.exp(lp) for _, lp in finite) if renormalise else 1.0
         for token, lp in finite:
             dense[i, j, p, token] += math.exp(lp) / z
     return dense
@@ -90,12 +91,12 @@ def reference_weights(ces):
     return [math.exp(math.exp(-c)) / z if i in scored else 0.0 for i, c in enumerate(ces)]
 
 
-def reference_fusion(name, ids, logprobs, gold, aligned, mask):
-    """Dense [B, T, V] fused distribution, in loops."""
+def reference_fusion(name, ids, logprobs, gold, aligned, mask, renormalise=True, sample_ce=None):
+    """Dense [B, T, V] fused distribution, in loops; ``sample_ce`` [N][B] replaces the CE over aligned positions."""
     n, b, t, _ = ids.shape
-    rows = dense_teacher_rows(ids, logprobs)
+    rows = dense_teacher_rows(ids, logprobs, renormalise=renormalise)
     per_token = name.endswith("_token")
-    ce = reference_ce(gold, aligned, mask, per_token)
+    ce = sample_ce if sample_ce is not None else reference_ce(gold, aligned, mask, per_token)
     fused = torch.zeros(b, t, V, dtype=torch.float64)
     for j, p in itertools.product(range(b), range(t)):
         ces = [ce[i][j][p] if per_token else ce[i][j] for i in range(n)]
@@ -151,6 +152,42 @@ def test_fusion_matches_dense_reference(name, seed):
     check_sparse_convention(fused_ids, fused_lps)
     expected = top_k_dense(reference_fusion(name, ids, logprobs, gold, aligned, mask), k)
     torch.testing.assert_close(to_dense(fused_ids, fused_lps), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_fusion_without_renormalising_keeps_the_teachers_mass(name):
+    """``renormalise=False`` (the tail KL's input): the same fusion of the rows as the teachers gave them; the
+    fused rows then sum to less than 1 where the teachers' top-k did."""
+    ids, logprobs, gold, aligned, mask = make_batch(4)
+    fused_ids, fused_lps = get_fusion(name)(ids, logprobs, gold, aligned, mask, renormalise=False)
+    check_sparse_convention(fused_ids, fused_lps)
+    expected = top_k_dense(reference_fusion(name, ids, logprobs, gold, aligned, mask, renormalise=False), ids.shape[-1])
+    torch.testing.assert_close(to_dense(fused_ids, fused_lps), expected, atol=1e-6, rtol=1e-5)
+    mass = fused_lps.exp().sum(-1)  # [B, T]
+    assert float(mass.max()) <= 1 + 1e-6 and float(mass.min()) < 0.9
+
+
+@pytest.mark.parametrize("name", ["min_ce", "avg_ce"])
+def test_a_given_sample_ce_ranks_the_teachers(name):
+    """``ce`` [N, B, T] (fusion.criterion 'text'): teachers ranked by the caller's per-sample CE, not by the
+    mean CE over their aligned positions; here the ranking it gives is the reverse of the aligned one."""
+    ids, logprobs, gold, aligned, mask = make_batch(6)
+    aligned_ce = reference_ce(gold, aligned, mask, per_token=False)  # [N][B]
+    n, b, t = gold.shape
+    given = [[-c if math.isfinite(c) else 0.0 for c in row] for row in aligned_ce]  # reversed order, all scored
+    ce = torch.tensor(given).unsqueeze(-1).expand(n, b, t)
+    fused_ids, fused_lps = get_fusion(name)(ids, logprobs, gold, aligned, mask, ce=ce)
+    expected = top_k_dense(reference_fusion(name, ids, logprobs, gold, aligned, mask, sample_ce=given), ids.shape[-1])
+    torch.testing.assert_close(to_dense(fused_ids, fused_lps), expected, atol=1e-6, rtol=1e-5)
+    default = top_k_dense(reference_fusion(name, ids, logprobs, gold, aligned, mask), ids.shape[-1])
+    assert not torch.allclose(expected, default)
+
+
+@pytest.mark.parametrize("name", ["min_ce_token", "avg_ce_token"])
+def test_token_fusions_refuse_a_sample_ce(name):
+    ids, logprobs, gold, aligned, mask = make_batch(6)
+    with pytest.raises(ValueError, match="criterion"):
+        get_fusion(name)(ids, logprobs, gold, aligned, mask, ce=torch.zeros_like(gold))
 
 
 @pytest.mark.parametrize("name", ["avg_ce", "avg_ce_token", "min_ce"])

@@ -73,6 +73,50 @@ def test_fusion_loss_matches_dense_fp32(case, chunk_tokens, impl):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def with_tail_mass(lps: torch.Tensor, seed: int) -> torch.Tensor:
+    """The rows as a teacher's unrenormalised top-k: 5–50 % of each row's mass moved outside its k ids (the one-hot
+    fallback rows, logprob 0, keep all of theirs)."""
+    g = torch.Generator().manual_seed(seed)
+    kept = torch.empty(lps.shape[:-1]).uniform_(0.5, 0.95, generator=g).log().unsqueeze(-1)  # [B, T, 1]
+    fallback = lps[..., :1] == 0
+    return torch.where(fallback, lps, lps + kept)
+
+
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("chunk_tokens", [4, 1024])
+def test_tail_kl_matches_dense(case, chunk_tokens, impl):
+    """``tail=True``: the KL over the k ids plus "the rest", values and gradients, against the dense reference."""
+    temperature, softcap, bias = CASES[case]
+    hidden, weight, lm_bias, labels, ids, lps, mask = make_inputs(3, bias=bias)
+    lps = with_tail_mass(lps, 3)
+    parts = fusion_loss(hidden, weight, labels, ids, lps, mask, lam=0.4, temperature=temperature,
+                        chunk_tokens=chunk_tokens, logit_softcap=softcap, lm_head_bias=lm_bias, impl=impl, tail=True)
+    ref_loss, ref_clm, ref_kl = dense_reference(
+        hidden, weight, lm_bias, labels, ids, lps, mask, 0.4, temperature, softcap, tail=True
+    )
+    renormalised = fusion_loss(hidden, weight, labels, ids, lps, mask, lam=0.4, temperature=temperature,
+                               chunk_tokens=chunk_tokens, logit_softcap=softcap, lm_head_bias=lm_bias, impl=impl)
+    assert abs(float(renormalised.kl.detach()) - float(ref_kl.detach())) > 1e-2  # the tail changes the objective
+    torch.testing.assert_close(parts.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.kl, ref_kl, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(parts.loss, [hidden, weight, lm_bias]), grads(ref_loss, [hidden, weight, lm_bias])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_tail_kl_is_zero_when_the_student_matches_the_teacher_everywhere():
+    """The renormalised KL is > 0 for a student equal to the teacher (it asks for the teacher's top-k mass to
+    be blown up to 1); the tail KL is 0 there, and > 0 for a student that drops the tail."""
+    teacher = torch.tensor([0.5, 0.2, 0.1, 0.2]).log()  # a full distribution over V = 4
+    ids, lps = torch.tensor([0, 1]), teacher[:2]  # its top-2: 70 % of the mass
+    same = sparse_kl(teacher[ids], lps, tail=True)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    assert float(sparse_kl(teacher[ids], lps)) > 0.3  # log(1/0.7) ≈ 0.357
+    squeezed = torch.tensor([5 / 7, 2 / 7]).log()  # all the mass on the two ids, as the renormalised KL wants
+    assert float(sparse_kl(squeezed, lps)) == pytest.approx(0.0, abs=1e-6)
+    assert float(sparse_kl(squeezed.clamp(max=-1e-3), lps, tail=True)) > 1.0
+
+
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
 @pytest.mark.parametrize("chunk_tokens", [3, 1024])
 def test_fusion_loss_matches_dense_bf16(chunk_tokens, impl):

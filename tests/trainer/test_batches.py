@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fuseflow.models import encode
 from fuseflow.sparse import AlignedDist, Sample
@@ -117,3 +118,24 @@ def test_packed_batch_gives_the_padded_loss(tiny_llama, tiny_gemma):
             losses.append((float(parts.loss), float(parts.clm), float(parts.kl), int(parts.n_tokens)))
         assert losses[0][3] == losses[1][3]
         np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_collate_spreads_each_teachers_text_nll_over_its_sample(bpe_tokenizer, pack):
+    """``teacher_text_ce`` (fusion.criterion 'text'): a teacher's whole-text nll over the sample's target positions,
+    on every position of that sample, padded or packed; None as soon as one distribution carries no nll."""
+    samples, encs, dists = _samples_and_dists(bpe_tokenizer, TEXTS)
+    for i, per_teacher in enumerate(dists):
+        for j, d in enumerate(per_teacher.values()):
+            d.meta["nll"] = 10.0 * (i + 1) + j
+    batch = collate(samples, bpe_tokenizer, dists, ["t1", "t2"], top_k=3, pack=pack)
+    seg = batch.segment_ids if batch.segment_ids is not None else torch.arange(len(samples)).unsqueeze(-1)
+    for i, e in enumerate(encs):
+        n = len(e.ids) - 1
+        at = (seg == i) & batch.loss_mask if batch.segment_ids is not None else None
+        for j in range(2):
+            values = batch.teacher_text_ce[j][at] if at is not None else batch.teacher_text_ce[j, i, :n]
+            assert values.numel() == n
+            torch.testing.assert_close(values, torch.full((n,), (10.0 * (i + 1) + j) / n))
+    del dists[2]["t2"].meta["nll"]
+    assert collate(samples, bpe_tokenizer, dists, ["t1", "t2"], top_k=3, pack=pack).teacher_text_ce is None

@@ -143,6 +143,17 @@ def test_encode_aligned_validates(make_dist):
         codec.encode_aligned(bad)
 
 
+@pytest.mark.parametrize("nll", [-1.0, float("nan"), float("-inf"), "12"])
+def test_a_whole_text_nll_a_log_softmax_cannot_give_is_refused(make_dist, nll):
+    """meta 'nll' ranks teachers under fusion.criterion 'text': a negative one would win every sample."""
+    d = make_dist(4, 3, seed=3)
+    d.meta["nll"] = 7.5
+    d.validate()
+    d.meta["nll"] = nll
+    with pytest.raises(ValueError, match="meta 'nll'"):
+        d.validate()
+
+
 def make_scored(length: int, k: int, seed: int, offsets: bool, tokens: bool) -> ScoredText:
     rng = np.random.default_rng(seed)
     n = max(length - 1, 0)
