@@ -30,6 +30,19 @@ baseline: clm
     return load_config(FuseConfig, p, [f"{k}={v}" for k, v in over.items()])
 
 
+# `fuseflow fuse` on the config above (tiny seeded Llama target; tiny Gemma, tiny Qwen and the target itself as
+# teachers; 4 steps of 2 samples, λ = 0.5, lr 1e-3), on CPU with torch 2.13: per-step losses of the fused run and
+# of the CLM baseline, and held-out bits/byte before and after (torchtune's habit: a change to alignment, fusion,
+# the wire, the loop or the evaluation that moves them is seen; issue 13). The teacher threads claim up to
+# WORKER_BATCH_SIZE samples per forward, as many as are waiting, so a teacher's scores may differ at fp32
+# rounding between runs: hence rtol 1e-4, not bit equality (test_one_recipe pins a batch of one exactly).
+PINNED_FUSED_LOSSES = [5.342804908752441, 5.33311653137207, 5.427915096282959, 5.445160865783691]
+PINNED_BASELINE_LOSSES = [6.217257022857666, 6.204608917236328, 6.188961029052734, 6.224956035614014]
+PINNED_BPB = {"source gemma": 3.4746198016524015, "source qwen": 4.122235011635366, "source self": 4.119747227909269,
+              "target before": 4.119747227909269, "target fused": 4.118996173938273,
+              "target baseline clm": 4.117881856146717}
+
+
 @pytest.mark.slow
 def test_fuse_end_to_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, capsys):
     from fuseflow.trainer.knowledge_fusion import run_fuse
@@ -57,6 +70,11 @@ def test_fuse_end_to_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, capsys):
     base_rows = [json.loads(line) for line in (run / "baseline-clm" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] == 0 for r in base_rows)
     assert (run / "loss.png").stat().st_size > 1000 and (run / "report.json").exists()
+    losses = {sub: [r["loss"] for r in rows] for sub, rows in (("fused", fused_rows), ("baseline", base_rows))}
+    bpb = {r["model"]: r["bpb"] for r in report["rows"]}
+    np.testing.assert_allclose(losses["fused"], PINNED_FUSED_LOSSES, rtol=1e-4)
+    np.testing.assert_allclose(losses["baseline"], PINNED_BASELINE_LOSSES, rtol=1e-4)
+    assert bpb == pytest.approx(PINNED_BPB, rel=1e-4)
     assert "| target fused |" in capsys.readouterr().out
     # the saved model loads and differs from the initial weights
     from transformers import AutoModelForCausalLM
