@@ -54,3 +54,47 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float) -> Path:
     weights = {k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in weights.items()}
     save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mergekit, run as a separate program (it is never a fuseflow dependency).
+# ----------------------------------------------------------------------------------------------------------
+
+MERGEKIT_PYTHON_ENV = "FUSEFLOW_MERGEKIT_PYTHON"
+
+
+def mergekit_python() -> str | None:
+    """An interpreter that can import mergekit: ``$FUSEFLOW_MERGEKIT_PYTHON`` (e.g. a venv made only for
+    mergekit, whose transformers may differ from fuseflow's), else this interpreter if it has mergekit,
+    else None (the comparison tests skip)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    python = os.environ.get(MERGEKIT_PYTHON_ENV)
+    if python:
+        probe = subprocess.run([python, "-c", "import mergekit.merge"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise RuntimeError(f"{MERGEKIT_PYTHON_ENV}={python} cannot import mergekit:\n{probe.stderr[-2000:]}")
+        return python
+    return sys.executable if importlib.util.find_spec("mergekit") else None
+
+
+def run_mergekit(python: str, doc: dict, out: Path) -> None:
+    """``mergekit-yaml`` on ``doc`` into ``out`` with ``python``: one thread, no tokenizer or model card,
+    ``--random-seed 0``."""
+    import os
+    import subprocess
+
+    import yaml
+
+    cfg = out.with_name(out.name + "-mergekit.yml")
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cmd = [python, "-m", "mergekit.scripts.run_yaml", str(cfg), str(out), "--no-copy-tokenizer",
+           "--no-write-model-card", "--quiet", "--num-threads", "1", "--random-seed", "0"]
+    # PYTHONPATH empty: the mergekit interpreter must not pick up this checkout's packages.
+    env = dict(os.environ, PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"mergekit failed ({done.returncode}) on {cfg}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

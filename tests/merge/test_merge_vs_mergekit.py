@@ -1,7 +1,11 @@
 """The same mergekit YAML merged by mergekit and by ``fuseflow merge``, tensor by tensor.
 
-Skipped unless mergekit is importable (it is not a fuseflow dependency): run it with an interpreter that
-has mergekit, e.g. ``/work/venvs/mergekit/bin/python -m pytest tests/merge/test_merge_vs_mergekit.py``.
+mergekit is not a fuseflow dependency and runs as its own program (``python -m mergekit.scripts.run_yaml``)
+with the interpreter named by ``FUSEFLOW_MERGEKIT_PYTHON`` (a venv made for mergekit), or this one if it
+imports mergekit; without either the module is skipped::
+
+    python -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
+    FUSEFLOW_MERGEKIT_PYTHON=/work/venvs/mergekit/bin/python python -m pytest tests/merge/test_merge_vs_mergekit.py
 
 Both compute in float32 here (``dtype: float32``). Each case states the largest difference allowed and
 why it is not 0 where it is not:
@@ -25,10 +29,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from merge_helpers import MERGEKIT_PYTHON_ENV, mergekit_python
+from merge_helpers import run_mergekit as _run_mergekit
+
 from fuseflow.merge.run import main
 
-mergekit = pytest.importorskip("mergekit")
-pytestmark = pytest.mark.slow
+MERGEKIT = mergekit_python()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(MERGEKIT is None, reason=f"mergekit not importable; set {MERGEKIT_PYTHON_ENV}"),
+]
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -39,12 +49,7 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def run_mergekit(doc: dict, out: Path) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    cfg = MergeConfiguration.model_validate(doc)
-    run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+    _run_mergekit(MERGEKIT, doc, out)
 
 
 def _models(base, ft, with_base, **per_model):
@@ -108,13 +113,15 @@ def test_gradient_slerp_and_frankenmerge_examples_match(llama5, llama5_finetuned
     """mergekit's own example configs (tests/merge/fixtures), run by both tools. They say ``dtype:
     float16``: mergekit then computes in float16, fuseflow in float32 (rounding once, at the end), so
     mergekit runs them with ``dtype: float32, out_dtype: float16`` and the two must agree but for slerp's
-    float64 angle (one float16 step at most)."""
+    and model_stock's float64 statistics (one float16 step at most). della.yml is not compared: its
+    random masks come from different generators (see the module docstring)."""
     fixtures = Path(__file__).parent / "fixtures"
     a, b, c = llama5_finetuned
     two = {"MODEL_A": llama5, "MODEL_B": b}
     for name, models, atol in (
         ("gradient-slerp.yml", two, 1e-3), ("frankenmerge.yml", two, 0.0),
         ("ties.yml", {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5}, 0.0),
+        ("model-stock.yml", {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5}, 1e-3),
     ):
         text = (fixtures / name).read_text()
         for key, path in models.items():
@@ -126,7 +133,7 @@ def test_gradient_slerp_and_frankenmerge_examples_match(llama5, llama5_finetuned
         ours, theirs = _weights(tmp_path / f"ff-{name}"), _weights(tmp_path / f"mk-{name}")
         assert ours.keys() == theirs.keys(), name
         for k in ours:
-            # One float16 step at the tensor's largest magnitude (2^-10 relative) for slerp.
+            # One float16 step at the tensor's largest magnitude (2^-10 relative) for slerp, model_stock.
             diff = (ours[k].float() - theirs[k].float()).abs().max().item()
             assert diff <= atol * max(theirs[k].abs().max().item(), 1.0), (name, k, diff)
 
