@@ -1,6 +1,7 @@
 """mergekit YAML read as it is: parameter resolution (filters, gradients), slices (frankenmerges), mergekit's
-defaults, errors naming the field; mergekit's own example configs (tests/merge/fixtures, on tiny models)
-merged end to end and checked tensor by tensor against the methods applied by hand."""
+defaults, errors naming the field; mergekit's own example configs (tests/merge/fixtures, on tiny models:
+gradient-slerp with slices, ties, the orcamini-platy frankenmerge, and della / model_stock files of the
+same shape) merged end to end and checked tensor by tensor against the methods applied by hand."""
 
 from __future__ import annotations
 
@@ -197,6 +198,76 @@ def test_ties_example_with_per_model_gradients_and_filters(llama5, llama5_finetu
             density = density[0]
         want = MERGE_METHODS["ties"].fn([w[name] for w in ws], base[name], density=density, weights=weights)
         assert torch.equal(tensor, want.half()), name
+
+
+def _fuseflow_merge(cfg: Path, out: Path) -> None:
+    """``fuseflow merge CFG output=OUT`` through the CLI wrapper, as a user runs it."""
+    from fuseflow.cli import main as fuseflow
+
+    assert fuseflow(["merge", str(cfg), f"output={out}", "--no-progress"]) == 0
+
+
+def test_della_example_shape_with_gradients_filters_and_mergekit_defaults(llama5, llama5_finetuned, tmp_path):
+    from fuseflow.merge.execute import tensor_seed
+
+    a, b, c = llama5_finetuned
+    cfg = _fixture(tmp_path, "della.yml", {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5})
+    out = tmp_path / "della"
+    _fuseflow_merge(cfg, out)
+    merged, base = _weights(out), _weights(llama5)
+    ws = [_weights(m) for m in (a, b, c)]
+    assert merged.keys() == base.keys()
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float16
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        pos = 0.0 if layer is None else layer / 4
+        want = MERGE_METHODS["della"].fn(
+            [w[name] for w in ws], base[name],
+            density=[_lerp([0.7, 0.5, 0.3], pos), 0.5, 0.6],
+            epsilon=[0.1, 0.15, 0.15],  # MODEL_C: mergekit's default epsilon
+            weights=[1.0, 0.5 if "mlp" in name else 0.8, 0.3],
+            normalize=True, consensus=True, scaling=0.9,
+            rescale="l1",  # mergekit's della default rescale: true
+            seed=tensor_seed(0, name),  # fuseflow's seed (0 unless seed=... is given), per tensor
+        )
+        assert torch.equal(tensor, want.half()), name
+
+
+def test_model_stock_example_shape_merges_unchanged(llama5, llama5_finetuned, tmp_path):
+    a, b, c = llama5_finetuned
+    cfg = _fixture(tmp_path, "model-stock.yml", {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5})
+    out = tmp_path / "model-stock"
+    _fuseflow_merge(cfg, out)
+    merged, base = _weights(out), _weights(llama5)
+    ws = [_weights(m) for m in (a, b, c)]
+    assert merged.keys() == base.keys()
+    for name, tensor in merged.items():
+        want = MERGE_METHODS["model_stock"].fn([w[name] for w in ws], base[name], filter_wise=False)
+        assert torch.equal(tensor, want.half()), name
+        # Model Stock interpolates between the base and the models' average: strictly inside for these.
+        avg = sum(w[name] for w in ws) / 3
+        if name.endswith("proj.weight"):
+            assert (tensor.float() - base[name]).norm() < (avg - base[name]).norm(), name
+
+
+@pytest.mark.parametrize(
+    "fixture", ["gradient-slerp.yml", "ties.yml", "della.yml", "model-stock.yml", "frankenmerge.yml"]
+)
+def test_example_configs_run_through_the_fuseflow_cli(fixture, llama5, llama5_finetuned, tmp_path):
+    """Each method family's example, unchanged but for model paths, through ``fuseflow merge``: a
+    loadable model with every tensor finite."""
+    from transformers import AutoModelForCausalLM
+
+    a, b, c = llama5_finetuned
+    text = (FIXTURES / fixture).read_text()
+    models = {"MODEL_A": a, "MODEL_B": b, "MODEL_C": c, "BASE": llama5} if "BASE" in text else {"MODEL_A": llama5, "MODEL_B": a}
+    cfg = _fixture(tmp_path, fixture, models)
+    out = tmp_path / "out"
+    _fuseflow_merge(cfg, out)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert all(torch.isfinite(t.float()).all() for t in _weights(out).values())
 
 
 def test_dry_run_refuses_an_input_model_as_output(llama5, llama5_finetuned, tmp_path, capsys):
