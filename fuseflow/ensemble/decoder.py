@@ -22,8 +22,9 @@ Choices made here where the paper leaves room:
   known once the next character is (one token of look-ahead): that token is not thrown away but kept as
   the source's *carry*, the start of its next proposal if its candidate wins.
 - The max-segment guard: past ``segment_max_tokens`` tokens without a word boundary, any common token
-  boundary is accepted (never a cut inside any source's token); past ``4 × segment_max_tokens`` the
-  longest clean prefix is proposed (``Segment.at_common_boundary`` is then false).
+  boundary not right after whitespace is accepted (never a cut inside any source's token); past
+  ``4 × segment_max_tokens`` the longest clean prefix is proposed (``Segment.at_common_boundary`` is then
+  false).
 - A teacher without ``stop_when`` (a served teacher, vLLM) proposes in windows of ``segment_max_tokens``
   tokens, checked after each window; the tokens past the cut are its carry as well.
 - A proposer scores its own candidate with the logprobs it generated it with (the same numbers a scoring
@@ -249,10 +250,10 @@ class _Proposal:
         text = self.text()
         n = len(text)
         ends = self.char_ends(text)
-        own = own_token_mask(ends, n)  # [n + 1]
-        strict = own & space_boundary_mask(text)
-        if d.boundary == "word":
-            strict &= word_boundary_mask(text)
+        # Whitespace joins the next word under every rule, the guard's included (a lone " " before SmolLM2's
+        # split digits is a common token boundary): only the last-resort cut below may end on whitespace.
+        own = own_token_mask(ends, n) & space_boundary_mask(text)  # [n + 1]
+        strict = own & word_boundary_mask(text) if d.boundary == "word" else own
         # The max-segment guard: past segment_max_tokens, any common token boundary (never inside a token).
         guard = len(self.body) >= d.segment_max_tokens
         include_end = self.stopped

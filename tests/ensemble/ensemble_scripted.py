@@ -66,7 +66,25 @@ class ScriptedTeacher:
         return out
 
 
-def scripted_source(name, tokenizer, script, likes, **kw) -> EnsembleSource:
-    teacher = ScriptedTeacher(tokenizer, script, likes, **kw)
+class StreamingScriptedTeacher(ScriptedTeacher):
+    """As :class:`ScriptedTeacher`, with ``stop_when`` called after each token, as the in-process ``hf``
+    engine does: the decoder then cuts inside the generation, on partial proposals."""
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop_token_ids=(), seed=None,
+                 stop_when=None):
+        g = super().generate(prompt_ids, max_new_tokens, temperature, top_p, stop_token_ids, seed)
+        if stop_when is None:
+            return g
+        for n in range(1, g.token_ids.size + 1):
+            if int(g.token_ids[n - 1]) in set(stop_token_ids):
+                break
+            if stop_when(g.token_ids[:n].copy()):
+                return Generated(g.token_ids[:n], g.logprobs[:n], "stop")
+        return g
+
+
+def scripted_source(name, tokenizer, script, likes, streaming: bool = False, **kw) -> EnsembleSource:
+    """``streaming``: the teacher takes ``stop_when`` (:class:`StreamingScriptedTeacher`)."""
+    teacher = (StreamingScriptedTeacher if streaming else ScriptedTeacher)(tokenizer, script, likes, **kw)
     return EnsembleSource(name=name, teacher=teacher, tokenizer=tokenizer, max_length=teacher.max_length,
                           stop_token_ids=(tokenizer.eos_token_id,))

@@ -103,10 +103,11 @@ def test_duplicate_source_names_and_unknown_rerank_are_refused(bpe_tokenizer):
         CoolFusionDecoder([a], rerank="best")
 
 
-def test_identical_candidates_are_not_scored_and_every_proposer_is_credited(bpe_tokenizer, spm_tokenizer):
+@pytest.mark.parametrize("streaming", [False, True], ids=["window", "stop_when"])
+def test_identical_candidates_are_not_scored_and_every_proposer_is_credited(bpe_tokenizer, spm_tokenizer, streaming):
     script = " one two three"
-    a = scripted_source("a", bpe_tokenizer, script, likes=script)
-    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    a = scripted_source("a", bpe_tokenizer, script, likes=script, streaming=streaming)
+    b = scripted_source("b", spm_tokenizer, script, likes=script, streaming=streaming)
     c = _decode([a, b])
     assert c.text == script and c.finish_reason == "stop"
     assert a.teacher.score_calls == b.teacher.score_calls == 0  # the single-candidate shortcut
@@ -125,23 +126,23 @@ def test_distinct_candidates_are_scored_once_per_source_per_step(bpe_tokenizer, 
     assert a.teacher.score_calls == b.teacher.score_calls == contested
 
 
-def test_whitespace_joins_the_next_word(bpe_tokenizer, spm_tokenizer):
+@pytest.mark.parametrize("streaming", [False, True], ids=["window", "stop_when"])
+def test_whitespace_joins_the_next_word(bpe_tokenizer, spm_tokenizer, streaming):
     """No segment is only whitespace or ends on it (but the final one): a space or newline before a word,
     a digit or punctuation belongs to that word's segment."""
     script = " 4 2 apples.\n\nQuestion:  how  many ?\n"
-    a = scripted_source("a", bpe_tokenizer, script, likes=script)
-    b = scripted_source("b", spm_tokenizer, script, likes=script)
+    a = scripted_source("a", bpe_tokenizer, script, likes=script, streaming=streaming)
+    b = scripted_source("b", spm_tokenizer, script, likes=script, streaming=streaming)
     c = _decode([a, b])
     assert c.text == script and len(c.segments) > 5
     for s in c.segments[:-1]:
         assert s.text.strip() and not s.text[-1].isspace(), [x.text for x in c.segments]
 
 
-@pytest.mark.parametrize("boundary", ["word", "token"])
-def test_cuts_are_never_inside_a_token_of_any_source(bpe_tokenizer, spm_tokenizer, boundary, monkeypatch):
-    """Long words, many tokens without a space: past segment_max_tokens the guard cuts at a boundary of every
-    source's tokenization of the text known when cutting (the text so far + the whole proposal), never inside
-    a token of either tokenizer; every cut is checked as it is made."""
+def _check_cuts(tokenizers, script, monkeypatch, streaming, prompt=PROMPT, **kw):
+    """Decode ``script`` (every source proposes it, likes it) and check every cut as it is made: at a token
+    boundary of every source's tokenization of the text known when cutting (the text so far + the whole
+    proposal), never right after whitespace. Returns (completion, cuts inside words)."""
     from fuseflow.ensemble import decoder as decoder_module
 
     cuts = []
@@ -152,22 +153,71 @@ def test_cuts_are_never_inside_a_token_of_any_source(bpe_tokenizer, spm_tokenize
         return original(self, position, at_boundary)
 
     monkeypatch.setattr(decoder_module._Proposal, "candidate", spy)
-    script = " Antidisestablishmentarianism counterrevolutionaries, pneumonoultramicroscopic."
-    a = scripted_source("a", bpe_tokenizer, script, likes=script)
-    b = scripted_source("b", spm_tokenizer, script, likes=script)
-    c = _decode([a, b], segment_max_tokens=2, boundary=boundary)
-    assert c.text == script and len(c.segments) > 3 and all(s.at_common_boundary for s in c.segments)
+    sources = [scripted_source(f"s{k}", tok, script, likes=script, streaming=streaming)
+               for k, tok in enumerate(tokenizers)]
+    c = _decode(sources, prompt=prompt, **kw)
+    assert c.text == script and all(s.at_common_boundary for s in c.segments)
+    assert len(cuts) >= len(c.segments)
     inside_words = 0
     for contexts, text, position, stopped in cuts:
         if stopped and position == len(text):
             continue  # the end of a final proposal
         assert 0 < position < len(text)
-        for context, tok in zip(contexts, (bpe_tokenizer, spm_tokenizer)):
+        for context, tok in zip(contexts, tokenizers):
             offsets = tok(context + text, return_offsets_mapping=True)["offset_mapping"]
-            assert token_boundary_mask(offsets, len(context), len(text))[position], (text, position)
+            assert token_boundary_mask(offsets, len(context), len(text))[position], (tok.name_or_path, text, position)
         assert not text[position - 1].isspace()  # whitespace joins the next word
         inside_words += text[position - 1].isalnum() and text[position].isalnum()
+    return c, inside_words
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["window", "stop_when"])
+@pytest.mark.parametrize("boundary", ["word", "token"])
+def test_cuts_are_never_inside_a_token_of_any_source(bpe_tokenizer, spm_tokenizer, boundary, streaming, monkeypatch):
+    """Long words, many tokens without a space: past segment_max_tokens the guard cuts at a boundary of every
+    source's tokenization, never inside a token of either tokenizer, whether the proposal is cut after a
+    window (a served teacher) or inside the generation (``stop_when``, the in-process engine)."""
+    script = " Antidisestablishmentarianism counterrevolutionaries, pneumonoultramicroscopic."
+    c, inside_words = _check_cuts([bpe_tokenizer, spm_tokenizer], script, monkeypatch, streaming,
+                                  segment_max_tokens=2, boundary=boundary)
+    assert len(c.segments) > 3
     assert inside_words > 0  # the guard did cut long words
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["window", "stop_when"])
+def test_word_rule_cuts_only_between_words_before_the_guard(bpe_tokenizer, spm_tokenizer, streaming, monkeypatch):
+    """Short words and a generous guard: the ``word`` rule never cuts between two word characters."""
+    script = " one two, three 42 four.\nfive-six seven"
+    c, inside_words = _check_cuts([bpe_tokenizer, spm_tokenizer], script, monkeypatch, streaming,
+                                  segment_max_tokens=16, boundary="word")
+    assert inside_words == 0 and len(c.segments) >= 6
+
+
+def _pretrained_tokenizer(name: str):
+    from pathlib import Path
+
+    # The converted HF dirs live in the user's cache; the test session points FUSEFLOW_CACHE elsewhere.
+    dirs = [d for d in sorted((Path.home() / ".cache" / "fuseflow" / "hf").glob(f"{name}-*"))
+            if (d / "tokenizer.json").exists()]
+    if not dirs:
+        pytest.skip(f"{name} is not converted in ~/.cache/fuseflow (fuseflow models prepare {name})")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(dirs[0]), local_files_only=True)
+
+
+@pytest.mark.pretrained
+@pytest.mark.parametrize("streaming", [False, True], ids=["window", "stop_when"])
+@pytest.mark.parametrize("script", [
+    " Die Datei wird mit Zugriffsberechtigungsüberprüfung geöffnet, z.B. 0644 (Standardeinstellung).",
+    " L'option --no-préserve-racine désactive la vérification ; voir « chmod(1) ».\n\n  Exemple : 42",
+    " The function os.path.join() returns 'a/b' unless PYTHONDONTWRITEBYTECODE=1.",
+])
+def test_cuts_are_never_inside_a_token_of_smollm2_or_gemma3(script, streaming, monkeypatch):
+    """The real pair (byte-level BPE 49k vs SentencePiece 262k) on German, French and English technical
+    text with long compounds, digits, accents and punctuation: every cut is a boundary of both."""
+    tokenizers = [_pretrained_tokenizer("smollm2-135m"), _pretrained_tokenizer("gemma3-270m")]
+    _check_cuts(tokenizers, script, monkeypatch, streaming, prompt="Text:", segment_max_tokens=3)
 
 
 # ----------------------------------------------------------------------------------------------------------
