@@ -105,6 +105,9 @@ class EvalConfig(_Strict):
         description="next-word: en (the built-in corpus) and manpages:LANG codes, each reported on its own",
     )
     context_chars: int = Field(600, ge=50, description="next-word: characters of passage before the word")
+    split: Literal["test", "dev"] = Field(
+        "test", description="next-word: 'test' (reported) or 'dev' (for tuning): alternate held-out documents"
+    )
     shots: int = Field(4, ge=0, description="solved examples in front of each problem")
     seed: int = 0
     max_tokens: int = Field(16, ge=1, description="tokens generated per answer")

@@ -296,7 +296,7 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
         task = get_task(e.task)
         t0 = time.perf_counter()
         results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems,
-                           languages=e.languages, context_chars=e.context_chars)
+                           languages=e.languages, context_chars=e.context_chars, split=e.split)
         bpb = None
         if e.heldout_chars:
             from fuseflow.models import builtin_text
@@ -305,6 +305,8 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
             bpb = heldout_bits_per_byte(sources, text, e.heldout_chunk_chars)
         return {
             "task": e.task,
+            "split": e.split,
+            "languages": list(e.languages),
             "num_problems": e.num_problems,
             "shots": e.shots,
             "seed": e.seed,

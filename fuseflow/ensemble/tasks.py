@@ -185,19 +185,30 @@ def passage_problems(text: str, doc_id: str, group: str, context_chars: int, rng
     return out
 
 
+SPLITS = ("test", "dev")
+
+
 @register_task("next-word", stop=(), kind="next-word")
 def next_word(n: int, seed: int, languages: Sequence[str] = ("en", "de", "fr", "es"), context_chars: int = 600,
-              held_out_fraction: float = 0.2, per_document: int = 2, **_) -> list[Problem]:
+              held_out_fraction: float = 0.2, per_document: int = 2, split: str = "test", **_) -> list[Problem]:
     """``n`` problems per language from the held-out documents of that language's corpus (the split of
-    :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document."""
+    :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document.
+
+    ``split``: the held-out documents alternate between ``test`` (even positions in the held-out stream: the
+    reported figures) and ``dev`` (odd positions: for choosing a decoding setting), so the two never share a
+    passage, whatever ``n``."""
     from fuseflow.corpus import CorpusConfig, iter_documents
 
+    if split not in SPLITS:
+        raise ValueError(f"next-word: split must be one of {SPLITS} (eval.split), got {split!r}")
     out = []
     for language in languages:
         cfg = CorpusConfig(source=corpus_source_of(language), held_out_fraction=held_out_fraction, seed=seed)
         rng = np.random.default_rng([seed, len(out)])
         problems: list[Problem] = []
-        for doc in iter_documents(cfg, "held_out"):
+        for k, doc in enumerate(iter_documents(cfg, "held_out")):
+            if k % 2 != SPLITS.index(split):
+                continue
             if doc.text and len(doc.text) > context_chars + 20:
                 problems += passage_problems(doc.text, f"{language}/{doc.index}", language, context_chars, rng,
                                              per_document)

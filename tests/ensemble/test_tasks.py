@@ -71,3 +71,15 @@ def test_next_word_problems_are_held_out_passages_ending_before_their_word():
         assert text[: int(pos)].endswith(p.question) and text[int(pos) :].startswith(" " + p.answer)
         assert task.prompt(p, task.shots(2, 0)) == p.question
         assert task.correct(f" {p.answer}, and more", p) and not task.correct(f" {p.answer}x", p)
+
+
+def test_next_word_dev_and_test_splits_share_no_document():
+    task = get_task("next-word")
+    test = task.problems(6, seed=0, languages=["en"], context_chars=200)
+    dev = task.problems(6, seed=0, languages=["en"], context_chars=200, split="dev")
+    assert len(test) == len(dev) == 6
+    docs = lambda ps: {p.id.split("@")[0] for p in ps}  # noqa: E731
+    assert docs(test).isdisjoint(docs(dev))
+    assert test == task.problems(6, seed=0, languages=["en"], context_chars=200, split="test")
+    with pytest.raises(ValueError, match="eval.split"):
+        task.problems(2, seed=0, languages=["en"], split="train")
