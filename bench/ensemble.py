@@ -44,17 +44,54 @@ def prompts_from_corpus(n: int, chars: int, offset: int = 300_000) -> list[str]:
     return out
 
 
+# The engine methods whose forwards are told apart: a proposal's generation, the rerank's scoring.
+PHASES = ("generate", "score_continuations", "score_tails", "score_ids")
+
+
 class ForwardCounter:
-    """Counts forward calls of an engine's decoder trunk (or of the whole model when it has none)."""
+    """Counts forward calls of an engine's decoder trunk (or of the whole model when it has none), and the
+    positions they run, per phase: which engine method made the call (:data:`PHASES`). Within ``generate``
+    the first forward of a call (the prompt's uncached tail: a prefill) is told from the one-token steps."""
 
     def __init__(self, engine):
         model = engine.model
         trunk = model.get_decoder() if hasattr(model, "get_decoder") else None
         self.calls = 0
-        (trunk if trunk is not None and trunk is not model else model).register_forward_pre_hook(self._hook)
+        self.by_phase: dict[str, list[int]] = {}  # phase → [calls, positions]
+        self._phase, self._first = "other", False
+        (trunk if trunk is not None and trunk is not model else model).register_forward_pre_hook(
+            self._hook, with_kwargs=True
+        )
+        for name in PHASES:
+            if hasattr(engine, name):
+                setattr(engine, name, self._wrap(name, getattr(engine, name)))
 
-    def _hook(self, module, args):
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self._phase, self._first = name, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._phase = "other"
+
+        wrapped.__signature__ = __import__("inspect").signature(fn)  # the decoder checks for stop_when
+        return wrapped
+
+    def _hook(self, module, args, kwargs):
         self.calls += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        positions = int(ids.numel()) if ids is not None else int(emb.shape[0] * emb.shape[1]) if emb is not None else 0
+        phase = self._phase
+        if phase == "generate":
+            phase = "generate: prefill" if self._first else "generate: step"
+        self._first = False
+        row = self.by_phase.setdefault(phase, [0, 0])
+        row[0] += 1
+        row[1] += positions
+
+    def snapshot(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self.by_phase.items()}
 
 
 def build_sources(args):
@@ -85,19 +122,24 @@ def run_system(name, sources, counters, decoder, prompts, max_tokens):
     params = DecodeParams(max_tokens=max_tokens, temperature=0.0)
     names = [s.name for s in sources]
     row = {"system": name, "tokens": 0, "chars": 0, "seconds": 0.0, "forward_calls": {n: 0 for n in names},
-           "segments": 0, "contested": 0, "texts": []}
+           "segments": 0, "contested": 0, "texts": [], "phases": {}}
     for text in prompts:
         for s in sources:
             s.teacher.prefix_cache.clear()  # every request starts cold, as a new prompt would
         before = [c.calls for c in counters]
+        phases_before = [c.snapshot() for c in counters]
         t0 = time.perf_counter()
         if name == "cool-fusion":
             c = decoder.generate(completion_prompt(sources, text), params)
         else:
             c = generate_single(sources[names.index(name)], text, True, params)
         row["seconds"] += time.perf_counter() - t0
-        for n, counter, b in zip(names, counters, before):
+        for n, counter, b, pb in zip(names, counters, before, phases_before):
             row["forward_calls"][n] += counter.calls - b
+            for phase, (calls, positions) in counter.snapshot().items():
+                acc = row["phases"].setdefault(n, {}).setdefault(phase, [0, 0])
+                acc[0] += calls - pb.get(phase, [0, 0])[0]
+                acc[1] += positions - pb.get(phase, [0, 0])[1]
         row["tokens"] += c.completion_tokens
         row["chars"] += len(c.text)
         row["segments"] += len(c.segments)
@@ -157,6 +199,15 @@ def main(argv=None) -> int:
         f"{fused['ms_per_char'] / slowest_char:.2f}x per character "
         f"({len(prompts)} prompts, {args.max_tokens} max tokens, torch threads {torch.get_num_threads()})"
     )
+    lines.append("")
+    lines.append("| system | source | phase | forward calls | positions run | calls / generated token |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in rows:
+        for n, phases in r["phases"].items():
+            for phase, (calls, positions) in sorted(phases.items()):
+                if calls:
+                    lines.append(f"| {r['system']} | {n} | {phase} | {calls} | {positions} | "
+                                 f"{calls / max(r['tokens'], 1):.2f} |")
     print("\n".join(lines) + summary)
     result = {
         "sources": [s.name for s in sources],
