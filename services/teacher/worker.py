@@ -195,7 +195,7 @@ class WorkerThreads:
     """One :func:`run_worker` thread per aligner, in this process: ``fuseflow fuse``'s teachers on the
     in-process transport (issue 13), and the tests' teachers on any transport. ``transport_factory()`` gives each
     thread its transport (one Redis connection each; the in-process transport is shared). :meth:`stop` ends
-    them and re-raises the first error a worker died of."""
+    them and re-raises the first error a worker died of; :meth:`check` raises it while they run."""
 
     def __init__(self, aligners, transport_factory, *, batch_size: int = 8, block_ms: int = 100,
                  reclaim_idle_ms: int = 30_000):
@@ -217,6 +217,12 @@ class WorkerThreads:
             thread = threading.Thread(target=work, daemon=True, name=f"teacher-{aligner.name}")
             thread.start()
             self.threads.append(thread)
+
+    def check(self) -> None:
+        """Raise the first error a worker thread died of: the run cannot get that teacher's answers any more, so
+        the trainer calls this while it waits for them (``run_online(check_teachers=…)``) and ends at once."""
+        if self.errors:
+            raise self.errors[0]
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self.stop_event.set()

@@ -97,9 +97,10 @@ def train_in_process(
     teachers = build_teachers(cfg, cfg.sources, load_tokenizer(cfg.target.model))
     transport = InProcessTransport("fuse", [t.name for t in teachers], window=default_window(cfg, 1))
     try:
-        with WorkerThreads(teachers, lambda: transport, batch_size=worker_batch_size):
+        # A worker thread that dies (its engine fails on every sample) ends the run with its error at once.
+        with WorkerThreads(teachers, lambda: transport, batch_size=worker_batch_size) as workers:
             return run_online(cfg, transport, out=out, samples=list(samples) if samples is not None else None,
-                              progress=progress)
+                              progress=progress, check_teachers=workers.check)
     finally:
         del teachers
         gc.collect()

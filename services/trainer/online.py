@@ -98,6 +98,7 @@ class ReadyFeed:
         stall_timeout_s: float = 120.0,
         check: Callable[[ReadySample], dict[str, str]] | None = None,
         redispatch: bool = True,
+        check_teachers: Callable[[], None] | None = None,
     ):
         self.transport = transport
         self.consumer = consumer
@@ -111,6 +112,7 @@ class ReadyFeed:
         self.skipped = 0  # redelivered samples that a checkpoint already covered
         self.check = check  # the trust boundary: {teacher: reason} for answers that cannot be trained on
         self.redispatch = redispatch
+        self.check_teachers = check_teachers  # raises when a teacher can no longer answer (a dead worker thread)
         self.rejected = 0
         self._unacked: dict[str, ReadySample] = {}  # trained, waiting for the checkpoint that covers them
         self._skip: set[str] | None = None
@@ -154,6 +156,8 @@ class ReadyFeed:
     def _fill(self) -> list[ReadySample]:
         batch: list[ReadySample] = []
         while len(batch) < self.micro_batch:
+            if self.check_teachers is not None:
+                self.check_teachers()
             need = self.micro_batch - len(batch)
             got = retrying(lambda: self.transport.next_ready(self.consumer, need, self.poll_ms), "next_ready")
             for r in got:
@@ -212,6 +216,7 @@ def run_online(
     progress: bool = True,
     metrics=None,
     poll_ms: int = 100,
+    check_teachers: Callable[[], None] | None = None,
 ):
     """The one recipe (issue 13): dispatch the corpus into ``transport`` and train ``cfg.target`` on its ready
     samples until the epoch ends; returns the loop's ``TrainResult``. Teachers answer on the other side of the
@@ -223,7 +228,10 @@ def run_online(
     ``out``: the run's output folder (default ``run_dir/fused``); ``samples``: the training samples when the
     caller has split the corpus already (default: :func:`prepare_corpus` on rank 0). A ``per_process``
     transport (in-process) serves one rank: every rank dispatches its own shard ``samples[rank::world]``.
-    ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None."""
+    ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None. ``check_teachers``: called
+    while the trainer waits for samples, raises to end the run (in-process teachers: the error a worker thread
+    died of, :meth:`fuseflow.teacher.worker.WorkerThreads.check`; served teachers are replaced by their
+    supervisor instead, their pending work reclaimed)."""
     import torch.distributed as dist
 
     from fuseflow.models import load
@@ -287,7 +295,7 @@ def run_online(
         trained_ids_path(out, rank, world), poll_ms=poll_ms,
         on_batch=metrics.observe_batch if metrics is not None else None,
         check=result_check(target.model, target.tokenizer, teachers),
-        redispatch=cfg.train.rejected_results == "redispatch",
+        redispatch=cfg.train.rejected_results == "redispatch", check_teachers=check_teachers,
     )
     try:
         result = train(

@@ -130,7 +130,7 @@ def test_feed_reports_a_window_too_small_for_a_checkpoint_interval():
     threading.Thread(target=teacher, daemon=True).start()
     feed = ReadyFeed(tr, "rank0", micro_batch=1, grad_accum=1, trained_log="/nonexistent", poll_ms=10,
                      stall_timeout_s=0.5)
-    with pytest.raises(RuntimeError, match="raise --window or lower train.checkpoint_every"):
+    with pytest.raises(RuntimeError, match=r"raise online\.window \(--window\) or lower train\.checkpoint_every"):
         for _ in feed:  # never acked: as if no checkpoint came
             pass
     stop.set()

@@ -150,3 +150,29 @@ def test_zero3_with_the_chunked_loss_is_a_config_error(tmp_path, tiny_llama, tin
 
     with pytest.raises(ConfigError, match="zero_stage 3 needs loss_impl: fused"):
         _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, **{"train.zero_stage": 3, "train.loss_impl": "chunked"})
+
+
+class _BrokenTeacher:
+    """A teacher whose engine fails on every sample (a lost device): its worker thread dies of EngineFailure."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def run(self, samples):
+        raise RuntimeError("CUDA error: device lost")
+
+
+@pytest.mark.slow
+def test_a_dead_teacher_thread_ends_the_run_with_its_error(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, monkeypatch):
+    """A teacher worker thread that dies ends `fuseflow fuse` with the worker's own error, instead of the trainer
+    waiting for answers that cannot come until its stall timeout (issue 13)."""
+    import fuseflow.trainer.knowledge_fusion as kf
+    from fuseflow.teacher.worker import EngineFailure
+
+    build = kf.build_teachers
+    monkeypatch.setattr(kf, "build_teachers", lambda cfg, sources, tok, stats_texts=None: [
+        _BrokenTeacher(t.name) if t.name == "qwen" else t for t in build(cfg, sources, tok, stats_texts)])
+    cfg = _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, baseline="none", **{"eval.before": "false"})
+    with pytest.raises(EngineFailure, match="teacher qwen fails on every sample: RuntimeError..CUDA error: device lost"):
+        kf.run_fuse(cfg, progress=False)
+    assert not (tmp_path / "run" / "fused" / "model").exists()
