@@ -4,6 +4,10 @@ array fields, malformed protobuf as INVALID_ARGUMENT, and RSS bounded under conc
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from test_grpc_server import GatedEngine
 
+from fuseflow.models import builtin_text
 from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import TEXT_BYTES_PER_TOKEN, ServerOptions, build_server
 from fuseflow.wire.client import BUSY_KEY, TeacherBusy, TeacherClient, TeacherRequestError
@@ -248,3 +253,132 @@ def test_array_fields_of_the_wrong_rank_or_dtype_are_invalid_argument_naming_the
         with pytest.raises(TeacherRequestError) as err:
             c.score_tails([flat, flat.reshape(2, 4)], [2, 2])
         assert err.value.index == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory under concurrent large requests (issue 15, item 4: 20 concurrent 1 MB calls took RSS from 1.0 to
+# 5.3 GB and it stayed at 4.1 GB).
+# ----------------------------------------------------------------------------------------------------------
+
+# Upper bounds of what one request can hold in the server, per byte of its own size; each limit below is the
+# only thing that keeps the product bounded, so removing one (or raising its default) fails the test.
+TOKENIZE_BYTES_PER_TEXT_BYTE = 400  # measured ~260 with offsets on the test BPE tokenizer (module docstring of request_batcher: ~250)
+COPIES_OF_A_REQUEST = 4  # gRPC's buffer, the parsed message, the Python str, its UTF-8 for the byte check
+HELD_BYTES_PER_TOKEN = 32  # int32 ids + [L, 2] int32 offsets, as arrays and again in the response message
+RUNTIME_SLACK_BYTES = 256 << 20  # allocator arenas, RPC thread stacks touched, lazily imported modules
+
+
+def rss_bound(max_tokenizing: int, text_bytes: int, max_concurrent_rpcs: int, receive_limit: int, max_tokens: int) -> int:
+    """Growth of the server's RSS the configured limits allow: ``max_tokenizing`` tokenizer calls at
+    ~250 bytes per text byte, and every admitted call holding its request and its token arrays."""
+    tokenizing = max_tokenizing * text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE
+    held = max_concurrent_rpcs * (COPIES_OF_A_REQUEST * receive_limit + HELD_BYTES_PER_TOKEN * max_tokens)
+    return tokenizing + held + RUNTIME_SLACK_BYTES
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak RSS since the last reset) of ``pid``, in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _reset_peak(pid: int) -> bool:
+    """Reset ``pid``'s VmHWM to its current RSS (Linux >= 4.0); False where not allowed, and the peak then
+    includes the model load (the bound only gets stricter to pass, never looser)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def served_process(tiny_llama, tmp_path):
+    """``start(*flags) -> (Popen, address)``: ``fuseflow teacher serve`` on the tiny Llama in a child process
+    (so its RSS is its own), on loopback; stopped at teardown."""
+    procs = []
+
+    def start(*flags):
+        log = tmp_path / f"serve-{len(procs)}.log"
+        cmd = [sys.executable, "-m", "fuseflow.teacher.serve", "--model", str(tiny_llama), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
+        env = dict(os.environ, OMP_NUM_THREADS="1", FUSEFLOW_LOG_FORMAT="text")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        procs.append(proc)
+        deadline = time.monotonic() + 120
+        while True:
+            found = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", log.read_text())
+            if found:
+                return proc, f"127.0.0.1:{found.group(1)}"
+            assert proc.poll() is None, f"the teacher exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the teacher did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+def test_rss_stays_bounded_under_concurrent_large_requests(served_process):
+    """20 concurrent ~1 MB Tokenize and Score calls to a teacher that accepts 1 MiB of text per request:
+    each is tokenized (the memory-hungry step) and then refused for its tokens; the server's peak and final
+    RSS growth stay under what its limits allow - far under the 20 x 260 MB that 20 tokenizer calls at
+    once would hold - and it serves normally afterwards."""
+    n_calls, text_bytes, max_tokens, max_tokenizing = 20, 1 << 20, 16384, 2
+    options = ServerOptions(max_tokens=max_tokens, max_text_bytes=text_bytes, max_tokenizing=max_tokenizing)
+    proc, address = served_process("--max-tokens", str(max_tokens), "--max-text-bytes", str(text_bytes),
+                                   "--max-tokenizing", str(max_tokenizing))
+    corpus = builtin_text().encode("ascii", "ignore").decode()
+    text = (corpus * (text_bytes // len(corpus) + 1))[: text_bytes - 1024]  # ASCII: one byte per character
+    assert text.isascii() and len(text) > 1_000_000
+    with TeacherClient(address) as c:  # warm up: first calls import and allocate what every later one reuses
+        c.tokenize([PROSE]), c.score_texts([PROSE], top_k=4)
+        with pytest.raises(TeacherRequestError):
+            c.tokenize([text])
+    reset = _reset_peak(proc.pid)
+    before = _memory_kb(proc.pid)["VmRSS"] << 10
+
+    codes = []
+    barrier = threading.Barrier(n_calls)
+
+    def call(i: int) -> None:
+        with TeacherClient(address, timeout_s=600) as c:
+            barrier.wait()
+            try:
+                if i % 2:
+                    c.score_texts([text], top_k=4)
+                else:
+                    c.tokenize([text])
+                codes.append(grpc.StatusCode.OK)
+            except TeacherRequestError as e:
+                codes.append(e.code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n_calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert codes == [RES] * n_calls  # all admitted, tokenized and refused for their tokens, none lost
+    memory = _memory_kb(proc.pid)
+    peak, after = (memory["VmHWM"] << 10) - before, (memory["VmRSS"] << 10) - before
+    bound = rss_bound(max_tokenizing, text_bytes, options.max_concurrent_rpcs, options.receive_limit(), max_tokens)
+    unbounded = n_calls * text_bytes * 250  # what 20 tokenizer calls at once would hold
+    assert bound < unbounded / 2  # the bound is one the old server broke
+    assert peak <= bound, f"peak RSS grew {peak >> 20} MiB, over the limits' {bound >> 20} MiB (reset={reset})"
+    assert after <= bound, f"RSS stayed {after >> 20} MiB above its level before the load"
+    with TeacherClient(address) as c:
+        assert len(c.score_texts([PROSE], top_k=4)) == 1
+    assert proc.poll() is None
