@@ -84,8 +84,7 @@ class DecodingConfig(_Strict):
     def _known(cls, v: str) -> str:
         from fuseflow.ensemble.rerank import RERANKERS
 
-        if v not in RERANKERS:
-            raise ValueError(f"unknown rerank method {v!r}; choose one of {sorted(RERANKERS)}")
+        RERANKERS.lookup(v)
         return v
 
 

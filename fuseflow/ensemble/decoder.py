@@ -316,8 +316,7 @@ class CoolFusionDecoder:
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (sources[].name), got {names}")
-        if rerank not in RERANKERS:
-            raise ValueError(f"unknown rerank method {rerank!r} (decoding.rerank); choose one of {sorted(RERANKERS)}")
+        RERANKERS.lookup(rerank)
         if boundary not in ("word", "token"):
             raise ValueError(f"decoding.boundary must be 'word' or 'token', got {boundary!r}")
         if segment_max_tokens < 1:
