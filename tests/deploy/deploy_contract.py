@@ -231,6 +231,7 @@ def load_compose(env_overrides: dict[str, str] | None = None) -> dict:
     """docker-compose.yml with YAML merges resolved and variables substituted from .env.example, with dummy
     secrets filled in (the example leaves them empty on purpose)."""
     env = read_env_file(ENV_EXAMPLE)
-    env.update({"REDIS_PASSWORD": "pw", "FUSEFLOW_TEACHER_TOKEN": "tok"})
+    env.update({"REDIS_PASSWORD": "pw", "REDIS_TEACHER_PASSWORD": "tpw", "REDIS_TRAINER_PASSWORD": "rpw",
+                "FUSEFLOW_TEACHER_TOKEN": "tok"})
     env.update(env_overrides or {})
     return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)

@@ -61,12 +61,13 @@ def test_schema_validation_can_fail(compose, validator):
 
 def test_secrets_are_required_and_example_leaves_them_empty():
     env = read_env_file(ENV_EXAMPLE)
-    assert env["REDIS_PASSWORD"] == "" and env["FUSEFLOW_TEACHER_TOKEN"] == ""
+    secrets = ("REDIS_PASSWORD", "REDIS_TEACHER_PASSWORD", "REDIS_TRAINER_PASSWORD", "FUSEFLOW_TEACHER_TOKEN")
+    assert all(env[name] == "" for name in secrets)
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
-        interpolate(raw, env)
-    with pytest.raises(KeyError, match="FUSEFLOW_TEACHER_TOKEN"):
-        interpolate(raw, {**env, "REDIS_PASSWORD": "pw"})
+    for missing in secrets:
+        with pytest.raises(KeyError, match=missing):
+            interpolate(raw, {**env, **{name: "x" for name in secrets if name != missing}})
+    interpolate(raw, {**env, **{name: "x" for name in secrets}})
 
 
 def test_every_variable_has_a_value_in_env_example():
@@ -100,7 +101,8 @@ def test_profile_has_two_teachers_and_a_trainer_after_redis(compose, profile):
         if name == "redis":
             continue
         assert s["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert s["environment"]["FUSEFLOW_REDIS_URL"] == "redis://:pw@redis:6379/0"
+        user, password = ("trainer", "rpw") if "train" in s["command"] else ("teacher", "tpw")
+        assert s["environment"]["FUSEFLOW_REDIS_URL"] == f"redis://{user}:{password}@redis:6379/0"
         mounts = {v.split(":")[1] for v in s["volumes"]}
         assert {"/etc/fuseflow/run.yaml", "/cache", "/models", "/work/runs"} <= mounts
         image = s["image"]

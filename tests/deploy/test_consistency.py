@@ -301,28 +301,44 @@ def test_compose_teachers_serve_exactly_the_config_sources(compose, profile):
     assert run == Path(cfg.run_dir).name
 
 
+def _role(workload_or_service_name: str) -> str:
+    return "trainer" if "trainer" in workload_or_service_name else "teacher"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_redis_url_points_at_the_redis_service_with_its_password(rendered, overlay, tmp_path):
+def test_redis_urls_point_at_the_redis_service_as_each_roles_acl_user(rendered, overlay, tmp_path):
     import base64
 
     docs = rendered[overlay]
     (secret,) = find(docs, "Secret")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    url = urlparse(data["redis-url"])
     (svc,) = find(docs, "Service", "redis")
-    assert (url.scheme, url.hostname, url.port) == ("redis", svc["metadata"]["name"], svc["spec"]["ports"][0]["port"])
-    assert url.password == data["redis-password"]
-    assert set(data) == {"redis-password", "redis-url", "teacher-token"}
+    for role in ("teacher", "trainer"):
+        url = urlparse(data[f"{role}-redis-url"])
+        assert (url.scheme, url.hostname, url.port) == ("redis", svc["metadata"]["name"], svc["spec"]["ports"][0]["port"])
+        assert (url.username, url.password) == (role, data[f"{role}-redis-password"])
+    assert len({data["redis-password"], data["teacher-redis-password"], data["trainer-redis-password"]}) == 3
+    assert set(data) == {"redis-password", "teacher-redis-password", "trainer-redis-password", "teacher-redis-url",
+                         "trainer-redis-url", "teacher-token"}
+    for w in find(docs, "Deployment") + find(docs, "Job"):
+        env = env_of(pod_spec(w)["containers"][0])
+        key = env["FUSEFLOW_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"]
+        assert key == f"{_role(w['metadata']['name'])}-redis-url", w["metadata"]["name"]
 
 
-def test_compose_redis_url_matches_the_redis_service():
+def test_compose_redis_urls_match_the_redis_service_and_the_roles_acl_users():
     env = read_env_file(ENV_EXAMPLE)
-    c = load_compose({"REDIS_PASSWORD": "s3cret"})
+    c = load_compose({"REDIS_PASSWORD": "s3cret", "REDIS_TEACHER_PASSWORD": "t3", "REDIS_TRAINER_PASSWORD": "r3"})
+    passwords = {"teacher": "t3", "trainer": "r3"}
     for name, s in c["services"].items():
         if name == "redis":
             continue
+        role = _role(name)
         url = urlparse(s["environment"]["FUSEFLOW_REDIS_URL"])
-        assert (url.hostname, url.port, url.password) == ("redis", 6379, "s3cret")
-        assert not any("s3cret" in str(a) for a in s["command"]), f"{name}: the password is on its command line"
-    assert c["services"]["redis"]["environment"]["REDIS_PASSWORD"] == "s3cret"
+        assert (url.hostname, url.port, url.username, url.password) == ("redis", 6379, role, passwords[role]), name
+        assert not any(p in str(a) for a in s["command"] for p in ("s3cret", "t3", "r3")), \
+            f"{name}: a password is on its command line"
+    redis_env = c["services"]["redis"]["environment"]
+    assert (redis_env["REDIS_PASSWORD"], redis_env["REDIS_TEACHER_PASSWORD"], redis_env["REDIS_TRAINER_PASSWORD"]) == \
+        ("s3cret", "t3", "r3")
     assert env["FUSEFLOW_RUN"] == "quickstart"
