@@ -167,3 +167,23 @@ def test_serving_and_online_errors_name_the_field(tmp_path, words, argv, message
         [path, *argv] if words == "train" else ["--config", path, *argv])
     with pytest.raises(ConfigError, match=message):
         load_config(FuseConfig, args.config, args.overrides, flag_values(args))
+
+
+def test_gateway_flags_are_aliases_of_the_server_section():
+    from pathlib import Path
+
+    from fuseflow.cli import build_parser, commands
+    from fuseflow.config import flag_values
+    from fuseflow.ensemble.config import EnsembleConfig
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "ensemble.yaml")
+    parser = build_parser(commands()[("serve-ensemble",)])
+
+    def load(*argv):
+        args = parser.parse_intermixed_args([example, *argv])
+        return load_config(EnsembleConfig, args.config, args.overrides, flag_values(args))
+
+    assert load("--port", "8001", "--max-n", "2") == load("server.port=8001", "server.max_n=2")
+    assert load("--port", "8001").server.port == 8001
+    with pytest.raises(ConfigError, match=r"server\.max_concurrent \(--max-concurrent\): Input should be greater"):
+        load("--max-concurrent", "0")

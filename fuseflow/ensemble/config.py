@@ -89,8 +89,10 @@ class DecodingConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
+    """``fuseflow serve-ensemble``: the gateway's HTTP server (each field is also a flag: ``--max-n 4``)."""
+
+    host: str = Field("0.0.0.0", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     max_concurrent: int = Field(4, ge=1, description="requests decoded at once; more wait in line")
     queue_timeout_s: float = Field(60.0, gt=0, description="how long a request waits for a slot before a 503")
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")

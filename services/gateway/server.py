@@ -25,7 +25,8 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from fuseflow.ensemble.config import EnsembleConfig, build_decoder, build_sources, load_ensemble_config
+from fuseflow.config import add_field_flags, flag_values, load_config
+from fuseflow.ensemble.config import EnsembleConfig, ServerConfig, build_decoder, build_sources
 from fuseflow.ensemble.decoder import Completion, DecodeParams, StreamEvent, stream_single
 from fuseflow.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from fuseflow.gateway.protocol import (
@@ -425,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
-    p.add_argument("--host", default=None, help="address to bind (default: server.host, 0.0.0.0)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: server.port, 8000)")
+    add_field_flags(p, ServerConfig, "server")  # --port 8001 = server.port=8001
     return p
 
 
@@ -438,12 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.host is not None:
-        overrides.append(f"server.host={args.host}")
-    if args.port is not None:
-        overrides.append(f"server.port={args.port}")
-    cfg = load_ensemble_config(args.config, overrides)
+    cfg = load_config(EnsembleConfig, args.config, args.overrides, flag_values(args))
     sources = build_sources(cfg)
     service = EnsembleService(cfg, sources)
     try:
