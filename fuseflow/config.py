@@ -263,6 +263,11 @@ class OnlineConfig(_Strict):
         5, ge=1, description="a teacher dead-letters a sample taken over from dead replicas more than this many "
         "times: a poison sample that kills the process"
     )
+    reclaim_idle_s: float = Field(
+        30.0, ge=1.0, description="a teacher replica takes over another's samples once idle this long (a dead "
+        "replica's), or 4 times the slowest recent batch it scored itself if longer; set it above the slowest batch "
+        "your hardware can take, or an idle replica takes over a slow batch"
+    )
     metrics_host: str = Field("0.0.0.0", description="address of the trainer's metrics port")
     metrics_port: int = Field(9401, ge=0, le=65535, description="the trainer's Prometheus /metrics port on rank 0 (0: off)")
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also be a worker of the run (serve.worker; needs --config): take samples from its Redis "
                       "stream, write aligned distributions back; the URL sets online.redis, a bare --redis uses "
                       "online.redis or env FUSEFLOW_REDIS_URL")
-    add_field_flags(work, OnlineConfig, "online", ["run", "max_deliveries"])
+    add_field_flags(work, OnlineConfig, "online", ["run", "max_deliveries", "reclaim_idle_s"])
     add_field_flags(p.add_argument_group("limits"), ServeConfig, "serve",
                     ["max_texts", "max_tokens", "max_text_bytes", "max_concurrent_rpcs", "max_tokenizing", "max_top_k",
                      "max_wait_ms", "grace_s"])
@@ -290,7 +290,8 @@ def start_worker(run_worker, spec: EngineSpec, batcher, metrics, stop: threading
 
     def work() -> None:
         try:
-            run_worker(aligner, transport, consumer, stop, metrics)
+            run_worker(aligner, transport, consumer, stop, metrics,
+                       reclaim_idle_ms=int(cfg.online.reclaim_idle_s * 1000))
         except Exception:
             log.exception("the Redis worker failed")
         finally:

@@ -5,7 +5,7 @@ align them with this teacher, hand the aligned distributions back — until told
 aligner whose engine goes through the server's request batcher; tests run it in-process on any ``Transport``.
 
 At-least-once, never lost: a delivery is acked only by ``complete_work`` (result or dead letter). Work a dead
-replica had claimed is taken over after ``reclaim_idle_ms`` by whichever replica reclaims first; a result
+replica had claimed is taken over once idle for the reclaim time by whichever replica reclaims first; a result
 computed while Redis is unreachable is kept and handed back once it answers (the transport deduplicates per
 sample and teacher, so a retried or redelivered answer is harmless).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,35 @@ log = logging.getLogger(__name__)
 # a sample that keeps raising it is dead-lettered after this many attempts so one poison text cannot stall a run.
 MAX_ATTEMPTS = 3
 
+# The reclaim time is at least this many times the slowest of the last RECENT_BATCHES batches this replica
+# scored (issue 15): replicas of one teacher run the same model on the same hardware, so a delivery idle for
+# several of their batch times is a dead replica's, not a slow batch (a CPU batch can take minutes: with a
+# fixed 30 s an idle replica took it over, and after max_deliveries takeovers a healthy sample was
+# dead-lettered as poison).
+RECLAIM_BATCHES = 4
+RECENT_BATCHES = 32
+
+
+class ReclaimTime:
+    """How long a delivery must be idle before this replica takes it over: ``floor_ms`` (``online.
+    reclaim_idle_s``), raised to ``RECLAIM_BATCHES`` times the slowest recent batch it has timed. A replica
+    that has scored nothing yet (just started, or idle since) has only the floor: set it above the slowest
+    batch the hardware can take."""
+
+    def __init__(self, floor_ms: int):
+        if floor_ms <= 0:
+            raise ValueError(f"reclaim_idle_ms must be > 0, got {floor_ms}")
+        self.floor_ms = floor_ms
+        self._recent: deque[float] = deque(maxlen=RECENT_BATCHES)  # seconds per batch
+
+    def observe(self, batch_s: float) -> None:
+        self._recent.append(batch_s)
+
+    @property
+    def ms(self) -> int:
+        slowest = max(self._recent, default=0.0)
+        return max(self.floor_ms, int(RECLAIM_BATCHES * slowest * 1000))
+
 
 @dataclass
 class WorkerStats:
@@ -37,6 +67,7 @@ class WorkerStats:
     failed: int = 0  # dead-lettered
     batches: int = 0
     reclaimed: int = 0  # deliveries taken over from a replica that stopped answering
+    reclaim_idle_ms: int = 0  # the reclaim time in force when the worker stopped (see ReclaimTime)
     source_tokens: int = 0
     retries: int = 0  # Redis calls retried after a connection error
 
@@ -54,8 +85,9 @@ def run_worker(
     """Serve ``aligner`` (a :class:`fuseflow.score.aligner.TeacherAligner`; its ``name`` is the teacher's name
     in the run) on ``transport`` as replica ``consumer`` until ``stop_event`` is set; returns what it did.
 
-    Each round: take back deliveries idle for ``reclaim_idle_ms`` (a replica that died; checked every
-    ``reclaim_idle_ms / 2``), else claim up to ``batch_size`` new samples (waiting up to ``block_ms``) → align
+    Each round: take back deliveries idle for the reclaim time (a replica that died; checked every half of
+    it): ``reclaim_idle_ms`` or ``RECLAIM_BATCHES`` times the slowest recent batch, whichever is longer
+    (:class:`ReclaimTime`); else claim up to ``batch_size`` new samples (waiting up to ``block_ms``) → align
     → complete them in one round trip; a sample that fails is dead-lettered with its reason and the run goes
     on. ``metrics`` (a :class:`fuseflow.teacher.metrics.TeacherMetrics` or None) gets the outcomes and the
     teacher's queue lag. Stops within about ``block_ms`` of ``stop_event``; work claimed but not finished
@@ -69,6 +101,7 @@ def run_worker(
         )
     if batch_size < 1:
         raise ValueError(f"worker batch_size must be >= 1, got {batch_size}")
+    reclaim = ReclaimTime(reclaim_idle_ms)
     stats = WorkerStats()
     backoff = Backoff(stop_event)
     attempts: dict[str, int] = {}  # sample id -> engine faults so far (not bad inputs)
@@ -87,8 +120,8 @@ def run_worker(
                 metrics.set_worker_lag(q["lag"], q["pending"])
             if not held:
                 if now >= next_reclaim:
-                    next_reclaim = now + reclaim_idle_ms / 2000
-                    held = transport.reclaim_stale(teacher, consumer, reclaim_idle_ms, batch_size)
+                    next_reclaim = now + reclaim.ms / 2000
+                    held = transport.reclaim_stale(teacher, consumer, reclaim.ms, batch_size)
                     if held:
                         stats.reclaimed += len(held)
                         log.warning("worker %s/%s took over %d stale deliveries", teacher, consumer, len(held),
@@ -99,11 +132,17 @@ def run_worker(
                     backoff.reset()
                     continue
             if results is None:
+                t0, before_ms = time.monotonic(), reclaim.ms
                 results = _align(aligner, held, attempts)
                 if results is None:  # an engine fault: leave the batch pending, retry it after a pause
                     stats.retries += 1
                     backoff.wait()
                     continue
+                reclaim.observe(time.monotonic() - t0)
+                if reclaim.ms > before_ms and reclaim.ms > reclaim.floor_ms:
+                    log.info("worker %s/%s: reclaim time %.1f s (%d x its slowest batch, over online.reclaim_idle_s)",
+                             teacher, consumer, reclaim.ms / 1000, RECLAIM_BATCHES,
+                             extra={"fields": {**fields, "reclaim_idle_ms": reclaim.ms}})
             transport.complete_many(teacher, results)
         except TransportUnavailable as e:  # an outage, a restart, a fresh run: goes away by itself
             stats.retries += 1
@@ -127,6 +166,7 @@ def run_worker(
                   extra={"fields": {**fields, "ok": len(ok), "failed": len(failed), "source_tokens": tokens}})
         held, results = [], None
         backoff.reset()
+    stats.reclaim_idle_ms = reclaim.ms
     log.info("worker %s/%s stopped: %d ok, %d dead-lettered, %d reclaimed", teacher, consumer, stats.ok,
              stats.failed, stats.reclaimed, extra={"fields": {**fields, "ok": stats.ok, "failed": stats.failed}})
     return stats
