@@ -371,10 +371,11 @@ class VLLMEngine(Engine):
     ``gpu_memory_utilization`` of *all* host memory and refuses to start when less is free); and
     ``in_process`` is True with one worker: vLLM's engine core and worker run in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless the environment sets it) instead of two spawned
-    processes — measured on the loaded 2-core machine, start 21 s instead of 66 s and the first scoring call
-    6 s instead of 60 s (the spawned worker stalled; the cause was not traced). In process, vLLM binds this
-    process's OpenMP threads, seeds its global RNGs and caches its environment: a later vLLM engine in the
-    same process runs in process too.
+    processes — measured on the loaded 2-core machine, start 21 s instead of 66 s. In process, vLLM binds
+    this process's OpenMP threads, seeds its global RNGs and caches its environment: a later vLLM engine in
+    the same process runs in process too. Even eager, vLLM-CPU compiles one small function with inductor
+    (``batched_count_greater_than``, the logprob ranks) at the first scoring call: about a minute of g++ on a
+    loaded 2-core machine, cached under ``/tmp/torchinductor_$USER`` for later processes.
     Attention on vLLM-CPU needs a head dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}.
     """
 

@@ -626,3 +626,82 @@ def test_real_vllm_generate_equals_hf_engine(real_engines, model):
     stop = int(ref.token_ids[3])
     got = engine.generate(prompt, 12, stop_token_ids=[stop])
     assert got.finish_reason == "stop" and got.token_ids[-1] == stop and len(got.token_ids) <= 4
+
+
+@pytest.mark.integration
+def test_real_vllm_teacher_serves_grpc_and_is_the_runs_redis_worker(real_models, tmp_path, monkeypatch, redis_server):
+    """``fuseflow teacher serve --engine vllm --redis``: the gRPC scores equal the hf engine's, and the
+    distributions it writes back as the run's worker equal those of an hf teacher aligned the same way."""
+    import logging
+    import os
+    import signal
+    import socket
+    import threading
+
+    import yaml
+
+    from fuseflow.models import load_tokenizer
+    from fuseflow.score.aligner import TeacherAligner
+    from fuseflow.sparse import Sample
+    from fuseflow.teacher import serve as serve_cli
+    from fuseflow.wire.client import TeacherClient
+    from fuseflow.wire.redis_streams import RedisTransport
+
+    llama = str(real_models["llama"])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "demo"), "target": {"model": llama},
+        "sources": [{"name": "llama", "model": llama, "engine": "vllm", "batch_tokens": 128,
+                     "engine_options": {"kv_cache_bytes": 64 << 20, "max_batch_size": 32}}],
+        "align": {"vocab_map": "exact"}, "fusion": {"top_k": 4},
+    }))
+    samples = [Sample(f"s{i}", text) for i, text in enumerate(["def f(x):", "return x + 1", sample_texts()[2]])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("FUSEFLOW_TEACHER_TOKEN", raising=False)
+    seen, failure = {}, []
+
+    def probe():
+        try:
+            with TeacherClient(f"127.0.0.1:{port}") as client:
+                client.wait_ready(600)  # vLLM starts before the server listens
+                seen["info"] = client.info()
+                seen["scored"] = client.score_texts(["def f(x): return x + 1"], top_k=4)
+                with RedisTransport(redis_server.url, "demo", teachers=["llama"]) as dispatcher:
+                    dispatcher.submit(samples)
+                    ready = []
+                    while len(ready) < len(samples):
+                        ready += dispatcher.next_ready("rank0", count=8, block_ms=30_000)
+                    dispatcher.ack_ready(ready)
+                seen["ready"] = {r.sample.id: r.dists["llama"] for r in ready}
+        except BaseException as e:  # reported below, once the server has stopped
+            failure.append(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        code = serve_cli.main([
+            "--config", str(config), "--source", "llama", "--engine", "vllm", "--redis", redis_server.url,
+            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace-s", "5",
+        ])
+    finally:
+        prober.join(60)
+        root.handlers[:] = handlers  # serve's main sets up logging for the process
+        root.setLevel(level)
+    if failure:
+        raise failure[0]
+    assert code == 0 and seen["info"].engine == "vllm" and sorted(seen["ready"]) == ["s0", "s1", "s2"]
+    hf = create_engine("hf", llama, dtype="float32")
+    assert_scores_close(seen["scored"], hf.score_texts(["def f(x): return x + 1"], top_k=4))
+    reference = TeacherAligner("llama", hf, load_tokenizer(llama), vocab_map_method="exact", top_k=4)
+    for sample, want in zip(samples, reference.run(samples)):
+        got = seen["ready"][sample.id]
+        np.testing.assert_array_equal(got.ids, want.dist.ids)
+        np.testing.assert_array_equal(got.aligned, want.dist.aligned)
+        # fp16 on the wire: the reference rounded the same way, then vLLM's |Δ| within fp16's step
+        np.testing.assert_allclose(got.logprobs, want.dist.logprobs.astype(np.float16).astype(np.float32), atol=1e-2)
