@@ -101,8 +101,20 @@ def exit_code(returncode: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# The trainer's dispatch window, as its rank 0 exports it (the stack's own transport has only a default).
+TRAINER_WINDOW = 'fuseflow_trainer_queue{kind="window"}'
+
+
+def _sample_key(name: str, labels: dict[str, str]) -> str:
+    """``name`` or ``name{k="v",…}`` (labels sorted): how :func:`scrape` names a sample."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
 def scrape(url: str, names: set[str], timeout_s: float = 0.5) -> dict[str, float] | None:
-    """Values of the unlabelled samples ``names`` at a Prometheus endpoint; None if it does not answer."""
+    """Values of the samples ``names`` at a Prometheus endpoint, each a bare name (unlabelled) or
+    ``name{k="v",…}`` (labels sorted); None if the endpoint does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -113,8 +125,9 @@ def scrape(url: str, names: set[str], timeout_s: float = 0.5) -> dict[str, float
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in names and not sample.labels:
-                out[sample.name] = sample.value
+            key = _sample_key(sample.name, sample.labels)
+            if key in names:
+                out[key] = sample.value
     return out
 
 
@@ -145,11 +158,13 @@ def _fmt_rate(r: float | None) -> str:
 
 def format_status(stats: dict | None, teacher_tok_s: dict[str, float | None], trainer_tok_s: float | None,
                   step: float | None = None) -> str:
-    """One status line: queue depth, per-teacher and trainer tokens/s, dead letters."""
+    """One status line: queue depth, per-teacher and trainer tokens/s, dead letters. ``stats['window']``
+    None (not known yet) shows the samples in flight alone."""
     if stats is None:
         queue = "queue: redis unavailable"
     else:
-        queue = (f"queue: {stats['in_flight']}/{stats['window']} in flight, {stats['ready']} ready, "
+        window = "" if stats["window"] is None else f"/{stats['window']}"
+        queue = (f"queue: {stats['in_flight']}{window} in flight, {stats['ready']} ready, "
                  f"{stats['done']}/{stats['submitted']} done")
     teachers = ", ".join(f"{name} {_fmt_rate(r)}" for name, r in teacher_tok_s.items())
     dead = "-" if stats is None else str(stats["dead_letters"])
@@ -272,7 +287,7 @@ def run_stack(
                 break
             sup.check_teachers()
             now = time.monotonic()
-            line = _status(transport, teacher_metrics, rates, trainer_rate, ports.trainer_metrics, now)
+            line = status_line(transport, teacher_metrics, rates, trainer_rate, ports.trainer_metrics, now)
             if tty:
                 status_out.write("\r\033[K" + line)
                 status_out.flush()
@@ -297,8 +312,9 @@ def run_stack(
     return code
 
 
-def _status(transport, teacher_metrics: dict[str, int], rates: dict, trainer_rate: Rate, trainer_port: int,
-            now: float) -> str:
+def status_line(transport, teacher_metrics: dict[str, int], rates: dict, trainer_rate: Rate, trainer_port: int,
+                now: float) -> str:
+    """The status line now: the run's queue from Redis, tokens/s and the window from the processes' metrics."""
     from fuseflow.wire.transport import TransportUnavailable
 
     try:
@@ -309,8 +325,13 @@ def _status(transport, teacher_metrics: dict[str, int], rates: dict, trainer_rat
     for name, port in teacher_metrics.items():
         got = scrape(f"http://127.0.0.1:{port}/metrics", {"fuseflow_teacher_worker_tokens_total"})
         teacher_tok_s[name] = rates[name].update(now, None if got is None else got.get("fuseflow_teacher_worker_tokens_total", 0.0))
-    got = scrape(f"http://127.0.0.1:{trainer_port}/metrics", {"fuseflow_trainer_tokens_total", "fuseflow_trainer_step"})
+    got = scrape(f"http://127.0.0.1:{trainer_port}/metrics",
+                 {"fuseflow_trainer_tokens_total", "fuseflow_trainer_step", TRAINER_WINDOW})
     trainer_tok_s = trainer_rate.update(now, None if got is None else got.get("fuseflow_trainer_tokens_total", 0.0))
+    if stats is not None:
+        # The window is the trainer's (online.window, or its default for the run), not this client's default.
+        window = None if got is None else got.get(TRAINER_WINDOW)
+        stats = {**stats, "window": None if not window else int(window)}
     return format_status(stats, teacher_tok_s, trainer_tok_s, None if got is None else got.get("fuseflow_trainer_step"))
 
 
