@@ -83,6 +83,8 @@ def _speaks_transport_errors(cls):
                 translated = _transport_error(e, _redacted(getattr(self, "redis_url", "?")))
                 if translated is None:
                     raise
+                if isinstance(translated, TransportUnavailable) and hasattr(self, "_connection_lost"):
+                    self._connection_lost()
                 raise translated from e
 
         return wrapped
@@ -269,6 +271,8 @@ class RedisTransport(Transport):
         self._reject = self.r.register_script(_REJECT_LUA)
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
+        # (teacher, consumer) whose own pending work was re-read since the last outage; None: no outage yet
+        self._claims_checked: set[tuple[str, str]] | None = None
         self._create_groups()
 
     def _create_groups(self) -> None:
@@ -334,7 +338,20 @@ class RedisTransport(Transport):
         return items
 
     def claim_work(self, teacher: str, consumer: str, count: int, block_ms: int) -> list[WorkItem]:
+        """New work for ``consumer``; first, after an outage, the work already delivered to it and never
+        answered. A worker completes what it holds before it claims again, so such entries are claims whose reply
+        was lost (the server ran XREADGROUP or XAUTOCLAIM, the connection dropped before the reply came: a
+        restart); nobody else would take them before the reclaim idle time (:meth:`reclaim_stale`)."""
         self._check_teacher(teacher)
+        while self._claims_checked is not None and (teacher, consumer) not in self._claims_checked:
+            entries = _stream_entries(self.r.xreadgroup(teacher, consumer, {self.k_work: "0"}, count=count))
+            gone = [eid for eid, fields in entries if not fields]  # deleted since delivery: nothing to do
+            if gone:
+                self.r.xack(self.k_work, teacher, *gone)
+            if not entries:
+                self._claims_checked.add((teacher, consumer))
+            elif len(gone) < len(entries):
+                return self._work_items(entries)
         reply = self.r.xreadgroup(
             teacher, consumer, {self.k_work: ">"}, count=count, block=block_ms if block_ms > 0 else None
         )
@@ -540,6 +557,10 @@ class RedisTransport(Transport):
         self._history_cursor.clear()
         self._create_groups()
         return deleted
+
+    def _connection_lost(self) -> None:
+        """After an outage a claim's reply may have been lost: re-read each consumer's own pending work."""
+        self._claims_checked = set()
 
     def close(self) -> None:
         self.r.close()

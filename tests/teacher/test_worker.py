@@ -222,6 +222,44 @@ def test_worker_survives_a_redis_restart(restartable_redis_server):
     tr.close()
 
 
+def test_a_claim_whose_reply_is_lost_is_answered_without_waiting_for_reclaim(redis_server):
+    """A Redis restart can lose a reply: the server ran XREADGROUP (the entries are pending to this consumer, in
+    the append-only file too) but the worker never got them. Nobody else reads them before the reclaim idle time
+    (30 s by default), so the worker re-reads its own pending entries after an outage."""
+    import redis
+
+    from fuseflow.wire.redis_streams import RedisTransport
+
+    run = "lost-claim"
+    tr = RedisTransport(redis_server.url, run, ["alpha"], window=64, poll_s=0.01)
+    tr.reset()
+    worker_tr = RedisTransport(redis_server.url, run, ["alpha"], window=64, poll_s=0.01)
+    real_xreadgroup, lost = worker_tr.r.xreadgroup, []
+
+    def xreadgroup(*args, **kwargs):
+        reply = real_xreadgroup(*args, **kwargs)
+        if reply and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("Connection closed by server.")  # executed there, reply lost here
+        return reply
+
+    worker_tr.r.xreadgroup = xreadgroup
+    samples = texts(10)
+    tr.submit(samples)
+    tr.finish_submissions()
+    w = Workers()
+    w.start(FakeAligner("alpha"), worker_tr, "a0", batch_size=3, block_ms=50, reclaim_idle_ms=600_000)
+    got = drain(tr, 10, timeout_s=15.0)
+    stats = w.stop()
+    assert not w.errors and lost
+    assert sorted(got) == sorted(s.id for s in samples)
+    assert stats["a0"].retries == 1 and stats["a0"].reclaimed == 0
+    assert tr.is_finished()
+    tr.reset()
+    tr.close()
+    worker_tr.close()
+
+
 class RogueAligner(FakeAligner):
     """Answers like FakeAligner, with the values a broken teacher sends for the samples in ``rogue``: a NaN
     logprob, a +inf gold logprob (it would win MinCE everywhere), an id past any vocabulary, a 1-D array."""
