@@ -58,8 +58,52 @@ def init_distributed() -> tuple[int, int]:
         if "RANK" not in os.environ:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it; a child ignores it without RANK
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        announce_op_builds()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an initialised group
     return dist.get_rank(), dist.get_world_size()
+
+
+# DeepSpeed ops its first start compiles with a C++ compiler when the installed wheel lacks them (issue 15:
+# minutes, unannounced): on the CPU accelerator, the shared-memory collectives of its comm backend.
+_JIT_OPS = ("ShareMemCommBuilder",)
+
+
+def pending_op_builds() -> list[tuple[str, str, Path]]:
+    """``(op name, DS_BUILD_* variable, build directory)`` of every DeepSpeed op that initialising DeepSpeed
+    here will compile: compatible, not prebuilt into the installed DeepSpeed, not in the JIT cache yet."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # another DeepSpeed or torch layout: nothing to say rather than a wrong hint
+        return []
+    out = []
+    for class_name in _JIT_OPS:
+        builder = get_accelerator().create_op_builder(class_name)
+        if builder is None or installed_ops.get(builder.NAME) or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
+            continue
+        build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+        if not any(build_dir.glob(f"{builder.NAME}*.so")):
+            out.append((builder.NAME, builder.BUILD_VAR, build_dir))
+    return out
+
+
+def announce_op_builds() -> None:
+    """Say before DeepSpeed starts that it is about to compile C++ ops, how long, and how to avoid it."""
+    pending = pending_op_builds()
+    if not pending:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()._name
+    for name, build_var, build_dir in pending:
+        log.warning(
+            "DeepSpeed compiles its C++ op %s now, once (a few minutes on a small CPU; cached in %s). To skip it: "
+            "install DeepSpeed with the op prebuilt (DS_ACCELERATOR=%s %s=1 pip install --no-build-isolation "
+            "deepspeed, after torch), or keep TORCH_EXTENSIONS_DIR on a persistent volume",
+            name, build_dir, accelerator, build_var,
+        )
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
