@@ -56,6 +56,20 @@ def mean_bits_per_byte(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_
     return -bits.mean(axis=0)
 
 
+@RERANKERS.register("mixture_likelihood")
+def mixture_likelihood(logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray) -> np.ndarray:
+    """Log-likelihood of the candidate under the uniform mixture of the sources, ``log mean_j p_j(segment)``,
+    not normalised by length: the candidates are alternatives for the same next stretch of text, each ending
+    on a boundary every source shares, so their probabilities compare directly. The mixture is a proper
+    density (the one ``eval-ensemble``'s bits per byte reports), and a source that is sure of its candidate
+    carries it: where the sources lead in different languages (issue 16's next-word task), the one that
+    knows the language decides, instead of the other vetoing its words as an average of perplexities or of
+    log-probabilities lets it. Returns [C]."""
+    sums = np.asarray(logprob_sums, dtype=np.float64)  # [S, C]
+    top = sums.max(axis=0)  # [C]
+    return top + np.log(np.exp(sums - top).mean(axis=0))
+
+
 def rerank(
     method: str, logprob_sums: np.ndarray, token_counts: np.ndarray, byte_counts: np.ndarray
 ) -> tuple[int, np.ndarray]:

@@ -192,7 +192,8 @@ SPLITS = ("test", "dev")
 def next_word(n: int, seed: int, languages: Sequence[str] = ("en", "de", "fr", "es"), context_chars: int = 600,
               held_out_fraction: float = 0.2, per_document: int = 2, split: str = "test", **_) -> list[Problem]:
     """``n`` problems per language from the held-out documents of that language's corpus (the split of
-    :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document.
+    :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document
+    (more where the split has fewer than ``n / per_document`` documents).
 
     ``split``: the held-out documents alternate between ``test`` (even positions in the held-out stream: the
     reported figures) and ``dev`` (odd positions: for choosing a decoding setting), so the two never share a
@@ -205,13 +206,13 @@ def next_word(n: int, seed: int, languages: Sequence[str] = ("en", "de", "fr", "
     for language in languages:
         cfg = CorpusConfig(source=corpus_source_of(language), held_out_fraction=held_out_fraction, seed=seed)
         rng = np.random.default_rng([seed, len(out)])
+        docs = [doc for k, doc in enumerate(iter_documents(cfg, "held_out"))
+                if k % 2 == SPLITS.index(split) and doc.text and len(doc.text) > context_chars + 20]
+        # A corpus with few, long documents (the built-in one holds out about ten) gives more per document.
+        k = max(per_document, -(-n // max(len(docs), 1)))
         problems: list[Problem] = []
-        for k, doc in enumerate(iter_documents(cfg, "held_out")):
-            if k % 2 != SPLITS.index(split):
-                continue
-            if doc.text and len(doc.text) > context_chars + 20:
-                problems += passage_problems(doc.text, f"{language}/{doc.index}", language, context_chars, rng,
-                                             per_document)
+        for doc in docs:
+            problems += passage_problems(doc.text, f"{language}/{doc.index}", language, context_chars, rng, k)
             if len(problems) >= n:
                 break
         if len(problems) < n:
