@@ -71,6 +71,17 @@ def test_status_line_and_rates():
     assert exit_code(-15) == 143 and exit_code(3) == 3
 
 
+def test_an_in_process_run_leaves_children_no_rendezvous_to_collide_with():
+    """The stack's trainer failed with EADDRINUSE on MASTER_PORT after an in-process run in the same process (the
+    test session; a notebook): that run wrote RANK=0 and a probed MASTER_PORT into os.environ with its TCPStore
+    listening there, so every child inherited "rank 0 of a launched world, on that port". A single process now
+    rendezvouses over an in-memory store: no port to probe or inherit."""
+    from fuseflow.trainer.loop import init_distributed
+
+    assert init_distributed() == (0, 1)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
