@@ -34,7 +34,8 @@ def test_the_families_share_the_type():
     from fuseflow.score.engine import ENGINES
 
     from fuseflow.ensemble.rerank import RERANKERS
+    from fuseflow.ensemble.tasks import TASKS
     from fuseflow.merge.methods import MERGE_METHODS
 
-    for reg in (SEQUENCE_ALIGNERS, VOCAB_MAPS, FUSIONS, ENGINES, RERANKERS, MERGE_METHODS):
+    for reg in (SEQUENCE_ALIGNERS, VOCAB_MAPS, FUSIONS, ENGINES, RERANKERS, MERGE_METHODS, TASKS):
         assert isinstance(reg, Registry)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fuseflow.registry import Registry
+
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +80,26 @@ class Task:
         return self.extract(text) == problem.answer
 
 
-TASKS: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task", field="eval.task")
 
 
 _FIRST_WORD = re.compile(r"\s*(\w+)")
 
 
 def register_task(name: str, stop: tuple[str, ...] = ("\n",), kind: str = "arithmetic"):
+    """Register ``make(n, seed, **options) -> [Problem]`` as task ``name`` (the ``eval.task`` config field)."""
+
     def wrap(make: Callable[..., list[Problem]]):
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = Task(name, make, stop, kind)
+        TASKS.register(name, Task(name, make, stop, kind))
         return make
 
     return wrap
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r} (eval.task); choose one of {sorted(TASKS)}")
-    return TASKS[name]
+    return TASKS.lookup(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
