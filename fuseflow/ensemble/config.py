@@ -116,6 +116,14 @@ class EvalConfig(_Strict):
     heldout_chunk_chars: int = Field(1000, ge=50, description="held-out text is scored in pieces of this size")
     out: str | None = Field(None, description="JSON results file")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from fuseflow.ensemble.tasks import TASKS
+
+        TASKS.lookup(v)  # at load, not after the models are loaded
+        return v
+
 
 class EnsembleConfig(_Strict):
     name: str = Field("cool-fusion", description="the model id of the fused ensemble on /v1/models")

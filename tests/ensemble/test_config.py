@@ -61,3 +61,16 @@ def test_chat_template_override_inline_and_from_file(tiny_gemma, tmp_path):
     cfg = EnsembleConfig(sources=[{"name": "g", "model": str(tiny_gemma), "chat_template": str(tmp_path / "none")}])
     with pytest.raises(ConfigError, match=r"sources\[0\] \('g'\)\.chat_template"):
         build_source(cfg.sources[0], 0)
+
+
+def test_unknown_task_and_rerank_rule_are_named_at_load():
+    from pathlib import Path
+
+    from fuseflow.config import ConfigError
+    from fuseflow.ensemble.config import load_ensemble_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "ensemble.yaml"
+    with pytest.raises(ConfigError, match=r"eval\.task: unknown task 'sums'; choose one of .*arithmetic"):
+        load_ensemble_config(example, ["eval.task=sums"])
+    with pytest.raises(ConfigError, match=r"decoding\.rerank: unknown rerank method 'vote'; choose one of .*mean_logprob"):
+        load_ensemble_config(example, ["decoding.rerank=vote"])
