@@ -8,6 +8,7 @@ output adds one tensor, not one shard.
 
 from __future__ import annotations
 
+import ctypes
 import zlib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,25 @@ from tqdm.auto import tqdm
 from .methods import MergeMethod
 from .plan import MergePlan, TensorTask
 from .safetensors_io import ShardEntry, StreamingShardWriter, load_tensor, write_index
+
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h).
+M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees_to_the_os(threshold: int = 4 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own mapping, unmapped when freed.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so the full-size results, masks
+    and scores a merge allocates and frees once per tensor come from the heap after the first one, and the
+    holes they leave stay resident: that added up to 1.7 tensors to the peak resident set of a ties or
+    breadcrumbs merge of 32 MiB tensors (tests/merge/test_merge_memory.py). A fixed threshold keeps the
+    resident set at what is alive. Chunk temporaries (1 MiB) stay on the heap. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -52,6 +72,7 @@ def execute_plan(
 ) -> list[Path]:
     """Merge every tensor of ``plan`` with ``method`` and write the weight shards (and the index when there
     is more than one) to ``out_dir``. Returns the files written."""
+    return_large_frees_to_the_os()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     by_shard: list[list[TensorTask]] = [[] for _ in plan.shard_files]

@@ -885,5 +885,7 @@ def passthrough(
     2023, arXiv 2312.15166 §2) stacks layer ranges of copies of one model."""
     if len(tensors) != 1:
         raise ValueError(f"models: passthrough takes exactly one model per tensor, got {len(tensors)}")
-    out = tensors[0].float()
-    return out * scale if scale is not None else out.clone() if out is tensors[0] else out
+    out = tensors[0].float()  # [*S] a float32 copy, or the input itself when it is float32 already
+    if out is tensors[0]:
+        return out * scale if scale is not None else out.clone()
+    return out.mul_(scale) if scale is not None else out  # in place: one float32 tensor, not two
