@@ -107,7 +107,9 @@ class Segment:
     final: bool  # the segment ended with an EOS / end-of-turn token
     at_common_boundary: bool
     contested: bool = False  # distinct candidates were scored and compared (else all proposed the same text)
-    candidates: list[dict] = field(default_factory=list)  # {"sources", "text", "final", "score", "logprob_per_token"}
+    # {"sources", "text", "final", "score", "logprob_per_token"} (+ "logprob_sum", "token_count", "bytes" per
+    # source when contested)
+    candidates: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -570,6 +572,10 @@ class CoolFusionDecoder:
                     "final": u.final,
                     "score": float(scores[i]),
                     "logprob_per_token": {names[j]: float(sums[j, i] / counts[j, i]) for j in range(len(names))},
+                    # What any rerank rule needs, so a trace can be reranked again (eval-ensemble's replay).
+                    "logprob_sum": {names[j]: float(sums[j, i]) for j in range(len(names))},
+                    "token_count": {names[j]: int(counts[j, i]) for j in range(len(names))},
+                    "bytes": int(nbytes[i]),
                 }
                 for i, u in enumerate(unique)
             ],

@@ -38,7 +38,7 @@ from fuseflow.ensemble.boundaries import common_boundary_mask, token_boundary_ma
 from fuseflow.ensemble.config import EnsembleConfig, build_decoder, build_sources, load_ensemble_config
 from fuseflow.ensemble.decoder import CoolFusionDecoder, DecodeParams, generate_single
 from fuseflow.ensemble.sources import EnsembleSource, completion_prompt
-from fuseflow.ensemble.tasks import Task, get_task
+from fuseflow.ensemble.tasks import Problem, Task, get_task
 
 log = logging.getLogger("fuseflow.ensemble.evaluate")
 
@@ -130,7 +130,8 @@ def run_task(
                 r.contested += int(s.contested)
             r.answers.append({"id": problem.id, "group": problem.group, "answer": problem.answer, "output": c.text,
                               "correct": ok, "finish_reason": c.finish_reason,
-                              "segments": [s.text for s in c.segments]})
+                              "segments": [s.text for s in c.segments],
+                              "first_candidates": c.segments[0].candidates if fused and c.segments else None})
         log.info("%s: %d/%d correct, %.1f ms/token", name, r.correct, r.n, r.ms_per_token)
         results.append(r)
     return results
@@ -176,6 +177,56 @@ def comparisons(results: list[SystemResult]) -> dict[str, dict]:
         return {}
     ok = {r.system: np.array([a["correct"] for a in r.answers], dtype=bool) for r in results}
     return {r.system: paired_comparison(ok[fused.system], ok[r.system]) for r in results if r.mode == "single"}
+
+
+def replay_first_segment(task: Task, fused: SystemResult) -> dict[str, dict[str, list[int]]]:
+    """What-if, from one Cool-Fusion run's trace: the first segment reranked by every rule (and each source's
+    own first proposal, which is what the source alone writes first), checked as an answer. For choosing a
+    rule on the dev split without a run per rule.
+
+    Exact for the first segment (the first-step candidates do not depend on the rule); an answer decided
+    after it (a first segment that is only punctuation or is cut inside a long word) counts as its first
+    segment does. Returns {rule or "<source> (first proposal)": {group: [correct, n]}}."""
+    from fuseflow.ensemble.rerank import RERANKERS
+
+    out: dict[str, dict[str, list[int]]] = {}
+
+    def tally(name: str, group: str, ok: bool) -> None:
+        cell = out.setdefault(name, {}).setdefault(group, [0, 0])
+        cell[0] += int(ok)
+        cell[1] += 1
+
+    for a in fused.answers:
+        cands, problem = a.get("first_candidates"), Problem(a["id"], "", a["answer"], a["group"])
+        if not cands:
+            continue
+        for c in cands:
+            for source in c["sources"]:
+                tally(f"{source} (first proposal)", a["group"], task.correct(c["text"], problem))
+        scored = [c for c in cands if "logprob_sum" in c]
+        for rule in sorted(RERANKERS):
+            if len(scored) < 2:  # uncontested: every rule keeps the one candidate
+                pick = cands[0]
+            else:
+                names = list(scored[0]["logprob_sum"])
+                sums = np.array([[c["logprob_sum"][n] for c in scored] for n in names])  # [S, C]
+                counts = np.array([[c["token_count"][n] for c in scored] for n in names])  # [S, C]
+                nbytes = np.array([c["bytes"] for c in scored])  # [C]
+                ok = np.isfinite(sums).all(axis=0)
+                scores = np.where(ok, RERANKERS[rule](np.where(ok, sums, 0.0), counts, nbytes), -np.inf)
+                pick = scored[int(np.argmax(scores))]
+            tally(f"cool-fusion, rerank {rule} (first segment)", a["group"], task.correct(pick["text"], problem))
+    return out
+
+
+def format_replay(replay: dict[str, dict[str, list[int]]]) -> str:
+    groups = list(dict.fromkeys(g for cells in replay.values() for g in cells))
+    lines = ["| what-if, first segment only | " + " | ".join(groups) + " | all |", "|---|" + "---|" * (len(groups) + 1)]
+    for name, cells in replay.items():
+        row = [cells.get(g, [0, 0]) for g in groups]
+        total = [sum(c[0] for c in row), sum(c[1] for c in row)]
+        lines.append(f"| {name} | " + " | ".join(f"{k}/{n}" for k, n in row + [total]) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,6 +348,10 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
         t0 = time.perf_counter()
         results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems,
                            languages=e.languages, context_chars=e.context_chars, split=e.split)
+        replay = None
+        fused = next((r for r in results if r.mode == "cool-fusion"), None)
+        if task.kind == "next-word" and fused is not None:
+            replay = replay_first_segment(task, fused)
         bpb = None
         if e.heldout_chars:
             from fuseflow.models import builtin_text
@@ -322,8 +377,9 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
             ],
             "paired": comparisons(results),
             "heldout_bits_per_byte": bpb,
+            "first_segment_replay": replay,
             "seconds": time.perf_counter() - t0,
-            "table": format_table(results, bpb),
+            "table": format_table(results, bpb) + (f"\n\n{format_replay(replay)}" if replay else ""),
         }
     finally:
         decoder.close()

@@ -140,3 +140,29 @@ def test_next_word_task_reports_per_language_with_intervals(llama_source, gemma_
     assert set(comparisons(results)) == {"llama", "gemma"}
     table = format_table(results, None)
     assert "| system | en | all |" in table and "cool-fusion vs llama alone (paired, n = 2)" in table
+
+
+def test_replay_first_segment_reranks_the_trace_by_every_rule():
+    from fuseflow.ensemble.evaluate import SystemResult, format_replay, replay_first_segment
+    from fuseflow.ensemble.rerank import RERANKERS
+
+    def cand(text, sources, sums, counts):
+        return {"sources": sources, "text": text, "final": False, "score": 0.0,
+                "logprob_sum": dict(zip("ab", sums)), "token_count": dict(zip("ab", counts)),
+                "bytes": len(text.encode())}
+
+    fused = SystemResult("cool-fusion", "cool-fusion", "a")
+    # Problem 1: a proposes the right word, which b finds unlikely; b proposes a wrong word both find so-so.
+    fused.answers.append({"id": "1", "group": "de", "answer": "Datei", "correct": False, "first_candidates": [
+        cand(" Datei", ["a"], [np.log(0.5), np.log(0.001)], [1, 1]),
+        cand(" Datum", ["b"], [np.log(0.05), np.log(0.05)], [1, 1])]})
+    # Problem 2: uncontested, right for every rule and both sources.
+    fused.answers.append({"id": "2", "group": "en", "answer": "file", "correct": True, "first_candidates": [
+        {"sources": ["a", "b"], "text": " file", "final": False, "score": None, "logprob_per_token": {}}]})
+    replay = replay_first_segment(get_task("next-word"), fused)
+    assert replay["a (first proposal)"] == {"de": [1, 1], "en": [1, 1]}
+    assert replay["b (first proposal)"] == {"de": [0, 1], "en": [1, 1]}
+    assert replay["cool-fusion, rerank mixture_likelihood (first segment)"] == {"de": [1, 1], "en": [1, 1]}
+    assert replay["cool-fusion, rerank mean_logprob (first segment)"] == {"de": [0, 1], "en": [1, 1]}
+    assert {k for k in replay if k.startswith("cool-fusion")} == {f"cool-fusion, rerank {r} (first segment)" for r in RERANKERS}
+    assert "| a (first proposal) | 1/1 | 1/1 | 2/2 |" in format_replay(replay)
