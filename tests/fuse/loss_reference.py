@@ -34,7 +34,7 @@ def dense_reference(
         for i, s in finite:
             p[b, t, i] += math.exp(s) / z
             on_ids[b, t, i] = True
-        r[b, t] = rest_scaled / z
+        r[b, t] = rest_scaled / z if z > 0 else 0.0
     log_p = torch.where(p > 0, p.log(), torch.zeros(()))
     kl_pos = (p * (log_p - logq_t)).sum(-1)  # [B, T]
     if tail:

@@ -138,7 +138,7 @@ def test_registry_holds_the_four_fusions():
 
 
 def test_unknown_fusion_names_the_config_field():
-    with pytest.raises(ValueError, match="'fusion.function'.*avg_ce"):
+    with pytest.raises(ValueError, match=r"^fusion\.function: unknown fusion function 'max_ce'; .*avg_ce"):
         get_fusion("max_ce")
 
 
