@@ -162,3 +162,47 @@ def test_sce_with_realistic_update_sizes_uses_mergekits_equal_weight_fallback(ll
         largest_delta = max((w[k] - base[k]).abs().max().item() for w in inputs)
         worst_paper = max(worst_paper, (paper - theirs[k]).abs().max().item() / largest_delta)
     assert worst_paper > 0.1  # the paper's weights are not equal weights at this size
+
+
+def test_bf16_ties_differs_only_where_updates_tie_at_the_trim_threshold(llama5, tmp_path):
+    """bf16 fine-tunes' updates are multiples of one bf16 step, so many entries share |Δ_j| at the trimming
+    threshold; which of those are kept is each tool's tie-break (fuseflow: earlier positions; mergekit:
+    ``torch.argsort``'s order). Everywhere else the two merges are bit-identical. This is the ``ties``
+    difference bench/merge.py measures on bf16 SmolLM2 copies."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(llama5, base_dir)
+    base = {k: v.to(torch.bfloat16) for k, v in _weights(llama5).items()}
+    save_file(base, base_dir / "model.safetensors", metadata={"format": "pt"})
+    ft = []
+    for j in range(2):
+        d = tmp_path / f"ft{j}"
+        shutil.copytree(base_dir, d)
+        g = torch.Generator().manual_seed(400 + j)
+        save_file({k: (v.float() + 2e-3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()},
+                  d / "model.safetensors", metadata={"format": "pt"})
+        ft.append(d)
+    density = 0.3
+    doc = {"merge_method": "ties", "base_model": str(base_dir), "dtype": "float32", "out_dtype": "bfloat16",
+           "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": density}} for m in ft]}
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    run_mergekit(doc, tmp_path / "mk")
+    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    ours, theirs = _weights(tmp_path / "ff"), _weights(tmp_path / "mk")
+    inputs = [_weights(m) for m in ft]
+    differing = 0
+    for k in ours:
+        at_threshold = torch.zeros(ours[k].shape, dtype=torch.bool)
+        for w in inputs:
+            mag = (w[k].float() - base[k].float()).abs()
+            keep = max(1, int(density * mag.numel()))
+            threshold = mag.reshape(-1).kthvalue(mag.numel() - keep + 1).values  # the keep-th largest |Δ_j|
+            at_threshold |= mag == threshold
+        diff = ours[k] != theirs[k]
+        assert not (diff & ~at_threshold).any(), k  # differences only where some model's |Δ_j| ties
+        differing += int(diff.sum())
+    assert differing > 0  # the tie-breaks do differ on bf16 inputs
