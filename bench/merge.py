@@ -9,18 +9,24 @@ memory scales with the largest tensor.
 Each method gets one mergekit YAML (``dtype: float32, out_dtype: bfloat16``: both compute in float32 and
 write bf16). mergekit runs it with ``mergekit.scripts.run_yaml`` (``--num-threads`` = ``--threads``,
 ``--random-seed 0``); fuseflow runs the same file (``python -m fuseflow.merge.run FILE output=...
-threads=...``). Each merge is a fresh subprocess; a thread samples its resident set (VmRSS, and RssAnon:
-the part that is not file-backed page cache) every 50 ms. Inputs are read from the page cache once warm.
+threads=...``). Each merge is a fresh subprocess: peak RSS is the kernel's (``ru_maxrss`` from ``wait4``;
+it includes the pages of memory-mapped inputs), peak RssAnon (the part that is not file-backed) is
+sampled every 20 ms. Inputs are read from the page cache once warm.
 
-Columns: wall s, peak RSS / RssAnon GB, peak RssAnon over the largest tensor (bf16 bytes) next to the
-bound N + 2, and ``max |Δ|`` = max over tensors and entries of |fuseflow − mergekit| in the bf16 outputs,
-also divided by the largest update max |θ_j − θ_base| of the inputs. Rows marked ``random`` drop entries
-at random: fuseflow's seeded generator and mergekit's global one draw different masks, so their
-``max |Δ|`` is not a comparison of the methods. ``sce (paper)`` is fuseflow's own config (weights from the
-paper's formula at every update size) against mergekit's sce on the same inputs; ``varm`` has no
-mergekit counterpart.
+Columns: wall s, peak RSS / RssAnon GB, (peak RssAnon − the tool's idle RssAnon after its imports) over
+the largest tensor (bf16 bytes) next to the bound N + 2, and ``max |Δ|`` = max over tensors and entries
+of |fuseflow − mergekit| in the bf16 outputs, also divided by the largest update max |θ_j − θ_base| of the
+inputs. Rows marked ``random`` drop entries at random: fuseflow's seeded generator and mergekit's global
+one draw different masks, so their ``max |Δ|`` is not a comparison of the methods. The machine's 1-min
+load average after each row is printed with it: on a shared machine, timings include waiting for a core.
 
-    python bench/merge.py --mergekit-python /work/venvs/mergekit/bin/python --out merge.json
+sce: the ``sce`` row runs the mergekit YAML, which fuseflow reads with mergekit's equal-weight fallback
+(``uniform_below: 1e-6``: equal weights when Σ_j mean(Δ_j²) < 1e-6), so that the same file gives the same
+merge. ``sce (paper)`` is fuseflow's own config, whose weights follow the paper's formula at every update
+size, against mergekit's sce on the same inputs: at small updates it measures how far the paper's
+weights are from mergekit's equal ones. ``varm`` has no mergekit counterpart.
+
+    nice -n 10 python bench/merge.py --mergekit-python /work/venvs/mergekit/bin/python --out merge.json
     python bench/merge.py --methods ties,sce --models 3
     python bench/merge.py --shape tinyllama-1.1b --methods linear,ties --no-mergekit
 """
@@ -142,7 +148,11 @@ def write_random_model(out: Path, spec: dict, variant: int | None, shard_bytes: 
 def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
     """(VmRSS, RssAnon) in bytes summed over a process and its children."""
     rss = anon = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # exited between two samples
+        return 0, 0
+    for p in tree:
         try:
             for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -155,33 +165,47 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
-    """Run ``cmd``; wall time and peak VmRSS / RssAnon sampled every 50 ms."""
+    """Run ``cmd``: wall time, its peak resident set from the kernel (``ru_maxrss`` of ``wait4``: exact,
+    includes the file-backed pages of memory-mapped inputs) and its peak RssAnon (sampled every 20 ms, so a
+    peak shorter than that can be missed)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = [0, 0]
-    done = threading.Event()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        ps = psutil.Process(proc.pid)
+        peak = [0, 0]
+        done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            rss, anon = _tree_memory(ps)
-            peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
-            done.wait(0.05)
+        def sample() -> None:
+            while not done.is_set():
+                rss, anon = _tree_memory(ps)
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
+                done.wait(0.02)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = proc.communicate()
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     return {
         "wall_s": wall,
-        "peak_rss_bytes": peak[0],
+        "peak_rss_bytes": max(usage.ru_maxrss * 1024, peak[0]),  # ru_maxrss: KiB on Linux
         "peak_anon_bytes": peak[1],
         "loadavg_1min_after": os.getloadavg()[0],  # other work on the machine slows the merge
     }
+
+
+# What each tool's interpreter holds before it merges anything: its imports (torch, and transformers for
+# mergekit). Measured once per run; the table subtracts it from the peak RssAnon.
+IDLE_IMPORTS = {
+    "fuseflow": "import torch, fuseflow.merge.run, fuseflow.merge.execute",
+    "mergekit": "import torch, mergekit.merge, mergekit.scripts.run_yaml",
+}
 
 
 def max_abs_diff(a_dir: Path, b_dir: Path, names: list[str]) -> float:
@@ -315,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-shard-size", default="2GB", help="shard size of the generated models")
     ap.add_argument("--shard-size", default="5GB", help="output shard size (both tools)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of both tools")
-    ap.add_argument("--mergekit-python", default=sys.executable, help="a Python that can import mergekit")
+    ap.add_argument("--mergekit-python", default=os.environ.get("FUSEFLOW_MERGEKIT_PYTHON", sys.executable),
+                    help="a Python that can import mergekit (default: $FUSEFLOW_MERGEKIT_PYTHON, else this one)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit runs")
     ap.add_argument("--workdir", help="where to write the models (default: a temporary directory, removed after)")
     ap.add_argument("--out", help="write the results as JSON here (after every row)")
@@ -334,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     mk_version = mergekit_version(args.mergekit_python) if use_mk else None
     if not args.no_mergekit and not use_mk:
         print(f"mergekit is not importable by {args.mergekit_python}: its rows are skipped "
-              "(python -m venv --system-site-packages DIR && DIR/bin/pip install mergekit; --mergekit-python DIR/bin/python)")
+              "(python -m venv DIR && DIR/bin/pip install torch==2.13.0 mergekit==0.1.5; --mergekit-python DIR/bin/python)")
 
     shard_bytes = parse_size(args.input_shard_size)
     t0 = time.perf_counter()
@@ -372,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "mergekit": mk_version, "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows,
     }
+
+    idle = {"fuseflow": run_measured([sys.executable, "-c", IDLE_IMPORTS["fuseflow"]], env)["peak_anon_bytes"]}
+    if use_mk:
+        idle["mergekit"] = run_measured([args.mergekit_python, "-c", IDLE_IMPORTS["mergekit"]],
+                                        {**env, "PYTHONPATH": ""})["peak_anon_bytes"]
+    meta["idle_anon_bytes"] = idle
+    print("idle RssAnon after imports: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in idle.items()))
 
     def save() -> None:  # after every row: a long run interrupted keeps what it measured
         if args.out:
@@ -444,12 +476,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(meta: dict) -> None:
     """The markdown table of a run (``meta``: the JSON written with ``--out``)."""
     n, largest = meta["models"], meta["largest_tensor_bytes"]
+    idle = meta.get("idle_anon_bytes", {})
     print()
     print(f"Merges of N={n} copies of {meta['source']} ({meta['parameters'] / 1e6:.0f}M parameters, bf16, "
           f"{meta['model_bytes'] / 1e9:.2f} GB each; updates σ {meta['noise']:g}, largest {meta['max_update']:.2e}; "
-          f"largest tensor {largest / 1e6:.0f} MB; {meta['threads']} torch thread(s) each; load average per row)")
+          f"largest tensor {largest / 1e6:.0f} MB; {meta['threads']} torch thread(s) each; idle RssAnon after "
+          "imports " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in idle.items()) + "; 1-min load average after each row)")
     print()
-    print("| method | tool | wall s | peak RSS GB | peak anon GB | peak anon / largest tensor (bound N+2) "
+    print("| method | tool | wall s | peak RSS GB | peak anon GB | (peak anon − idle) / largest tensor (bound) "
           "| max abs diff vs mergekit | … / largest update | load avg |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in meta["rows"]:
@@ -458,8 +492,10 @@ def print_table(meta: dict) -> None:
         if r["method"] in RANDOM and diff:
             diff, rel = diff + " (random)", rel + " (random)"
         inputs = {"slerp": 1, "nuslerp": 2, "passthrough": 1}.get(r["method"], n)
+        base = idle.get(r["tool"].split()[0])
+        units = f"{(r['peak_anon_bytes'] - base) / largest:.1f}" if base is not None else "?"
         print(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-              f"{r['peak_anon_bytes'] / 1e9:.2f} | {r['peak_anon_bytes'] / largest:.1f} ({inputs + 2}) | {diff} | {rel} "
+              f"{r['peak_anon_bytes'] / 1e9:.2f} | {units} ({inputs + 2}) | {diff} | {rel} "
               f"| {r['loadavg_1min_after']:.1f} |")
 
 
