@@ -13,7 +13,7 @@ Settings are tuned on ``--split dev``: documents of the training part that the b
 (per corpus, chosen by a hash of the document index); ``--split held_out`` (the default) evaluates on the
 run config's held-out documents and is what docs/quality.md reports for the chosen settings only.
 
-    python bench/quality.py                                   # the default size, ~30 min on 2 CPU cores
+    python bench/quality.py                                   # the default size: ~45 min on 2 shared CPU cores
     python bench/quality.py --split dev --arms clm,fuse:min_ce fusion.lam=0.5 train.lr=1e-4
     python bench/quality.py --size gpu --config examples/fuse-gpu.yaml device=cuda
 
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # steps: optimizer steps of every arm; budgets: the steps at which each arm is evaluated (step 0, the start,
 # is evaluated once); eval_documents: per corpus; eval_chars: the first characters of each evaluated document
-# default ≈ 30 min on 2 idle CPU cores.
+# default: 24 min of training and evaluation plus ~22 min of teacher scoring on 2 shared CPU cores (docs/quality.md).
 SIZES: dict[str, dict] = {
     "tiny": dict(steps=4, budgets=(1, 2, 4), eval_documents=2, eval_chars=300, dev_documents=2),
     "default": dict(steps=24, budgets=(6, 12, 24), eval_documents=10, eval_chars=1000, dev_documents=10),
