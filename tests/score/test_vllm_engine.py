@@ -766,3 +766,63 @@ def test_real_vllm_pretrained_scores_equal_hf_engine(name):
         np.testing.assert_array_equal(g.topk_ids[:, 0], r.topk_ids[:, 0])  # the top 1; deeper ranks may swap near-ties
         np.testing.assert_allclose(g.gold_logprobs, r.gold_logprobs, atol=PRETRAINED_ATOL)
         np.testing.assert_allclose(g.topk_logprobs, r.topk_logprobs, atol=PRETRAINED_ATOL)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_vllm_teacher_is_the_redis_worker_of_an_online_run(real_engines, real_models, tmp_path, redis_server):
+    """``fuseflow.trainer.online`` (one DeepSpeed rank, its own process) trains on what a vLLM teacher, as the
+    run's Redis worker, scores: every training sample is trained once, with a finite loss and KL > 0."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fuseflow.config import FuseConfig, load_config
+    from fuseflow.models import load_tokenizer
+    from fuseflow.score.aligner import TeacherAligner
+    from fuseflow.teacher.worker import WorkerThreads
+    from fuseflow.wire.redis_server import free_port
+    from fuseflow.wire.redis_streams import RedisTransport
+
+    engine, _ = real_engines("llama")
+    llama = str(real_models["llama"])
+    words = sample_texts()[2].split()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Doc {i}: " + " ".join(words[3 * i: 3 * i + 8])}) + "\n"
+                              for i in range(10)))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "target": {"model": llama},
+        "sources": [{"name": "llama", "model": llama, "engine": "vllm", "batch_tokens": 128,
+                     "engine_options": {"kv_cache_bytes": 64 << 20, "max_batch_size": 32}}],
+        "corpus": {"source": str(corpus), "held_out_documents": 2},
+        "align": {"vocab_map": "exact"}, "fusion": {"top_k": 4, "lam": 0.5},
+        "train": {"max_length": 48, "micro_batch_size": 2, "lr": 1.0e-3, "checkpoint_every": 2, "warmup_ratio": 0.0},
+        "eval": {"max_length": 48, "before": False}, "baseline": "none",
+    }))
+    cfg = load_config(FuseConfig, config)
+    aligner = TeacherAligner.for_run(cfg, "llama", engine, load_tokenizer(llama))  # the module's vLLM engine
+    log = tmp_path / "trainer.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", RANK="0",
+               LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    with log.open("ab") as out:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "fuseflow.trainer.online", str(config), "--redis", redis_server.url, "--run", "vllm",
+             "--metrics-port", "0", "--no-progress"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        with WorkerThreads([aligner], lambda: RedisTransport(redis_server.url, "vllm", ["llama"])):
+            code = trainer.wait(600)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert code == 0, log.read_text()[-4000:]
+    fused = tmp_path / "run" / "fused"
+    trained = " ".join(p.read_text() for p in fused.glob("trained_samples*.log")).split()
+    assert len(trained) == len(set(trained)) == 8  # 10 documents, 2 held out
+    rows = [json.loads(line) for line in (fused / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in rows)
+    assert (fused / "model" / "model.safetensors").exists()
