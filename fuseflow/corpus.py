@@ -8,6 +8,11 @@ path to a JSONL file (``text`` or ``messages`` per line; ``.jsonl.gz`` too), a P
 ``save_to_disk``. Everything is streamed: JSONL line by line, Parquet batch by batch, ``datasets``
 memory-mapped batch by batch, text folders one file at a time.
 
+Bad documents (issue 15): a line that is not JSON, not UTF-8, lacks the text field, or holds a lone surrogate
+(``"\\ud800"``, which no tokenizer takes) is one document the run cannot train on, not a broken corpus. Given a
+:class:`CorpusTally`, the readers set it aside with its file and line (:class:`Rejected`; the run dead-letters
+it and goes on) and count empty documents; without one they raise :class:`DocumentError`, naming both.
+
 A document's ``index`` is its ordinal in the source (JSONL: non-blank line; Parquet / ``datasets``: row;
 folder: file in sorted path order). Sample ids (``f"{index}:{piece}"``) and the held-out split derive from
 it alone, so they are the same on every run over the same files: resume and deduplication rely on that.
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -33,6 +40,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from fuseflow.sparse import Sample
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 Part = Literal["all", "train", "held_out"]
@@ -47,6 +56,66 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 
 class CorpusError(ValueError):
     """A corpus that cannot be read as configured; the message names the file, line or config field."""
+
+
+class DocumentError(CorpusError):
+    """One document that cannot be trained on (not JSON, not UTF-8, no text, a lone surrogate, …), as
+    ``"<origin>: <reason>"`` (origin: ``file.jsonl:12``, a text file's path). A run sets it aside and goes on."""
+
+    def __init__(self, origin: str, reason: str):
+        super().__init__(f"{origin}: {reason}" if origin else reason)
+        self.origin, self.reason = origin, reason
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A document set aside (issue 15): ``id`` is the sample id of the piece it stopped at (``"12:0"``, in a mix
+    ``"de/12:0"``), ``reason`` names its file and line, ``text`` is its head (escaped: it may hold what broke)."""
+
+    id: str
+    reason: str
+    text: str = ""
+
+
+@dataclass
+class CorpusTally:
+    """What reading a corpus set aside: ``rejected`` documents (the run dead-letters them) and the origins of
+    ``empty`` ones (no text to train on: counted and logged, never silently dropped)."""
+
+    rejected: list[Rejected] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+
+    def reject(self, doc: "Document", piece: int, error: DocumentError) -> None:
+        self.rejected.append(Rejected(sample_id(doc, piece), str(error), _head(doc)))
+        log.warning("corpus: document set aside (dead-lettered as %s): %s", sample_id(doc, piece), error)
+
+    def add_empty(self, doc: "Document") -> None:
+        self.empty.append(doc.origin or f"document {doc.index}")
+        _log_empty(doc, len(self.empty))
+
+
+def _log_empty(doc: "Document", n: int) -> None:
+    if n <= 10:
+        log.warning("corpus: %s is empty: no sample%s", doc.origin or f"document {doc.index}",
+                    "; further empty documents are counted, not logged" if n == 10 else "")
+
+
+def _head(doc: "Document", chars: int = 200) -> str:
+    """The start of ``doc``'s text (or first message), printable and encodable (lone surrogates escaped)."""
+    text = doc.text if doc.text is not None else (doc.messages[0].get("content", "") if doc.messages else "")
+    return str(text)[:chars].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_text(text: str, origin: str, what: str = "text") -> None:
+    """Raise :class:`DocumentError` for a lone surrogate (JSON allows ``"\\ud800"``; no tokenizer, UTF-8 file or
+    Redis field takes it)."""
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise DocumentError(origin, f"{what} holds a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                                    "(invalid Unicode: fix or drop the document)")
 
 
 class CorpusSourceConfig(BaseModel):
@@ -139,6 +208,7 @@ class Document:
     messages: tuple[Message, ...] | None = None
     origin: str = ""  # "file.jsonl:12", "file.parquet#row 7": where errors point
     corpus: str = ""  # the name in corpus.sources; "" for a single-source corpus
+    error: str | None = None  # why it cannot be read (its text, if any, is the raw head): see DocumentError
 
     @property
     def is_chat(self) -> bool:
@@ -150,23 +220,34 @@ class Document:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def iter_documents(config: CorpusConfig, part: Part = "train") -> Iterator[Document]:
+def iter_documents(config: CorpusConfig, part: Part = "train", tally: CorpusTally | None = None) -> Iterator[Document]:
     """Stream the documents of ``config`` (the first ``max_documents``), restricted to ``part``.
 
     ``part`` defaults to ``"train"`` so that held-out documents cannot reach training by accident; pass
     ``"held_out"`` for evaluation, ``"all"`` for everything. A mix (``sources``) yields its corpora's
-    documents interleaved by weight (:func:`interleave`), each tagged with its corpus name.
+    documents interleaved by weight (:func:`interleave`), each tagged with its corpus name. A document that
+    cannot be read goes to ``tally`` (:meth:`CorpusTally.reject`), or raises :class:`DocumentError` without one.
     """
     if config.sources is not None:
-        return interleave([(weight, _tagged(sub, name, part)) for name, weight, sub in config.corpora()])
+        return interleave([(weight, _documents(sub, part, tally, name)) for name, weight, sub in config.corpora()])
+    return _documents(config, part, tally)
+
+
+def _documents(config: CorpusConfig, part: Part, tally: CorpusTally | None, corpus: str = "") -> Iterator[Document]:
     docs: Iterator[Document] = _read_source(config)
     if config.max_documents is not None:
         docs = islice(docs, config.max_documents)
-    return docs if part == "all" else split_held_out(docs, config, part)
-
-
-def _tagged(config: CorpusConfig, name: str, part: Part) -> Iterator[Document]:
-    return (replace(d, corpus=name) for d in iter_documents(config, part))
+    if part != "all":
+        docs = split_held_out(docs, config, part)
+    for doc in docs:
+        if corpus:
+            doc = replace(doc, corpus=corpus)
+        if doc.error is None:
+            yield doc
+        elif tally is None:
+            raise DocumentError(doc.origin, doc.error)
+        else:
+            tally.reject(doc, 0, DocumentError(doc.origin, doc.error))
 
 
 def interleave(streams: Sequence[tuple[float, Iterable]]) -> Iterator:
@@ -224,11 +305,17 @@ def _read_source(config: CorpusConfig) -> Iterator[Document]:
     index = 0
     for path in files:
         if fmt == "text":
-            yield Document(index=index, text=_read_text_file(path, alone=len(files) == 1), origin=str(path))
+            try:
+                yield Document(index=index, text=_read_text_file(path, alone=len(files) == 1), origin=str(path))
+            except DocumentError as e:
+                yield Document(index=index, origin=str(path), error=e.reason)
             index += 1
             continue
         for origin, record in records[fmt](path, config):
-            yield _to_document(index, record, origin, config)
+            try:
+                yield _to_document(index, record, origin, config)
+            except DocumentError as e:
+                yield Document(index=index, origin=origin, error=e.reason, text=_raw_head(record))
             index += 1
 
 
@@ -301,37 +388,55 @@ def _read_text_file(path: Path, alone: bool) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise DocumentError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     if alone and not text.strip():
         raise CorpusError(f"{path}: empty file")
     return text
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+class _Unreadable:
+    """A JSONL line that is no record: why (``reason``), and its raw head for the dead letter."""
+
+    def __init__(self, reason: str, raw: bytes):
+        self.reason, self.raw = reason, raw
 
 
-def _jsonl_records(path: Path, config: CorpusConfig) -> Iterator[tuple[str, dict]]:
+def _jsonl_records(path: Path, config: CorpusConfig) -> Iterator[tuple[str, dict | _Unreadable]]:
+    """``(origin, record)`` per non-blank line; a line that is not UTF-8, not JSON or not an object comes as
+    :class:`_Unreadable`. Lines are decoded one by one (a text-mode file decodes ahead in blocks, so its error
+    would point at the wrong line)."""
     seen = False
-    with _open_text(path) as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                seen = True
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    hint = "; a JSON array is not JSON Lines: convert it with jq -c '.[]'" if line.lstrip()[:1] == "[" else ""
-                    raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}){hint}") from None
-                if not isinstance(record, dict):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield f"{path}:{lineno}", record
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from e
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            seen = True
+            origin = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield origin, _Unreadable(f"not UTF-8 ({e.reason} at byte {e.start} of the line)", raw)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = "; a JSON array is not JSON Lines: convert it with jq -c '.[]'" if line.lstrip()[:1] == "[" else ""
+                yield origin, _Unreadable(f"invalid JSON ({e.msg}, column {e.colno}){hint}", raw)
+                continue
+            if not isinstance(record, dict):
+                yield origin, _Unreadable(f"expected a JSON object, got {type(record).__name__}", raw)
+                continue
+            yield origin, record
     if not seen:
         raise CorpusError(f"{path}: empty file (no JSON lines)")
+
+
+def _raw_head(record, chars: int = 200) -> str | None:
+    """An unreadable record's start, printable: what a dead letter shows of it."""
+    if isinstance(record, _Unreadable):
+        return record.raw[: chars * 4].decode("utf-8", "backslashreplace")[:chars].rstrip("\r\n")
+    text = record.get("text") if isinstance(record, dict) else None
+    return text[:chars].encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else None
 
 
 def _count_jsonl_lines(path: Path) -> int:
@@ -396,31 +501,35 @@ def _hf_records(path: Path, config: CorpusConfig) -> Iterator[tuple[str, dict]]:
     yield from _batched_rows(ds.select_columns(cols).iter(batch_size=256), str(path))
 
 
-def _to_document(index: int, record: dict, origin: str, config: CorpusConfig) -> Document:
+def _to_document(index: int, record: dict | _Unreadable, origin: str, config: CorpusConfig) -> Document:
+    if isinstance(record, _Unreadable):
+        raise DocumentError(origin, record.reason)
     messages = record.get(config.messages_field)
     if messages is not None:
         return Document(index=index, messages=_normalise_messages(messages, origin, config), origin=origin)
     text = record.get(config.text_field)
     if text is None:
-        raise CorpusError(
-            f"{origin}: no {config.text_field!r} (corpus.text_field) or {config.messages_field!r} "
+        raise DocumentError(
+            origin, f"no {config.text_field!r} (corpus.text_field) or {config.messages_field!r} "
             f"(corpus.messages_field); fields: {sorted(record)}"
         )
     if not isinstance(text, str):
-        raise CorpusError(f"{origin}: field {config.text_field!r} must be a string, got {type(text).__name__}")
+        raise DocumentError(origin, f"field {config.text_field!r} must be a string, got {type(text).__name__}")
+    check_text(text, origin, f"field {config.text_field!r}")
     return Document(index=index, text=text, origin=origin)
 
 
 def _normalise_messages(messages, origin: str, config: CorpusConfig) -> tuple[Message, ...]:
     field = config.messages_field
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise CorpusError(f"{origin}: {field!r} must be a non-empty list of {{role, content}} objects")
+        raise DocumentError(origin, f"{field!r} must be a non-empty list of {{role, content}} objects")
     out = []
     for j, m in enumerate(messages):
         if isinstance(m, dict) and "role" not in m and "from" in m:  # ShareGPT / FuseChat data
             m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise CorpusError(f"{origin}: {field}[{j}] must have string 'role' and 'content', got {m!r:.120}")
+            raise DocumentError(origin, f"{field}[{j}] must have string 'role' and 'content', got {m!r:.120}")
+        check_text(m["role"] + m["content"], origin, f"{field}[{j}]")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
 
@@ -518,7 +627,7 @@ def render_chat(messages: Sequence[Message], tokenizer, where: str = "chat") -> 
         if start < cursor:
             start = text.find(m["content"], cursor)
             if start < 0:
-                raise CorpusError(f"{where}: assistant turn {i} not found in the rendered chat template output")
+                raise DocumentError(where, f"assistant turn {i} not found in the rendered chat template output")
             end = start + len(m["content"])
         end = start + len(text[start:end].rstrip())
         if end > start:
@@ -609,6 +718,7 @@ def make_samples(
     max_tokens: int,
     stride: int | None = None,
     block_chars: int = 1 << 20,
+    tally: CorpusTally | None = None,
 ) -> Iterator[Sample]:
     """Cut documents into samples whose tokenization by ``tokenizer`` (``add_special_tokens=True``) has at
     most ``max_tokens`` tokens.
@@ -621,6 +731,10 @@ def make_samples(
     assistant text (they carry no loss). Ids are ``f"{document.index}:{piece}"``; plain strings and message
     lists get their position in ``documents`` as index. Documents longer than ``block_chars`` are first
     split at a newline so tokenizing one never holds more than a block's offsets in memory.
+
+    A document that cannot be cut (:class:`DocumentError`: unreadable, a lone surrogate, a chat its template
+    cannot render) goes to ``tally`` as rejected at the piece it stopped at, and empty documents are counted
+    there; without a tally the error is raised, and empty documents are logged.
     """
     budget = max_tokens - tokenizer.num_special_tokens_to_add(pair=False)
     if budget < 2:
@@ -628,33 +742,50 @@ def make_samples(
     if stride is not None and not 0 < stride <= budget:
         raise ValueError(f"stride must be in 1..{budget} (max_tokens minus special tokens), got {stride}")
     newline_cuts = newline_cuts_are_clean(tokenizer)
+    empty = 0
     for position, item in enumerate(documents):
         doc = _as_document(position, item)
         where = doc.origin or f"document {doc.index}"
-        if doc.is_chat:
-            text, spans = render_chat(doc.messages, tokenizer, where)
-        else:
-            text, spans = doc.text or "", None
-        if not text.strip():
-            continue
         piece = 0
-        bounds = _piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, block_chars, where)
-        for start, end in bounds:
-            piece_text = text[start:end]
-            piece_spans = None if spans is None else _clip_spans(spans, start, end)
-            if piece_text.strip() and piece_spans != ():
-                yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans)
-            piece += 1
+        try:
+            if doc.error is not None:
+                raise DocumentError(doc.origin, doc.error)
+            if doc.is_chat:
+                text, spans = render_chat(doc.messages, tokenizer, where)
+            else:
+                text, spans = doc.text or "", None
+            if not text.strip():
+                if tally is not None:
+                    tally.add_empty(doc)
+                else:
+                    empty += 1
+                    _log_empty(doc, empty)
+                continue
+            check_text(text, where)  # the tokenizer would raise a bare TypeError
+            bounds = _piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, block_chars, where)
+            for start, end in bounds:
+                piece_text = text[start:end]
+                piece_spans = None if spans is None else _clip_spans(spans, start, end)
+                if piece_text.strip() and piece_spans != ():
+                    yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans)
+                piece += 1
+        except DocumentError as e:
+            if tally is None:
+                raise
+            tally.reject(doc, piece, e)
 
 
-def corpus_samples(config: CorpusConfig, tokenizer, max_tokens: int, part: Part = "train", **cut) -> Iterator[Sample]:
+def corpus_samples(
+    config: CorpusConfig, tokenizer, max_tokens: int, part: Part = "train", tally: CorpusTally | None = None, **cut
+) -> Iterator[Sample]:
     """The samples of ``part`` (:func:`make_samples` keyword arguments in ``cut``). A mix is cut corpus by corpus
     and its *samples* interleaved by weight (:func:`interleave`), so a weight is a corpus's share of the
-    training samples (≈ tokens, samples being mostly full), whatever the lengths of its documents."""
+    training samples (≈ tokens, samples being mostly full), whatever the lengths of its documents. Bad and
+    empty documents go to ``tally`` (see :func:`make_samples`)."""
     if config.sources is None:
-        return make_samples(iter_documents(config, part), tokenizer, max_tokens, **cut)
+        return make_samples(_documents(config, part, tally), tokenizer, max_tokens, tally=tally, **cut)
     streams = [
-        (weight, make_samples(_tagged(sub, name, part), tokenizer, max_tokens, **cut))
+        (weight, make_samples(_documents(sub, part, tally, name), tokenizer, max_tokens, tally=tally, **cut))
         for name, weight, sub in config.corpora()
     ]
     return interleave(streams)
@@ -729,7 +860,7 @@ def _block_piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cut
                 break
             hi = min(e, num_tokens) - (n - max_tokens)
             if hi <= s:
-                raise CorpusError(f"{where}: cannot cut a piece of at most {max_tokens} tokens at token {s}")
+                raise DocumentError(where, f"cannot cut a piece of at most {max_tokens} tokens at token {s}")
             e = best_cut(scores, hi - lookback, hi, s + 1)
         yield char_at(s), char_at(e)
         if e >= num_tokens:

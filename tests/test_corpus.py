@@ -14,8 +14,11 @@ from pydantic import ValidationError
 from fuseflow.corpus import (
     CorpusConfig,
     CorpusError,
+    CorpusTally,
     Document,
+    DocumentError,
     best_cut,
+    corpus_samples,
     count_documents,
     cut_scores,
     held_out_threshold,
@@ -102,6 +105,128 @@ def test_jsonl_is_streamed(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", ['{"text": "a"}', '{"text": "b"}', "{oops"])
     assert [d.text for d in islice(iter_documents(CorpusConfig(source=str(path)), "all"), 2)] == ["a", "b"]
     assert [d.text for d in iter_documents(CorpusConfig(source=str(path), max_documents=2), "all")] == ["a", "b"]
+
+
+# Bad documents (issue 15): a lone surrogate crashed the trainer with a bare TypeError, invalid UTF-8 aborted the
+# run naming the wrong line, empty documents vanished silently.
+SURROGATE_LINE = '{"text": "caf\\ud800 au lait"}'  # valid JSON, invalid Unicode
+
+
+def write_bad_corpus(path, n_good_before=400):
+    """JSONL: ``n_good_before`` good lines (over 8 KiB, more than a text-mode reader decodes at once), then one
+    bad line of each kind, an empty and a blank document, and a last good line. Returns {line: kind}."""
+    lines = [json.dumps({"text": f"Document {i} says hello."}).encode() for i in range(n_good_before)]
+    bad = {
+        "surrogate": SURROGATE_LINE.encode(),
+        "not utf-8": b'{"text": "caf\xe9 au lait"}',  # Latin-1
+        "not json": b'{"text": "unterminated',
+        "no text": b'{"body": "wrong field"}',
+        "not an object": b'["a", "list"]',
+    }
+    kinds = {}
+    for kind, raw in bad.items():
+        lines.append(raw)
+        kinds[len(lines)] = kind
+    lines += [b'{"text": ""}', b'{"text": "  \\n "}', b"", b'{"text": "The last one."}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return kinds
+
+
+def test_bad_documents_name_file_and_line_and_are_set_aside(tmp_path, bpe_tokenizer):
+    path = tmp_path / "c.jsonl"
+    kinds = write_bad_corpus(path)
+    cfg = CorpusConfig(source=str(path))
+    tally = CorpusTally()
+    samples = list(corpus_samples(cfg, bpe_tokenizer, 64, "all", tally=tally))
+    assert len(samples) == 401 and samples[-1].text == "The last one."  # the run goes on past every bad line
+    assert all("\ud800" not in s.text and "\ufffd" not in s.text for s in samples)
+    reasons = {int(r.reason.split(":")[1]): r.reason for r in tally.rejected}
+    assert sorted(reasons) == sorted(kinds)  # the right line numbers, each once
+    for line, reason in reasons.items():
+        assert reason.startswith(f"{path}:{line}: "), reason
+    by_kind = {kinds[line]: reason for line, reason in reasons.items()}
+    assert "lone surrogate U+D800 at character 3" in by_kind["surrogate"]
+    assert "not UTF-8 (invalid continuation byte at byte 13 of the line)" in by_kind["not utf-8"]
+    assert "invalid JSON" in by_kind["not json"] and "no 'text' (corpus.text_field)" in by_kind["no text"]
+    assert "expected a JSON object, got list" in by_kind["not an object"]
+    # ids are the documents' (index = non-blank line ordinal), so a dead letter names the sample it replaces
+    assert [r.id for r in tally.rejected] == [f"{i}:0" for i in range(400, 405)]
+    rejected = {kinds[int(r.reason.split(":")[1])]: r for r in tally.rejected}
+    assert rejected["surrogate"].text == "caf\\ud800 au lait" and rejected["not utf-8"].text.startswith('{"text": "caf\\xe9')
+    for r in tally.rejected:
+        r.text.encode("utf-8")  # a dead letter can be written anywhere (Redis, JSON, a terminal)
+    assert tally.empty == [f"{path}:{len(kinds) + 401}", f"{path}:{len(kinds) + 402}"]  # counted, not dropped
+
+
+def test_without_a_tally_a_bad_document_is_an_error_naming_its_line(tmp_path, bpe_tokenizer):
+    path = tmp_path / "c.jsonl"
+    kinds = write_bad_corpus(path)
+    first = min(kinds)
+    with pytest.raises(DocumentError, match=re.escape(f"c.jsonl:{first}: field 'text' holds a lone surrogate")):
+        list(iter_documents(CorpusConfig(source=str(path)), "all"))
+    lines = path.read_bytes().split(b"\n")
+    del lines[first - 1]  # the invalid UTF-8 line comes first now: named by its own number, not a later one
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DocumentError, match=re.escape(f"c.jsonl:{first}: not UTF-8")):
+        list(iter_documents(CorpusConfig(source=str(path)), "all"))
+    # a document given directly: the tokenizer would raise a bare TypeError on the surrogate
+    with pytest.raises(DocumentError, match=r"x.jsonl:7: text holds a lone surrogate U\+DC00 at character 2"):
+        list(make_samples([Document(index=0, text="ab\udc00", origin="x.jsonl:7")], bpe_tokenizer, 32))
+
+
+def test_bad_documents_of_a_mix_and_of_a_text_folder(tmp_path, bpe_tokenizer):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha beta")
+    (folder / "b.txt").write_bytes(b"caf\xe9 au lait")
+    (folder / "c.txt").write_text(" \n")
+    jsonl = write_jsonl(tmp_path / "c.jsonl", ['{"text": "gamma"}', SURROGATE_LINE])
+    mix = CorpusConfig(sources=[{"name": "txt", "source": str(folder)}, {"name": "js", "source": str(jsonl)}])
+    tally = CorpusTally()
+    samples = list(corpus_samples(mix, bpe_tokenizer, 32, "all", tally=tally))
+    assert sorted(s.id for s in samples) == ["js/0:0", "txt/0:0"]
+    assert {r.id: r.reason.split(": ", 1)[0] for r in tally.rejected} == {"txt/1:0": str(folder / "b.txt"),
+                                                                         "js/1:0": f"{jsonl}:2"}
+    assert "not UTF-8 text (invalid continuation byte at byte 3)" in tally.rejected[0].reason + tally.rejected[1].reason
+    assert tally.empty == [str(folder / "c.txt")]
+    # held-out and training parts each set aside their own bad documents: every one exactly once
+    write_bad_corpus(tmp_path / "d.jsonl")
+    cfg = CorpusConfig(source=str(tmp_path / "d.jsonl"), held_out_documents=100)
+    parts = CorpusTally()
+    list(corpus_samples(cfg, bpe_tokenizer, 64, "train", tally=parts))
+    list(iter_documents(cfg, "held_out", parts))
+    assert sorted(r.id for r in parts.rejected) == [f"{i}:0" for i in range(400, 405)]
+
+
+@pytest.mark.slow
+def test_fuse_dead_letters_bad_documents_and_trains_on_the_rest(tmp_path, tiny_llama, tiny_qwen):
+    """`fuseflow fuse` on a corpus with one bad line of each kind: exit 0, each bad document a dead letter of the
+    run naming its file and line, empty documents counted in the report, every good document trained."""
+    from fuseflow.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    kinds = write_bad_corpus(corpus, n_good_before=12)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+run_dir: {tmp_path / 'run'}
+target: {{model: {tiny_llama}}}
+sources: [{{name: qwen, model: {tiny_qwen}}}]
+corpus: {{source: {corpus}, held_out_documents: 2}}
+fusion: {{top_k: 4, lam: 0.5}}
+train: {{max_length: 48, micro_batch_size: 2, lr: 1.0e-3, checkpoint_every: 4, warmup_ratio: 0.0,
+        max_dead_letter_fraction: 0.5}}
+eval: {{max_length: 48, before: false}}
+baseline: none
+""")
+    assert main(["fuse", str(config)]) == 0
+    run = tmp_path / "run"
+    dead = [json.loads(line) for line in (run / "fused" / "dead_letter.jsonl").read_text().splitlines()]
+    lines = sorted(int(d["reason"].split(":")[2]) for d in dead)
+    assert lines == sorted(kinds) and all(d["reason"].startswith(f"corpus: {corpus}:") for d in dead)
+    report = json.loads((run / "report.json").read_text())
+    assert report["rejected_documents"] == len(kinds) and report["empty_documents"] == 2
+    trained = (run / "fused" / "trained_samples.log").read_text().split()
+    assert len(trained) == report["train_samples"] == 13 - report["held_out_documents"]
 
 
 def test_parquet_batches_text_and_messages(tmp_path):

@@ -65,6 +65,7 @@ class InProcessTransport(Transport):
         self._history_cursor: dict[str, int] = {}
         self._dead: deque[dict] = deque(maxlen=dead_maxlen)
         self._submitted = self._done = self._dead_total = 0
+        self._dead_inputs: set[str] = set()  # sample ids dead-lettered before reaching a teacher
         self._finished = False
 
     def _entry_id(self) -> str:
@@ -110,6 +111,19 @@ class InProcessTransport(Transport):
         with self._cond:
             self._finished = True
             self._cond.notify_all()
+
+    def dead_letter_inputs(self, items: Sequence[tuple[str, str, str]]) -> int:
+        with self._cond:
+            new = [(i, reason, text) for i, reason, text in items if i not in self._dead_inputs]
+            for sample_id, reason, text in new:
+                self._dead_inputs.add(sample_id)
+                self._dead.append({"sample_id": sample_id, "teacher": "corpus", "reason": reason,
+                                   "text": text[:DEAD_TEXT_CHARS]})
+            self._submitted += len(new)
+            self._done += len(new)
+            self._dead_total += len(new)
+            self._cond.notify_all()
+            return len(new)
 
     # -- teacher worker ---------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ scripts below may touch them all):
                       its existence is what deduplicates by sample id.
 - ``ready:{run}``     stream of samples every teacher answered; one group, ``trainer``, shared by all ranks.
 - ``dead:{run}``      stream of dead letters (sample id, teacher, reason, text head), capped (``dead_maxlen``).
+- ``inputs:{run}``    set of the sample ids dead-lettered before reaching a teacher (``dead_letter_inputs``).
 - ``state:{run}``     hash of counters: submitted, done (trained or dead), dead, finished, and the dispatcher's
                       position (``submit_at``).
 
@@ -173,6 +174,25 @@ end
 return 1
 """
 
+# KEYS: dead-lettered inputs set, dead, state. ARGV: dead maxlen, then (id, reason, text) per sample.
+# Returns how many were new (the set makes a second call with the same ids a no-op).
+_DEAD_INPUTS_LUA = f"""
+local n = 0
+for i = 2, #ARGV, 3 do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'sample_id', ARGV[i], 'teacher', 'corpus',
+               'reason', ARGV[i + 1], 'text', string.sub(ARGV[i + 2], 1, {DEAD_TEXT_CHARS}))
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[3], 'submitted', n)
+  redis.call('HINCRBY', KEYS[3], 'done', n)
+  redis.call('HINCRBY', KEYS[3], 'dead', n)
+end
+return n
+"""
+
 # KEYS: ready, dist hash, work, state. ARGV: trainer group, ready entry id.
 # Returns 1 if this call freed the sample, 0 if it was already acked.
 _ACK_LUA = """
@@ -261,14 +281,15 @@ class RedisTransport(Transport):
         self.poll_s = poll_s
         self.r = client if client is not None else redis.Redis.from_url(redis_url, decode_responses=False)
         tag = "{" + run + "}"
-        self.k_work, self.k_ready, self.k_dead, self.k_state = (
-            f"{name}:{tag}" for name in ("work", "ready", "dead", "state")
+        self.k_work, self.k_ready, self.k_dead, self.k_state, self.k_inputs = (
+            f"{name}:{tag}" for name in ("work", "ready", "dead", "state", "inputs")
         )
         self._k_dist_prefix = f"dist:{tag}:"
         self._submit = self.r.register_script(_SUBMIT_LUA)
         self._complete = self.r.register_script(_COMPLETE_LUA)
         self._ack = self.r.register_script(_ACK_LUA)
         self._reject = self.r.register_script(_REJECT_LUA)
+        self._dead_inputs = self.r.register_script(_DEAD_INPUTS_LUA)
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
         # (teacher, consumer) whose own pending work was re-read since the last outage; None: no outage yet
@@ -325,6 +346,15 @@ class RedisTransport(Transport):
 
     def finish_submissions(self) -> None:
         self.r.hset(self.k_state, "finished", 1)
+
+    def dead_letter_inputs(self, items: Sequence[tuple[str, str, str]]) -> int:
+        new = 0
+        for start in range(0, len(items), _SUBMIT_CHUNK):
+            args: list = [self.dead_maxlen]
+            for sample_id, reason, text in items[start : start + _SUBMIT_CHUNK]:
+                args += [sample_id, reason, text]
+            new += int(self._dead_inputs(keys=[self.k_inputs, self.k_dead, self.k_state], args=args))
+        return new
 
     # -- teacher worker ---------------------------------------------------------------------------------------
 
@@ -551,7 +581,8 @@ class RedisTransport(Transport):
         """Delete every key of this run and recreate the consumer groups: a fresh start under the same run
         name (otherwise a run name resumes where it was). Returns the number of keys deleted."""
         pattern = _glob_escape(self._k_dist_prefix) + "*"  # run names may hold glob syntax
-        keys = [self.k_work, self.k_ready, self.k_dead, self.k_state, *self.r.scan_iter(match=pattern, count=1000)]
+        keys = [self.k_work, self.k_ready, self.k_dead, self.k_state, self.k_inputs,
+                *self.r.scan_iter(match=pattern, count=1000)]
         deleted = int(self.r.delete(*keys))
         self._history_done.clear()
         self._history_cursor.clear()

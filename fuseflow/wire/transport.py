@@ -174,6 +174,14 @@ class Transport(ABC):
     def finish_submissions(self) -> None:
         """End of the epoch: no more samples until the next ``submit``."""
 
+    @abstractmethod
+    def dead_letter_inputs(self, items: Sequence[tuple[str, str, str]]) -> int:
+        """Dead-letter samples that never reach a teacher: ``(sample id, reason, text)`` for each corpus document
+        the dispatcher cannot send (not UTF-8, not JSON, a lone surrogate: issue 15), under the teacher name
+        ``"corpus"``. Each counts as submitted and done like any dead letter, so ``stats()["dead_letters"]`` and
+        ``train.max_dead_letter_fraction`` include it; once per sample id (a resumed run sends them again).
+        Returns how many were new."""
+
     # -- teacher worker ---------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from fuseflow.config import FuseConfig, SourceConfig, dump_config
-from fuseflow.corpus import corpus_samples, iter_documents, render_chat
+from fuseflow.corpus import CorpusTally, Rejected, corpus_samples, iter_documents, render_chat
 from fuseflow.models import load, load_tokenizer
 from fuseflow.sparse import Sample
 
@@ -42,24 +42,39 @@ class Corpus:
     train: list[Sample]
     held_out: list[str]
     held_out_corpus: list[str] = field(default_factory=list)  # each held-out text's corpus ("" unless a mix)
+    rejected: list[Rejected] = field(default_factory=list)  # documents set aside: the run dead-letters them
+    empty: int = 0  # empty documents (no samples)
 
 
 def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
     """Split documents (held-out documents never reach training) and cut training samples to fit (a
-    ``corpus.sources`` mix: samples interleaved by weight, held-out documents per corpus)."""
-    samples = corpus_samples(cfg.corpus, target_tokenizer, cfg.train.max_length)
+    ``corpus.sources`` mix: samples interleaved by weight, held-out documents per corpus). Documents that cannot
+    be read are set aside with their file and line (``rejected``), empty ones counted (issue 15)."""
+    tally = CorpusTally()
+    samples = corpus_samples(cfg.corpus, target_tokenizer, cfg.train.max_length, tally=tally)
     if cfg.train.max_steps:  # cut no more than the run can train on (a large corpus takes minutes to cut)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         samples = itertools.islice(samples, cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * world)
     samples = list(samples)
-    docs = list(iter_documents(cfg.corpus, "held_out"))
+    docs = []
+    for d in iter_documents(cfg.corpus, "held_out", tally):
+        if d.is_chat or d.text.strip():
+            docs.append(d)
+        else:
+            tally.add_empty(d)
     held = [render_chat(d.messages, target_tokenizer, d.origin)[0] if d.is_chat else d.text for d in docs]
     held = [t[: cfg.eval.max_chars_per_document] for t in held]
+    if tally.rejected or tally.empty:
+        log.warning("corpus: %d documents set aside (dead-lettered), %d empty documents skipped%s",
+                    len(tally.rejected), len(tally.empty),
+                    f"; first set aside: {tally.rejected[0].reason}" if tally.rejected else "")
     if not samples:
-        raise ValueError("corpus: no training samples (check corpus.source and corpus.held_out_*)")
+        bad = f"; {len(tally.rejected)} documents set aside, first: {tally.rejected[0].reason}" if tally.rejected else ""
+        raise ValueError(f"corpus: no training samples (check corpus.source and corpus.held_out_*){bad}")
     if not held:
         raise ValueError("corpus: no held-out documents to evaluate on (set corpus.held_out_documents)")
-    return Corpus(train=samples, held_out=held, held_out_corpus=[d.corpus for d in docs])
+    return Corpus(train=samples, held_out=held, held_out_corpus=[d.corpus for d in docs], rejected=tally.rejected,
+                  empty=len(tally.empty))
 
 
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts=None):
@@ -83,11 +98,12 @@ WORKER_BATCH_SIZE = 8
 
 def train_in_process(
     cfg: FuseConfig, out: Path, samples: Sequence[Sample] | None = None, progress: bool = True,
-    worker_batch_size: int = WORKER_BATCH_SIZE,
+    worker_batch_size: int = WORKER_BATCH_SIZE, rejected: Sequence[Rejected] = (),
 ):
     """The recipe over :class:`~fuseflow.wire.inprocess.InProcessTransport`: ``cfg.sources`` scored by worker
     threads (:class:`fuseflow.teacher.worker.WorkerThreads`) while this thread dispatches and trains; no sources is
-    the CLM-only baseline. Writes ``out`` (model, checkpoints, logs, dead letters); returns the ``TrainResult``."""
+    the CLM-only baseline. Writes ``out`` (model, checkpoints, logs, dead letters); returns the ``TrainResult``.
+    ``rejected``: the corpus documents set aside with ``samples`` (:class:`Corpus`), dead-lettered by the run."""
     from fuseflow.models import load_tokenizer
     from fuseflow.teacher.worker import WorkerThreads
     from fuseflow.wire.inprocess import InProcessTransport
@@ -100,7 +116,7 @@ def train_in_process(
         # A worker thread that dies (its engine fails on every sample) ends the run with its error at once.
         with WorkerThreads(teachers, lambda: transport, batch_size=worker_batch_size) as workers:
             return run_online(cfg, transport, out=out, samples=list(samples) if samples is not None else None,
-                              progress=progress, check_teachers=workers.check)
+                              progress=progress, check_teachers=workers.check, rejected=rejected)
     finally:
         del teachers
         gc.collect()
@@ -153,7 +169,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
         plan["fused"] = (list(cfg.sources), run_dir / "fused")
     if cfg.baseline == "clm":
         plan["baseline clm"] = ([], run_dir / "baseline-clm")
-    runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus.train, progress)
+    runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus.train, progress,
+                                   rejected=corpus.rejected)
             for name, (sources, out) in plan.items()}
 
     for name, res in runs.items():
@@ -163,6 +180,8 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
         "train_samples": len(corpus.train),
         "held_out_documents": len(corpus.held_out),
+        "rejected_documents": len(corpus.rejected),
+        "empty_documents": corpus.empty,
         "rows": rows,
         "runs": {name: {"model_dir": str(r.model_dir), "steps": r.steps, "tokens": r.tokens,
                         "final_loss": r.final_loss} for name, r in runs.items()},

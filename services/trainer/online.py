@@ -33,7 +33,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fuseflow.config import ConfigError, FuseConfig, RunFailed, load_config
@@ -217,6 +217,7 @@ def run_online(
     metrics=None,
     poll_ms: int = 100,
     check_teachers: Callable[[], None] | None = None,
+    rejected: Sequence = (),
 ):
     """The one recipe (issue 13): dispatch the corpus into ``transport`` and train ``cfg.target`` on its ready
     samples until the epoch ends; returns the loop's ``TrainResult``. Teachers answer on the other side of the
@@ -231,7 +232,8 @@ def run_online(
     ``metrics``: a :class:`~fuseflow.trainer.metrics.TrainerMetrics` (rank 0) or None. ``check_teachers``: called
     while the trainer waits for samples, raises to end the run (in-process teachers: the error a worker thread
     died of, :meth:`fuseflow.teacher.worker.WorkerThreads.check`; served teachers are replaced by their
-    supervisor instead, their pending work reclaimed)."""
+    supervisor instead, their pending work reclaimed). ``rejected``: the corpus documents set aside with the given
+    ``samples`` (:class:`fuseflow.corpus.Rejected`); rank 0 dead-letters them, as those it sets aside itself."""
     import torch.distributed as dist
 
     from fuseflow.models import load
@@ -261,7 +263,8 @@ def run_online(
     count = [-1]
     try:
         if samples is None and dispatching:
-            samples = prepare_corpus(cfg, target.tokenizer).train
+            corpus = prepare_corpus(cfg, target.tokenizer)
+            samples, rejected = corpus.train, corpus.rejected
         if samples is not None:
             count = [len(samples)]
     finally:  # the other ranks wait for the count: tell them when rank 0 failed (-1), not only when it did not
@@ -278,6 +281,9 @@ def run_online(
         if not (out / "checkpoints" / "latest").exists() and hasattr(transport, "reset"):
             deleted = retrying(transport.reset, "reset")
             log.info("fresh run %r: reset its queue (%d keys deleted)", transport.run, deleted)
+        if rejected and rank == 0:  # unreadable documents: dead letters of the run, in its fraction (issue 15)
+            items = [(r.id, r.reason, r.text) for r in rejected]
+            retrying(lambda: transport.dead_letter_inputs(items), "dead letters")
         sequence = dispatch_sequence(samples[rank::world] if local else samples, cfg.train.epochs, limit)
         log.info("online run %r: %d samples to dispatch, %d steps, %d ranks, window %d", transport.run,
                  len(sequence), steps, world, transport.window)

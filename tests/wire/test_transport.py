@@ -126,6 +126,28 @@ def test_dead_letter_frees_the_sample_and_drops_other_answers(make_transport, ma
     assert st["dead_letters"] == 1 and st["done"] == 1 and st["in_flight"] == 2
 
 
+def test_corpus_documents_dead_lettered_before_dispatch_count_in_the_run(make_transport, make_dist):
+    """Issue 15: a document the dispatcher cannot send (not UTF-8, a lone surrogate) is a dead letter of the run,
+    counted like a teacher's, so train.max_dead_letter_fraction sees it; a resumed run reports it once."""
+    tr = make_transport()
+    tr.submit(samples(2))
+    bad = [("7:0", "c.jsonl:8: not UTF-8 (invalid start byte at byte 3 of the line)", '{"text": "\\xff"}'),
+           ("9:0", "c.jsonl:10: field 'text' holds a lone surrogate U+D800 at character 0", "\\ud800")]
+    assert tr.dead_letter_inputs(bad) == 2
+    assert tr.dead_letter_inputs(bad[:1]) == 0  # again on resume: once per sample id
+    dead = tr.dead_letters()
+    assert [(d["sample_id"], d["teacher"], d["reason"], d["text"]) for d in dead] == [(i, "corpus", r, t) for i, r, t in bad]
+    st = tr.stats()
+    assert (st["submitted"], st["done"], st["dead_letters"], st["in_flight"]) == (4, 2, 2, 2)
+    for teacher in TEACHERS:
+        answer_all(tr, teacher, make_dist)
+    tr.finish_submissions()
+    ready = tr.next_ready("rank0", count=10, block_ms=200)
+    assert sorted(r.sample.id for r in ready) == ["s0", "s1"]  # the sent samples are untouched
+    tr.ack_ready(ready)
+    assert tr.is_finished()
+
+
 def test_answer_after_dead_letter_is_ignored(make_transport, make_dist):
     tr = make_transport()
     tr.submit(samples(1))
