@@ -152,11 +152,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     corpus = prepare_corpus(cfg, target_tok)
     log.info("corpus: %d training samples, %d held-out documents", len(corpus.train), len(corpus.held_out))
 
-    rows: list[dict] = []
-    if cfg.eval.before:
-        for src in cfg.sources:
-            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus, progress))
-        rows.append(_eval("target before", cfg.target.model, cfg, corpus, progress))
+    rows_before = evaluate_before(cfg, corpus, progress)
 
     # Each run is the recipe on a config whose sources are that run's teachers (model_copy: not re-validated,
     # so the baseline's empty list is allowed).
@@ -173,6 +169,27 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
                                    rejected=corpus.rejected)
             for name, (sources, out) in plan.items()}
 
+    return report_runs(cfg, corpus, runs, rows_before, progress)
+
+
+def evaluate_before(cfg: FuseConfig, corpus: Corpus, progress: bool = True) -> list[dict]:
+    """The rows of the models a run starts from (``eval.before``): every source, then the target."""
+    rows: list[dict] = []
+    if cfg.eval.before:
+        for src in cfg.sources:
+            rows.append(_eval(f"source {src.key}", src.model, cfg, corpus, progress))
+        rows.append(_eval("target before", cfg.target.model, cfg, corpus, progress))
+    return rows
+
+
+def report_runs(cfg: FuseConfig, corpus: Corpus, runs: dict, rows_before: Sequence[dict] = (),
+                progress: bool = True) -> dict:
+    """Evaluate each trained run (``{name: TrainResult}``) on the held-out documents and report them after
+    ``rows_before`` (:func:`evaluate_before`): ``run_dir/report.json``, ``run_dir/loss.png`` and the table on
+    stdout. The one report of ``fuseflow fuse`` and of the online trainer, ``fuseflow train`` (issue 15)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(rows_before)
     for name, res in runs.items():
         rows.append({**_eval(f"target {name}", res.model_dir, cfg, corpus, progress), "train_tokens": res.tokens,
                      "train_seconds": round(res.seconds, 1)})
@@ -187,7 +204,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
                         "final_loss": r.final_loss} for name, r in runs.items()},
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot_loss({name: r.model_dir.parent / "metrics.jsonl" for name, r in runs.items()}, run_dir / "loss.png")
+    plot_loss({name: Path(r.model_dir).parent / "metrics.jsonl" for name, r in runs.items()}, run_dir / "loss.png")
     print(format_table(rows))
     return report
 

@@ -423,10 +423,18 @@ def run(args: argparse.Namespace) -> int:
         log.info("trainer metrics on :%d/metrics", port)
     try:
         with RedisTransport(url, cfg.run_name(), teachers, window=window) as transport:
-            run_online(cfg, transport, progress=not args.no_progress, metrics=metrics)
+            result = run_online(cfg, transport, progress=not args.no_progress, metrics=metrics)
     finally:
         if metrics is not None:
             metrics.stop_http()
+    if rank == 0:  # the report, plot and table of `fuseflow fuse`, by the same function (issue 15)
+        from fuseflow.models import load_tokenizer
+
+        from . import knowledge_fusion as kf
+
+        corpus = kf.prepare_corpus(cfg, load_tokenizer(cfg.target.model))
+        progress = not args.no_progress
+        kf.report_runs(cfg, corpus, {"fused": result}, kf.evaluate_before(cfg, corpus, progress), progress)
     return 0
 
 
