@@ -235,8 +235,16 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     threshold = (hi << 16) | lo  # bit pattern of the k-th largest value
     flat = mask.view(-1)
     torch.gt(bits, threshold, out=flat)
-    ties = (bits == threshold).nonzero().squeeze(1)  # [t]
-    flat[ties[: k - above - above_lo]] = True
+    # Entries equal to the threshold, earliest first, until there are k: found step by step, because bf16
+    # updates tie by the million (most are 0 or one bf16 step) and their int64 indices would be 4× a
+    # bf16 tensor.
+    need = k - above - above_lo
+    for start in range(0, n, 1 << 22):
+        if need <= 0:
+            break
+        ties = (bits[start : start + (1 << 22)] == threshold).nonzero().squeeze(1)[:need]  # [≤ 4M]
+        flat[start:][ties] = True
+        need -= ties.numel()
     return mask
 
 

@@ -418,6 +418,15 @@ def test_top_k_mask_keeps_exactly_the_k_largest(seed, n, frac, levels):
             assert torch.equal(mask, ref)
 
 
+def test_top_k_mask_keeps_the_earliest_ties_across_steps():
+    # 9M tied entries span three of top_k_mask's 4M-entry steps (bf16 updates tie like this by the million).
+    score = torch.ones(9_000_000)
+    score[-1] = 2.0
+    mask = top_k_mask(score, 5_000_000)
+    assert int(mask.sum()) == 5_000_000
+    assert mask[:4_999_999].all() and not mask[4_999_999:-1].any() and mask[-1]
+
+
 def test_top_k_mask_handles_values_across_many_exponents():
     # Bit patterns of values from 1e-30 to 1e30 span every high-16-bit bin region, including subnormals.
     x = torch.tensor([1e-30, 0.0, 3e-41, 1.0, 1e30, 2.5, 1e-3, 7.0])
