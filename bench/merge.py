@@ -106,6 +106,31 @@ def _randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # [*shape] float32
 
 
+def _write_sharded(out: Path, entries: list[ShardEntry], tensor_of, shard_bytes: int) -> None:
+    """Write ``entries`` (in order) as HF safetensors shards of at most ``shard_bytes`` (a larger tensor gets a
+    shard of its own) plus the index when there are several; ``tensor_of(entry)`` makes one tensor at a time."""
+    shards: list[list[ShardEntry]] = [[]]
+    filled = 0
+    for e in entries:
+        size = nbytes(e.shape, e.dtype)
+        if filled and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(e)
+        filled += size
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for file, chunk in zip(files, shards):
+        writer = StreamingShardWriter(out / file, chunk)
+        for e in chunk:
+            writer.write(e.name, tensor_of(e))
+            weight_map[e.name] = file
+        writer.close()
+    if n > 1:
+        write_index(out, weight_map, sum(nbytes(e.shape, e.dtype) for e in entries))
+
+
 def write_random_model(out: Path, spec: dict, variant: int | None, shard_bytes: int, noise: float = 2e-3) -> Path:
     """Base weights (``variant=None``) or base + ``noise``·N(0, 1) for fine-tuned copy ``variant``, in bf16
     shards, one tensor in memory at a time. Base tensors are regenerated from per-tensor seeds. A directory
@@ -114,32 +139,17 @@ def write_random_model(out: Path, spec: dict, variant: int | None, shard_bytes: 
     if (out / ".bench-complete").exists() and (out / ".bench-complete").read_text() == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tensors = llama_tensors(spec)
-    shards: list[list[ShardEntry]] = [[]]
-    filled = 0
-    for name, shape in tensors:
-        size = nbytes(shape, torch.bfloat16)
-        if filled and filled + size > shard_bytes:
-            shards.append([])
-            filled = 0
-        shards[-1].append(ShardEntry(name, shape, torch.bfloat16))
-        filled += size
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
-    for file, entries in zip(files, shards):
-        writer = StreamingShardWriter(out / file, entries)
-        for e in entries:
-            seed = zlib.crc32(e.name.encode())
-            w = _randn(e.shape, seed)
-            w = w.mul_(0.02) if len(e.shape) > 1 else w.mul_(0.05).add_(1.0)  # norms start near 1
-            if variant is not None:
-                w.add_(_randn(e.shape, seed + 7919 * (variant + 1)), alpha=noise)
-            writer.write(e.name, w.to(torch.bfloat16))
-            weight_map[e.name] = file
-        writer.close()
-    if n > 1:
-        write_index(out, weight_map, sum(nbytes(s, torch.bfloat16) for _, s in tensors))
+
+    def tensor_of(e: ShardEntry) -> torch.Tensor:
+        seed = zlib.crc32(e.name.encode())
+        w = _randn(e.shape, seed)
+        w = w.mul_(0.02) if len(e.shape) > 1 else w.mul_(0.05).add_(1.0)  # norms start near 1
+        if variant is not None:
+            w.add_(_randn(e.shape, seed + 7919 * (variant + 1)), alpha=noise)
+        return w.to(torch.bfloat16)
+
+    entries = [ShardEntry(name, shape, torch.bfloat16) for name, shape in llama_tensors(spec)]
+    _write_sharded(out, entries, tensor_of, shard_bytes)
     (out / "config.json").write_text(json.dumps(llama_config(spec), indent=2))
     (out / ".bench-complete").write_text(stamp)
     return out
@@ -234,34 +244,20 @@ def write_copy_of(src: Path, out: Path, variant: int | None, shard_bytes: int, n
 
     info = inspect_model(src)
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(info.tensors)
-    shards: list[list[ShardEntry]] = [[]]
-    filled = 0
-    for name in names:
+
+    def tensor_of(e: ShardEntry) -> torch.Tensor:
+        w = load_tensor(TensorRef(info.tensors[e.name].file, e.name))
+        if e.dtype == torch.bfloat16:
+            w = w.float()
+            if variant is not None:
+                w = w + noise * _randn(tuple(e.shape), zlib.crc32(e.name.encode()) + 7919 * (variant + 1))
+        return w.to(e.dtype)
+
+    entries = []
+    for name in sorted(info.tensors):
         meta = info.tensors[name]
-        dtype = torch.bfloat16 if meta.dtype.is_floating_point else meta.dtype
-        size = nbytes(meta.shape, dtype)
-        if filled and filled + size > shard_bytes:
-            shards.append([])
-            filled = 0
-        shards[-1].append(ShardEntry(name, meta.shape, dtype))
-        filled += size
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
-    for file, entries in zip(files, shards):
-        writer = StreamingShardWriter(out / file, entries)
-        for e in entries:
-            w = load_tensor(TensorRef(info.tensors[e.name].file, e.name))
-            if e.dtype == torch.bfloat16:
-                w = w.float()
-                if variant is not None:
-                    w = w + noise * _randn(tuple(e.shape), zlib.crc32(e.name.encode()) + 7919 * (variant + 1))
-            writer.write(e.name, w.to(e.dtype))
-            weight_map[e.name] = file
-        writer.close()
-    if n > 1:
-        write_index(out, weight_map, sum(nbytes(e.shape, e.dtype) for sh in shards for e in sh))
+        entries.append(ShardEntry(name, meta.shape, torch.bfloat16 if meta.dtype.is_floating_point else meta.dtype))
+    _write_sharded(out, entries, tensor_of, shard_bytes)
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json") and f.name != "fuseflow_source.json":
             shutil.copy2(f, out / f.name)
