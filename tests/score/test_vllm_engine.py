@@ -424,21 +424,28 @@ def test_engine_scores_match_hf_engine(fake_vllm, tiny_llama, temperature):
             assert params.flat_logprobs is True
 
 
+def assert_generate_matches(engine, hf, atol: float) -> tuple[np.ndarray, int]:
+    """``engine.generate`` equals the hf engine's greedy generation (ids; logprobs within ``atol``), to
+    ``max_tokens`` and to a stop token; returns the prompt and that stop token."""
+    prompt = np.asarray(hf.tokenizer("The quick brown fox")["input_ids"], dtype=np.int32)
+    ref = hf.generate(prompt, 12)
+    got = engine.generate(prompt, 12)
+    np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=atol)
+    assert got.finish_reason == ref.finish_reason == "length"
+    stop = int(ref.token_ids[3])
+    got = engine.generate(prompt, 12, stop_token_ids=[stop])
+    assert got.finish_reason == "stop" and got.token_ids[-1] == stop and len(got.token_ids) <= 4
+    return prompt, stop
+
+
 @pytest.mark.parametrize("fake_vllm", [(True, None)], indirect=True)
 def test_engine_generate_matches_hf_engine(fake_vllm, tiny_llama):
     from fuseflow.score.hf_engine import HFEngine
 
     engine = create_engine("vllm", str(tiny_llama))
     hf = HFEngine(str(tiny_llama))
-    prompt = np.asarray(hf.tokenizer("The quick brown fox")["input_ids"], dtype=np.int32)
-    ref = hf.generate(prompt, 12)
-    got = engine.generate(prompt, 12)
-    np.testing.assert_array_equal(got.token_ids, ref.token_ids)
-    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=ATOL)
-    assert got.finish_reason == ref.finish_reason == "length"
-    stop = int(ref.token_ids[3])
-    got = engine.generate(prompt, 12, stop_token_ids=[stop])
-    assert got.finish_reason == "stop" and got.token_ids[-1] == stop
+    prompt, stop = assert_generate_matches(engine, hf, ATOL)
     params = fake_vllm["generate"][-1][1]
     assert params.ignore_eos is True and params.logprobs == 0 and params.stop_token_ids == [stop]
     zero = engine.generate(prompt, 0)
@@ -644,15 +651,7 @@ def test_real_vllm_max_call_tokens_splits_into_calls(real_engines, monkeypatch):
 @pytest.mark.parametrize("model", ["llama", "gemma"])
 def test_real_vllm_generate_equals_hf_engine(real_engines, model):
     engine, hf = real_engines(model)
-    prompt = np.asarray(hf.tokenizer("The quick brown fox")["input_ids"], dtype=np.int32)
-    ref = hf.generate(prompt, 12)
-    got = engine.generate(prompt, 12)
-    np.testing.assert_array_equal(got.token_ids, ref.token_ids)
-    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=REAL_ATOL)
-    assert got.finish_reason == ref.finish_reason == "length"
-    stop = int(ref.token_ids[3])
-    got = engine.generate(prompt, 12, stop_token_ids=[stop])
-    assert got.finish_reason == "stop" and got.token_ids[-1] == stop and len(got.token_ids) <= 4
+    assert_generate_matches(engine, hf, REAL_ATOL)
 
 
 @pytest.mark.integration
