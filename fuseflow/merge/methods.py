@@ -614,10 +614,15 @@ def sce_select_mask(tensors: list[torch.Tensor], base: torch.Tensor, select_topk
 
     def variance(_, xs):
         *thetas, b = xs
-        deltas = [t - b for t in thetas]
-        mean = weighted_sum(deltas, [1.0 / len(deltas)] * len(deltas))  # [C]
+        # Δ in float32 (as mergekit's task vectors), the moments in float64 and rounded once: torch.var's
+        # float32 result (its CPU accumulator is float64), so both tools rank the same values. The mean is
+        # Σ Δ_j / N (exact for N equal Δ_j; Σ Δ_j·(1/N) is not), so entries where every model made the same
+        # update have a variance of exactly 0 and are never selected, as in mergekit.
         # Accumulated model by model: torch.var(dim=0) over a short leading dim is ~7x slower on CPU.
-        return weighted_sum([(d - mean).square_() for d in deltas], [1.0 / len(deltas)] * len(deltas))
+        n = len(thetas)
+        deltas = [(t - b).double() for t in thetas]
+        mean = weighted_sum(deltas, [1.0] * n).div_(n)  # [C] float64
+        return weighted_sum([(d - mean).square_() for d in deltas], [1.0] * n).div_(n).float()
 
     var = map_chunks(variance, [*tensors, base], base.shape)  # [*S]
     return top_k_mask(var, int(select_topk * int(torch.count_nonzero(var))))

@@ -629,6 +629,31 @@ def test_sce_with_selection_merges_identical_models_to_the_base():
     torch.testing.assert_close(get_method("sce").fn([theta, theta], base, select_topk=0.5), base)
 
 
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sce_selection_ranks_torch_vars_values_and_never_selects_equal_updates(n):
+    """Three or more bf16 copies with one-bf16-step updates: thousands of entries where every model made
+    the same update. Their variance is exactly 0, as torch.var's (mergekit's ``sce_mask``), so selecting
+    all non-zero ones (τ = 1) keeps exactly the entries torch.var calls non-zero. (A mean taken as
+    Σ Δ_j·(1/N) left ~1e-20 on 27 of 33,663 such entries of a [2048, 576] tensor at N = 3, and mergekit
+    then kept 3 fewer entries at τ = 0.1: bench/sce_ties.py.) The values themselves are torch.var's too, so
+    the two tools order them alike."""
+    g = torch.Generator().manual_seed(n)
+    base = (0.02 * torch.randn(1024, 576, generator=g)).to(torch.bfloat16)
+    copies = [(base.float() + 2e-4 * torch.randn(1024, 576, generator=g)).to(torch.bfloat16) for _ in range(n)]
+    deltas = torch.stack([c.float() - base.float() for c in copies])  # [N, R, C]
+    var = torch.var(deltas, dim=0, unbiased=False)  # [R, C]
+    same = (deltas == deltas[0]).all(dim=0)
+    assert int(same.sum()) > 1000
+    mask = methods.sce_select_mask(copies, base, 1.0)
+    assert not mask[same].any()
+    assert torch.equal(mask, var != 0)
+    # τ < 1: the top entries by torch.var's values; entries tied with the threshold are the tie-break's
+    mask = methods.sce_select_mask(copies, base, 0.1)
+    assert int(mask.sum()) == int(0.1 * int(torch.count_nonzero(var)))
+    threshold = var[mask].min()
+    assert mask[var > threshold].all() and not mask[var < threshold].any()
+
+
 @settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(["linear", "task_arithmetic", "ties", "varm", "sce"]), seed=st.integers(0, 2**31))
 def test_model_order_does_not_matter(name, seed):

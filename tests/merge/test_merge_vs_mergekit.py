@@ -164,11 +164,57 @@ def test_sce_with_realistic_update_sizes_uses_mergekits_equal_weight_fallback(ll
     assert worst_paper > 0.1  # the paper's weights are not equal weights at this size
 
 
-def test_bf16_ties_differs_only_where_updates_tie_at_the_trim_threshold(llama5, tmp_path):
-    """bf16 fine-tunes' updates are multiples of one bf16 step, so many entries share |Δ_j| at the trimming
-    threshold; which of those are kept is each tool's tie-break (fuseflow: earlier positions; mergekit:
-    ``torch.argsort``'s order). Everywhere else the two merges are bit-identical. This is the ``ties``
-    difference bench/merge.py measures on bf16 SmolLM2 copies."""
+def _boundary_values(sorted_desc: torch.Tensor, keep: slice) -> list[torch.Tensor]:
+    """The values at the two ends of the kept range of a descending-sorted score: entries equal to one of
+    them are the ones a tool's tie-break decides."""
+    n = sorted_desc.numel()
+    ends = [keep.start - 1, keep.start] if keep.start > 0 else []
+    if keep.stop < n:
+        ends += [keep.stop - 1, keep.stop]
+    return [sorted_desc[i] for i in ends]
+
+
+def _at_trim_thresholds(method: str, params: dict, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Where an entry's score ties with the score at the edge of what ``method`` keeps (float32, as both tools
+    compute with ``dtype: float32``): ties and breadcrumbs rank each model's |Δ_j| (keep the top ``density``;
+    breadcrumbs first drops the top ``gamma``), sce ranks the variance of Δ across models (keep the top
+    ``select_topk`` of the non-zero ones)."""
+    at = torch.zeros(deltas[0].shape, dtype=torch.bool)
+    if method == "sce":
+        var = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+        k = int(params["select_topk"] * int(torch.count_nonzero(var)))
+        scores, keeps = [var], [slice(0, k)]
+    else:
+        scores = [d.abs() for d in deltas]
+        n = deltas[0].numel()
+        if method == "ties":
+            keeps = [slice(0, max(1, int(params["density"] * n)))] * len(deltas)
+        else:  # breadcrumbs: the top gamma dropped, then the smallest until density remain
+            top = int(params["gamma"] * n)
+            keeps = [slice(top, top + int(params["density"] * n))] * len(deltas)
+    for score, keep in zip(scores, keeps):
+        for v in _boundary_values(score.reshape(-1).sort(descending=True).values, keep):
+            at |= score == v
+    return at
+
+
+BF16_TIE_CASES = [
+    # (method, parameters per model, top-level parameters, update σ)
+    ("ties", {"weight": 1.0, "density": 0.3}, {}, 2e-3),
+    ("breadcrumbs", {"weight": 1.0, "density": 0.8, "gamma": 0.05}, {}, 2e-3),
+    # σ 2e-4, bench/merge.py's size: the YAML's sce then takes mergekit's equal weights, which do not
+    # depend on the selection, so a different tie-break changes nothing but the tied entries.
+    ("sce", {}, {"select_topk": 0.1}, 2e-4),
+]
+
+
+@pytest.mark.parametrize("method,per_model,params,sigma", BF16_TIE_CASES, ids=[c[0] for c in BF16_TIE_CASES])
+def test_bf16_merges_differ_only_where_scores_tie_at_the_trim_threshold(method, per_model, params, sigma, llama5, tmp_path):
+    """bf16 fine-tunes' updates are multiples of one bf16 step, so many entries share a score (|Δ_j|, or
+    sce's variance) at a trimming threshold; which of those are kept is each tool's tie-break (fuseflow:
+    earlier positions; mergekit: ``torch.argsort`` / ``torch.sort`` / ``torch.topk`` order). Everywhere else
+    the two merges are bit-identical. These are the ties, breadcrumbs(_ties) and sce differences
+    bench/merge.py measures on bf16 SmolLM2 copies (docs/merge.md)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -182,13 +228,14 @@ def test_bf16_ties_differs_only_where_updates_tie_at_the_trim_threshold(llama5, 
         d = tmp_path / f"ft{j}"
         shutil.copytree(base_dir, d)
         g = torch.Generator().manual_seed(400 + j)
-        save_file({k: (v.float() + 2e-3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()},
+        save_file({k: (v.float() + sigma * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()},
                   d / "model.safetensors", metadata={"format": "pt"})
         ft.append(d)
-    density = 0.3
-    doc = {"merge_method": "ties", "base_model": str(base_dir), "dtype": "float32", "out_dtype": "bfloat16",
-           "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": density}} for m in ft]}
-    cfg = tmp_path / "ties.yml"
+    doc = {"merge_method": method, "base_model": str(base_dir), "dtype": "float32", "out_dtype": "bfloat16",
+           "models": [{"model": str(m), **({"parameters": per_model} if per_model else {})} for m in ft]}
+    if params:
+        doc["parameters"] = params
+    cfg = tmp_path / f"{method}.yml"
     cfg.write_text(yaml.safe_dump(doc))
     run_mergekit(doc, tmp_path / "mk")
     assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
@@ -196,13 +243,8 @@ def test_bf16_ties_differs_only_where_updates_tie_at_the_trim_threshold(llama5, 
     inputs = [_weights(m) for m in ft]
     differing = 0
     for k in ours:
-        at_threshold = torch.zeros(ours[k].shape, dtype=torch.bool)
-        for w in inputs:
-            mag = (w[k].float() - base[k].float()).abs()
-            keep = max(1, int(density * mag.numel()))
-            threshold = mag.reshape(-1).kthvalue(mag.numel() - keep + 1).values  # the keep-th largest |Δ_j|
-            at_threshold |= mag == threshold
+        at_threshold = _at_trim_thresholds(method, {**per_model, **params}, [w[k].float() - base[k].float() for w in inputs])
         diff = ours[k] != theirs[k]
-        assert not (diff & ~at_threshold).any(), k  # differences only where some model's |Δ_j| ties
+        assert not (diff & ~at_threshold).any(), k  # differences only where a score ties at a threshold
         differing += int(diff.sum())
     assert differing > 0  # the tie-breaks do differ on bf16 inputs
