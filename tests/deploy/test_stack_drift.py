@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+import pytest
+from deploy_contract import load_compose
 
 from fuseflow.cli import build_parser, commands
 from fuseflow.config import FuseConfig, load_config
@@ -26,15 +27,20 @@ def _parse(argv: list[str]) -> dict:
     return {k: v for k, v in args.items() if k.rsplit(".", 1)[-1] not in CONTAINER_ONLY}
 
 
-def test_compose_cpu_profile_runs_the_stack_commands():
-    compose = yaml.safe_load(COMPOSE.read_text())
+@pytest.mark.parametrize("engine", [None, "hf", "vllm"])
+def test_compose_cpu_profile_runs_the_stack_commands(engine):
+    """With .env.example's settings, and with FUSEFLOW_CPU_ENGINE set: the compose teachers then run on that
+    engine, as `fuseflow stack up CONFIG sources.<i>.engine=ENGINE` would."""
+    compose = load_compose({} if engine is None else {"FUSEFLOW_CPU_ENGINE": engine})
     services = {name: svc for name, svc in compose["services"].items() if "cpu" in svc.get("profiles", [])}
     mounted = next(v for svc in services.values() for v in svc.get("volumes", []) if v.endswith(":/etc/fuseflow/run.yaml:ro"))
     host_path, config_path = mounted.split(":")[:2]
-    cfg = load_config(FuseConfig, (COMPOSE.parent / host_path).resolve())
+    overrides = [] if engine is None else [f"sources.{i}.engine={engine}" for i in range(len(services) - 1)]
+    cfg = load_config(FuseConfig, (COMPOSE.parent / host_path).resolve(), overrides)
+    assert {svc["build"]["args"]["ENGINE"] for svc in services.values()} == {engine or "hf"}  # the image has it
     env = next(iter(services.values()))["environment"]
     redis_url = env["FUSEFLOW_REDIS_URL"]
-    run = env["FUSEFLOW_RUN"].split(":-", 1)[1].rstrip("}")  # ${FUSEFLOW_RUN:-quickstart}
+    run = env["FUSEFLOW_RUN"]
     assert redis_url.startswith("redis://")  # every process gets it from the environment, none in its argv
     expected = stack_commands(cfg, run, config_path)
     assert {f"cpu-{name}" for name in expected} == set(services)

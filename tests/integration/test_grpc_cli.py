@@ -264,6 +264,12 @@ def test_config_source_sets_the_engine_options(tiny_llama, tiny_gemma, tmp_path)
         "name": "gemma", "max_length": 256, "device": "cpu", "head_method": "torch", "pack": False,
     }
     assert spec.serve.max_top_k == 16 and spec.serve.port == 50051
+    # --engine serves the source on another engine: its options are that engine's (checked at config load).
+    args = serve_cli.build_parser().parse_args(["--config", config, "--source", "llama", "--engine", "vllm"])
+    spec = serve_cli.resolve_spec(args)
+    assert (spec.name, spec.kind, spec.model) == ("llama", "vllm", str(tiny_llama))
+    assert spec.source.engine == "vllm" and "device" not in spec.options and "head_method" not in spec.options
+    assert [s.engine for s in spec.config.sources] == ["hf", "vllm"]  # the other source keeps its own
     # Standalone (no run config): flags and overrides set the serve section alone.
     args = serve_cli.build_parser().parse_intermixed_args(["--model", "m", "--device", "cpu", "serve.port=0",
                                                            "--max-texts", "4"])
@@ -283,6 +289,9 @@ def test_config_source_sets_the_engine_options(tiny_llama, tiny_gemma, tmp_path)
         # A bare --redis takes the next word when it is not a flag: named as what it is, not used as a URL.
         (["--source", "gemma", "--redis", "serve.port=1"], "online.redis (--redis): not a Redis URL"),
         (["--source", "gemma", "serve.worker=true"], "serve.worker (--redis) needs a Redis URL"),
+        # gemma's engine_options are the hf engine's: on vllm they are errors, named as in the file
+        (["--source", "gemma", "--engine", "vllm"], "--engine vllm: "),
+        (["--source", "gemma", "--engine", "vllm"], "sources[0].engine_options.head_method: unknown field"),
     ],
 )
 def test_serve_usage_errors_exit_2_before_loading(tiny_llama, tiny_gemma, tmp_path, capsys, monkeypatch, argv,

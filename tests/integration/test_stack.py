@@ -29,7 +29,7 @@ def test_stack_commands_follow_the_cli_contract():
     cmds = stack_commands(_cfg(), "demo", "/etc/fuseflow/run.yaml")
     assert list(cmds) == ["teacher-gemma", "teacher-smollm2-135m", "trainer"]
     assert cmds["teacher-gemma"] == [  # loopback by default; the Redis URL comes from the environment
-        "fuseflow", "teacher", "serve", "--config", "/etc/fuseflow/run.yaml", "--source", "gemma",
+        "fuseflow", "teacher", "serve", "--config", "/etc/fuseflow/run.yaml", "--source", "gemma", "--engine", "hf",
         "--redis", "--run", "demo", "--host", "127.0.0.1", "--port", "50051", "--metrics-port", "9400",
     ]
     # the second teacher's metrics port skips the trainer's 9401
