@@ -99,8 +99,13 @@ def check_source_engine_options(info: ValidationInfo, options: dict[str, Any]) -
 
 
 class AlignConfig(_Strict):
-    vocab_map: Literal["exact", "mined", "stats"] = "mined"
+    vocab_map: Literal["exact", "mined", "first-token", "stats"] = Field(
+        "first-token", description="teacher token → target token: exact | mined (FuseLLM's MinED) | first-token (the "
+        "target's own first token of the teacher token's text) | stats (FuseChat; first-token where unseen)")
     sequence: Literal["offsets", "mined-dp"] = "offsets"
+    chain_rule: bool = Field(
+        True, description="target positions inside a longer teacher token get the teacher's conditional by the "
+        "chain rule over strings (needs character offsets on both sides); false: the gold token (FuseLLM)")
     stats_documents: int = Field(200, gt=0, description="documents counted for the 'stats' vocab map")
 
 

@@ -6,11 +6,16 @@ registered with :func:`vocab_map` and chosen by the config field ``align.vocab_m
 
 - ``exact``  — identical normalised strings (:mod:`fuseflow.align.tokens`);
 - ``mined``  — FuseLLM's MinED: exact, else the target token at minimum edit distance;
+- ``first-token`` — the first token the target tokenizer itself produces for the source token's text
+  (:func:`target_splits`): a teacher's whole-word prediction `` wird`` goes to the target's first piece of
+  it (`` w``), not to a look-alike (`` bird``, issue 21);
 - ``stats``  — FuseChat's statistics-based alignment: the target token most often aligned with the source
-  token over a corpus, MinED for tokens never seen.
+  token over a corpus, the first-token map for tokens never seen.
 
 In every method special tokens are paired by role (bos/eos/pad/unk) and otherwise left unmapped.
 :func:`build_vocab_map` caches each map on disk, keyed by both vocabularies (and the texts, for ``stats``).
+:func:`target_splits` (cached alike) also serves the projection's chain rule at target positions inside a
+source token (:func:`fuseflow.align.project.chain_rule_rows`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,13 +42,16 @@ __all__ = [
     "mined_map",
     "stats_map",
     "role_map",
+    "TargetSplits",
+    "target_splits",
+    "split_source_strings",
     "token_strings",
 ]
 
 log = logging.getLogger(__name__)
 
 # Bump when a method's output changes, so stale maps on disk are not reused.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 VocabMapFn = Callable[..., np.ndarray]
 VOCAB_MAPS: Registry[VocabMapFn] = Registry("vocab map", field="align.vocab_map")
@@ -190,6 +200,115 @@ def stats_map(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# How the target tokenizer splits each source token's text (first-token map, chain rule).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetSplits:
+    """How the target tokenizer splits the text of every source token (built by :func:`split_source_strings`).
+
+    For source id ``v`` with normalised string ``w`` of ``n = ptr[v+1] - ptr[v]`` characters:
+    ``codes[ptr[v] + i]`` is ``w[i]`` (a code point) and ``next_id[ptr[v] + o]`` (``0 <= o < n``) is the
+    target token that begins at character ``o`` of ``w`` when the target tokenizes ``w``, or -1 where none
+    begins there (``o`` falls inside a target token, the token there runs past ``w``'s end, or it is a special
+    token). ``next_id[ptr[v]]`` is the first-token map; ``o > 0`` serves the chain rule over strings at target
+    positions inside a source token (:func:`fuseflow.align.project.chain_rule_rows`).
+    """
+
+    ptr: np.ndarray  # [V_src + 1] int64
+    codes: np.ndarray  # [sum n] int32
+    next_id: np.ndarray  # [sum n] int32
+
+    @property
+    def size(self) -> int:
+        return len(self.ptr) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.ptr)  # [V_src]
+
+    def first_token(self) -> np.ndarray:
+        """``[V_src] int32``: the target token the target tokenizer produces first for each source token's text."""
+        n = self.lengths
+        return np.where(n > 0, self.next_id[np.minimum(self.ptr[:-1], max(len(self.next_id) - 1, 0))], -1).astype(np.int32)
+
+
+def _target_context(tgt_tokenizer) -> str:
+    """The text put before every source string when the target tokenizes it: nothing when the target splits a
+    text's start as it splits the same characters after other text (byte-level BPE; Gemma-3's SentencePiece),
+    a newline when it marks a text's start with a space of its own (``Metaspace(prepend_scheme='first')``,
+    Llama-2's dummy prefix), which would turn a word's continuation ``ird`` into ``▁ird``."""
+    ids = tgt_tokenizer("a", add_special_tokens=False)["input_ids"]
+    strings = token_strings(tgt_tokenizer)
+    return "" if "".join(strings[i] for i in ids) == "a" else "\n"
+
+
+def split_source_strings(src: VocabInfo, tgt: VocabInfo, tgt_tokenizer) -> TargetSplits:
+    """Tokenize every source token's text with the target tokenizer, in one batch, as it occurs in running text:
+    after the context of :func:`_target_context`, and, when it ends in whitespace, before a letter (a
+    whitespace run splits differently at the end of a text: SmolLM2 writes ``"\\n\\n"`` as one token there
+    and as two before a word, which is where a teacher's ``"\\n\\n"`` is followed by more text).
+
+    Target tokens begin where :func:`fuseflow.align.sequence.token_starts` says (the offsets rule of the
+    sequence alignment); tokens past the source text's end (the appended letter) are not its split.
+    One Python pass over the vocabulary hands the strings to the tokenizer and reads its lists back; the
+    rest is array code. Source special tokens and strings holding a partial UTF-8 character get -1.
+    """
+    ctx = _target_context(tgt_tokenizer)
+    strings = src.strings
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))  # [V]
+    ptr = np.concatenate([[0], np.cumsum(lengths)])  # [V+1]
+    codes = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int32)
+    partial = (codes >= 0xD800) & (codes < 0xE000)  # lone surrogates: a token that is part of a character
+    seg_of_code = np.repeat(np.arange(len(strings)), lengths)
+    bad = src.special.copy()  # [V]
+    bad[np.unique(seg_of_code[partial])] = True
+    todo = np.flatnonzero(~bad & (lengths > 0))  # [U]
+    next_id = np.full(int(ptr[-1]), -1, dtype=np.int32)
+    if len(todo) == 0:
+        return TargetSplits(ptr=ptr, codes=codes, next_id=next_id)
+    texts = [ctx + w + ("a" if w[-1].isspace() else "") for w in (strings[i] for i in todo)]
+    enc = tgt_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    counts = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts))  # [U] tokens per text
+    total = int(counts.sum())
+    ids = np.fromiter(chain.from_iterable(enc["input_ids"]), dtype=np.int64, count=total)  # [N]
+    off = np.fromiter(chain.from_iterable(chain.from_iterable(enc["offset_mapping"])), dtype=np.int64,
+                      count=2 * total).reshape(total, 2)  # [N, 2]
+    seg = np.repeat(np.arange(len(texts)), counts)  # [N] text of each token
+    # token_starts per text, all texts at once: a running max that never crosses into the next text.
+    start, end = off[:, 0], off[:, 1]
+    real = end > start
+    big = int(max(int(end.max(initial=0)), 1)) + 1
+    covered = np.maximum.accumulate(np.where(real, end, 0) + seg * big) - seg * big  # [N]
+    first = np.concatenate([[True], seg[1:] != seg[:-1]])  # [N] first token of its text
+    prev_end = np.where(first, 0, np.concatenate([[0], covered[:-1]]))
+    rel = prev_end - len(ctx)  # [N] where the token begins in the source string
+    n_w = lengths[todo][seg]  # [N]
+    keep = real & (start >= prev_end) & (rel >= 0) & (rel < n_w) & (end - len(ctx) <= n_w)
+    keep &= ~tgt.special[np.clip(ids, 0, tgt.size - 1)] & (ids < tgt.size)
+    next_id[ptr[todo][seg[keep]] + rel[keep]] = ids[keep]
+    return TargetSplits(ptr=ptr, codes=codes, next_id=next_id)
+
+
+def target_splits(src_tokenizer, tgt_tokenizer, cache_dir: str | os.PathLike | None = None) -> TargetSplits:
+    """:func:`split_source_strings` for two tokenizers, cached on disk as the vocab maps are
+    (``<cache_dir>/vocab_maps/splits-*.npz``, keyed by both vocabularies)."""
+    src, tgt = vocab_info(src_tokenizer), vocab_info(tgt_tokenizer)
+    key = hashlib.sha1(f"{_CACHE_VERSION}:splits:{src.digest}:{tgt.digest}".encode()).hexdigest()[:16]
+    path = _cache_root(cache_dir) / f"splits-{key}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            splits = TargetSplits(ptr=z["ptr"], codes=z["codes"], next_id=z["next_id"])
+        if splits.size == src.size:
+            return splits
+        log.warning("ignoring target splits %s: %d source tokens, expected %d", path, splits.size, src.size)
+    splits = split_source_strings(src, tgt, tgt_tokenizer)
+    _atomic_save(path, lambda f: np.savez(f, ptr=splits.ptr, codes=splits.codes, next_id=splits.next_id))
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Registered methods: tokenizers in, map out.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -213,10 +332,19 @@ def _mined(src: VocabInfo, tgt: VocabInfo, **_) -> np.ndarray:
     return _with_roles(m, src, tgt)
 
 
+@vocab_map("first-token")
+def _first_token(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, cache_dir=None, **_) -> np.ndarray:
+    """Each source token → the first token the target tokenizer produces for its text in running text
+    (fuseflow, issue 21; :class:`TargetSplits`). Where the target's first token of a whole-word source token
+    is a piece of it, the map says so, which is what the target is trained to emit at that position."""
+    return _with_roles(target_splits(src_tokenizer, tgt_tokenizer, cache_dir).first_token(), src, tgt)
+
+
 @vocab_map("stats")
 def _stats(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, texts, cache_dir=None, **_) -> np.ndarray:
     """Statistics-based (FuseChat, arXiv 2402.16107 §3.2): most frequent co-aligned target token over
-    ``texts`` (offsets alignment), MinED for source tokens the texts never produce."""
+    ``texts`` (offsets alignment), the first-token map for source tokens the texts never produce (FuseChat
+    falls back to MinED; the first-token map misses the gold token less often, issue 21)."""
     from fuseflow.align.sequence import align_offsets
     from fuseflow.models import encode
 
@@ -233,7 +361,7 @@ def _stats(src: VocabInfo, tgt: VocabInfo, *, src_tokenizer, tgt_tokenizer, text
     src_ids = np.concatenate(pairs_s) if pairs_s else np.zeros(0, np.int32)
     tgt_ids = np.concatenate(pairs_t) if pairs_t else np.zeros(0, np.int32)
     keep = ~src.special[src_ids] & ~tgt.special[tgt_ids]
-    fallback = build_vocab_map("mined", src_tokenizer, tgt_tokenizer, cache_dir=cache_dir)  # cached on disk too
+    fallback = build_vocab_map("first-token", src_tokenizer, tgt_tokenizer, cache_dir=cache_dir)  # cached too
     m = stats_map(src_ids[keep], tgt_ids[keep], src.size, tgt.size, fallback)
     return _with_roles(m, src, tgt)
 
@@ -270,11 +398,7 @@ def build_vocab_map(
     key = hashlib.sha1(f"{_CACHE_VERSION}:{method}:{src.digest}:{tgt.digest}".encode())
     if method == "stats":
         key.update(_texts_digest(texts or []).encode())
-    if cache_dir is None:
-        from fuseflow.models import cache_dir as default_cache_dir
-
-        cache_dir = default_cache_dir()
-    path = Path(cache_dir) / "vocab_maps" / f"{method}-{key.hexdigest()[:16]}.npy"
+    path = _cache_root(cache_dir) / f"{method}-{key.hexdigest()[:16]}.npy"
     if path.exists():
         m = np.load(path)
         if m.shape == (src.size,) and m.dtype == np.int32:
@@ -283,8 +407,22 @@ def build_vocab_map(
     m = VOCAB_MAPS[method](
         src, tgt, src_tokenizer=src_tokenizer, tgt_tokenizer=tgt_tokenizer, texts=texts, cache_dir=cache_dir
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, m)
-    os.replace(tmp, path)  # atomic: concurrent teachers never read a half-written map
+    _atomic_save(path, lambda f: np.save(f, m))
     return m
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is None:
+        from fuseflow.models import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return Path(cache_dir) / "vocab_maps"
+
+
+def _atomic_save(path: Path, write: Callable) -> None:
+    """Write through a temporary file and rename: concurrent teachers never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

@@ -8,11 +8,12 @@ The same object serves the in-process pipeline and the Redis worker; it knows no
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from fuseflow.align.project import align_scored
-from fuseflow.align.vocab import build_vocab_map, token_strings
+from fuseflow.align.tokens import vocab_info
+from fuseflow.align.vocab import build_vocab_map, target_splits, token_strings
 from fuseflow.models import encode
 from fuseflow.sparse import AlignedDist, Sample
 
@@ -52,6 +53,7 @@ class TeacherAligner:
         return cls(
             name, engine, target_tokenizer, vocab_map_method=cfg.align.vocab_map, sequence_method=cfg.align.sequence,
             top_k=cfg.fusion.top_k, temperature=1.0, stats_texts=texts if texts is not None else stats_texts(cfg),
+            chain_rule=cfg.align.chain_rule,
         )
 
     def __init__(
@@ -59,11 +61,12 @@ class TeacherAligner:
         name: str,
         engine,
         target_tokenizer,
-        vocab_map_method: str = "mined",
+        vocab_map_method: str = "first-token",
         sequence_method: str = "offsets",
         top_k: int = 10,
         temperature: float = 1.0,
         stats_texts: Sequence[str] | None = None,
+        chain_rule: bool = True,
     ):
         self.name = name
         self.engine = engine
@@ -72,6 +75,10 @@ class TeacherAligner:
         self.top_k = top_k
         self.temperature = temperature
         self.vocab_map = build_vocab_map(vocab_map_method, engine.tokenizer, target_tokenizer, texts=stats_texts)
+        # How the target splits each teacher token's text: the chain rule's table (identical vocabularies
+        # never split a teacher token, so they need none).
+        same_vocab = vocab_info(engine.tokenizer).digest == vocab_info(target_tokenizer).digest
+        self.splits = target_splits(engine.tokenizer, target_tokenizer) if chain_rule and not same_vocab else None
         # Token strings are needed only by string-based sequence alignment.
         self._src_strings = token_strings(engine.tokenizer) if sequence_method == "mined-dp" else None
         self._tgt_strings = token_strings(target_tokenizer) if sequence_method == "mined-dp" else None
@@ -87,52 +94,68 @@ class TeacherAligner:
                 results[i] = AlignedResult(s, None, f"text of {len(s.text)} characters is far beyond max_length")
             else:
                 texts_ok.append(i)
-        scored = self._score([samples[i] for i in texts_ok])
+        scored = self.score([samples[i] for i in texts_ok])
         for i, sc in zip(texts_ok, scored):
-            s = samples[i]
-            if isinstance(sc, str):
-                results[i] = AlignedResult(s, None, sc)
-                continue
-            try:
-                results[i] = AlignedResult(s, self._align(s, sc))
-            except (ValueError, IndexError) as e:
-                results[i] = AlignedResult(s, None, f"alignment failed: {e}")
+            results[i] = self.align_result(samples[i], sc)
         return results  # type: ignore[return-value]
 
-    def _score(self, samples: Sequence[Sample]) -> list:
-        if not samples:
-            return []
-        texts = [s.text for s in samples]
+    def align_result(self, sample: Sample, scored) -> AlignedResult:
+        """:meth:`align` with its failure (or ``scored``, an error string from :meth:`score`) as the result's error."""
+        if isinstance(scored, str):
+            return AlignedResult(sample, None, scored)
         try:
-            return self.engine.score_texts(texts, top_k=self.top_k, temperature=self.temperature)
-        except ValueError:
-            if len(samples) == 1:
-                raise
-        # One bad text fails the whole batch: retry one by one so only the bad sample is dead-lettered.
-        out: list = []
-        for s in samples:
-            try:
-                out.append(self.engine.score_texts([s.text], top_k=self.top_k, temperature=self.temperature)[0])
-            except ValueError as e:
-                out.append(str(e))
-        return out
+            return AlignedResult(sample, self.align(sample, scored))
+        except (ValueError, IndexError) as e:
+            return AlignedResult(sample, None, f"alignment failed: {e}")
 
-    def _align(self, sample: Sample, scored) -> AlignedDist:
+    def score(self, samples: Sequence[Sample]) -> list:
+        """:func:`score_samples` with this teacher's engine, top-k and temperature."""
+        return score_samples(self.engine, samples, self.top_k, self.temperature)
+
+    def align(self, sample: Sample, scored) -> AlignedDist:
+        """``scored`` (:meth:`score`'s) on the target's positions and vocabulary (raises ``ValueError``)."""
         tgt = encode(self.target_tokenizer, sample.text)
         tgt_tokens = [self._tgt_strings[i] for i in tgt.ids] if self._tgt_strings is not None else None
-        if scored.tokens is None and self._src_strings is not None:
-            scored.tokens = [self._src_strings[i] for i in scored.token_ids]
+        src_tokens = scored.tokens
+        if self._src_strings is not None:
+            # Normalised strings from the ids, whatever the engine sent: an engine's own token strings are raw
+            # ('▁der', 'Ġder'), and the DP compares them with the target's normalised ones (issue 21).
+            src_tokens = [self._src_strings[i] for i in scored.token_ids]
         dist = align_scored(
-            scored,
+            replace(scored, tokens=src_tokens),
             target_ids=tgt.ids,
             target_offsets=tgt.offsets,
             target_tokens=tgt_tokens,
             vocab_map=self.vocab_map,
             method=self.sequence_method,
             k=self.top_k,
+            text=sample.text,
+            splits=self.splits,
         )
         dist.meta.update(teacher=self.name, source_tokens=int(len(scored.token_ids)), nll=scored.nll)
         return dist
+
+
+def score_samples(engine, samples: Sequence[Sample], top_k: int, temperature: float = 1.0) -> list:
+    """The engine's :class:`~fuseflow.sparse.ScoredText` per sample, in the teacher's own vocabulary, or the
+    error string of a sample the engine refused (the batch is retried one by one to find it; a batch of one
+    raises)."""
+    if not samples:
+        return []
+    texts = [s.text for s in samples]
+    try:
+        return engine.score_texts(texts, top_k=top_k, temperature=temperature)
+    except ValueError:
+        if len(samples) == 1:
+            raise
+    # One bad text fails the whole batch: retry one by one so only the bad sample is dead-lettered.
+    out: list = []
+    for s in samples:
+        try:
+            out.append(engine.score_texts([s.text], top_k=top_k, temperature=temperature)[0])
+        except ValueError as e:
+            out.append(str(e))
+    return out
 
 
 def aligned_fraction(dists: Sequence[AlignedDist]) -> float:
