@@ -8,7 +8,7 @@ Modes, interleaved across repeats on one model and one optimizer:
   ``min_ce``) and trained with ``λ·CLM + (1−λ)·KL``, λ = 0.9.
 
 The step is ``FusionObjective.forward`` of ``fuseflow.trainer.loop`` rebuilt from the same functions
-(``split_head`` → trunk → ``hidden[:, :-1]`` → ``FUSIONS[fn]`` and ``per_teacher_ce`` under no_grad →
+(``split_head`` → trunk → ``hidden[:, :-1]`` → ``FUSIONS[fn]`` and ``teacher_stats`` under no_grad →
 ``fusion_loss``, fused or chunked per ``--loss-impl``), because ``loop`` imports the run config (pydantic)
 and DeepSpeed, which a bare GPU box lacks. Then backward, clip-norm 1.0 and AdamW (β 0.9/0.95, wd 0.1 off
 norms; fused on CUDA) — DeepSpeed's engine only with ``--deepspeed``. Batches live on the device (no host copy is timed).
@@ -50,7 +50,8 @@ from common import (  # noqa: E402
 )
 
 from fuseflow.fuse.fusion import FUSIONS  # noqa: E402
-from fuseflow.fuse.loss import LossParts, fusion_loss, per_teacher_ce  # noqa: E402
+from fuseflow.fuse.loss import LossParts, fusion_loss  # noqa: E402
+from fuseflow.fuse.stats import TeacherStats, teacher_stats  # noqa: E402
 from fuseflow.models import split_head  # noqa: E402
 
 MODES = ("clm", "fusion")
@@ -169,10 +170,10 @@ class BenchObjective(torch.nn.Module):
         self._trunk = torch.compile(head.trunk) if compile_trunk else head.trunk
         self._softcap = head.logit_softcap
         self._head = model.get_output_embeddings()
-        self.fusion, self.top_k, self.chunk_tokens = FUSIONS[fusion], top_k, chunk_tokens
+        self.fusion, self.fusion_name, self.top_k, self.chunk_tokens = FUSIONS[fusion], fusion, top_k, chunk_tokens
         self._loss_kw = {} if loss_impl is None else {"impl": loss_impl}
 
-    def forward(self, batch: dict, lam: float) -> tuple[LossParts, torch.Tensor | None]:
+    def forward(self, batch: dict, lam: float) -> tuple[LossParts, TeacherStats | None]:
         hidden = self._trunk(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=None, use_cache=False
         ).last_hidden_state  # [B, T, H]; full-length rows, one sample each: nothing to pack
@@ -184,7 +185,10 @@ class BenchObjective(torch.nn.Module):
                     batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_gold"], batch["teacher_aligned"],
                     batch["loss_mask"], top_k=self.top_k,
                 )  # [B, T-1, k] each
-                teacher_ce = per_teacher_ce(batch["teacher_gold"], batch["loss_mask"], batch["teacher_aligned"])  # [N]
+                teacher_ce = teacher_stats(  # CE, fidelity and choices, as the trainer logs them
+                    batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_gold"], batch["teacher_aligned"],
+                    batch["labels"], batch["loss_mask"], self.fusion_name,
+                )
         else:
             lam = 1.0
         parts = fusion_loss(

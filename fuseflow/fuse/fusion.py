@@ -61,6 +61,7 @@ __all__ = [
     "avg_ce",
     "avg_ce_token",
     "ce_weights",
+    "choice_weights",
     "fusion",
     "get_fusion",
     "merge_duplicate_ids",
@@ -267,6 +268,26 @@ def _weighted_union(
     union_probs = probs.permute(1, 2, 0, 3).reshape(b, t, n * k)  # [B, T, N*k]
     merged_ids, merged_probs = merge_duplicate_ids(union_ids, union_probs)  # [B, T, N*k]
     return _resize_k(merged_ids, merged_probs.log(), k2)
+
+
+def choice_weights(
+    function: str, gold: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor, *,
+    segments: torch.Tensor | None = None, ce: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``[N, B, T]``: the weight each teacher's row has at each position under the fusion ``function``
+    (one-hot where MinCE picks a teacher, the CE weights of AvgCE): what the trainer reports as each teacher's
+    share of the samples (issue 21). ``None`` for a fusion registered from outside, whose rule is its own.
+    The selections are those of the fusion functions below: the same criterion (``_sample_ce`` or
+    ``token_ce``), ``argmin`` or ``ce_weights``."""
+    n, b, t = gold.shape
+    if function in ("min_ce", "min_ce_token"):
+        crit = _sample_ce(gold, aligned, mask, segments, ce) if function == "min_ce" else token_ce(gold, aligned, mask)
+        best = crit.argmin(0).expand(b, t)  # [B, T]
+        return torch.nn.functional.one_hot(best, n).permute(2, 0, 1).float()  # [N, B, T]
+    if function in ("avg_ce", "avg_ce_token"):
+        crit = _sample_ce(gold, aligned, mask, segments, ce) if function == "avg_ce" else token_ce(gold, aligned, mask)
+        return ce_weights(crit).expand(n, b, t)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def report_runs(cfg: FuseConfig, corpus: Corpus, runs: dict, rows_before: Sequen
         "empty_documents": corpus.empty,
         "rows": rows,
         "runs": {name: {"model_dir": str(r.model_dir), "steps": r.steps, "tokens": r.tokens,
-                        "final_loss": r.final_loss} for name, r in runs.items()},
+                        "final_loss": r.final_loss, "teachers": r.teachers} for name, r in runs.items()},
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_loss({name: Path(r.model_dir).parent / "metrics.jsonl" for name, r in runs.items()}, run_dir / "loss.png")

@@ -22,9 +22,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from fuseflow.align.fidelity import FIDELITY_FIELDS, fidelity_summary
 from fuseflow.config import FusionConfig, TrainConfig
 from fuseflow.fuse.fusion import FUSIONS
-from fuseflow.fuse.loss import LossParts, fusion_loss, per_teacher_ce
+from fuseflow.fuse.loss import LossParts, fusion_loss
+from fuseflow.fuse.stats import TeacherStats, teacher_stats
 from fuseflow.models import split_head
 from fuseflow.sparse import AlignedDist, Sample
 
@@ -167,7 +169,7 @@ class FusionObjective(torch.nn.Module):
             # The head weight is used outside its module's forward: tell ZeRO-3 to gather it for us.
             deepspeed.zero.register_external_parameter(self, self._head.weight)
 
-    def forward(self, batch: FusionBatch) -> tuple[LossParts, torch.Tensor | None]:
+    def forward(self, batch: FusionBatch) -> tuple[LossParts, TeacherStats | None]:
         # use_cache=False: no KV cache is built in training, and transformers only reads packed position ids
         # (restarts = sample boundaries) when there is no cache.
         hidden = self._trunk(
@@ -176,7 +178,7 @@ class FusionObjective(torch.nn.Module):
         ).last_hidden_state
         hidden = hidden[:, :-1]  # [B, L-1, H]: position t predicts token t+1
         lam = self.fusion.lam
-        fused_ids = fused_lp = teacher_ce = None
+        fused_ids = fused_lp = stats = None
         if batch.teacher_ids is not None:
             ce = None
             if self.fusion.criterion == "text":
@@ -191,7 +193,11 @@ class FusionObjective(torch.nn.Module):
                     top_k=self.fusion.top_k, segments=batch.segment_ids,
                     renormalise=self.fusion.kl == "renormalised", ce=ce,
                 )  # [B, L-1, k] each
-                teacher_ce = per_teacher_ce(batch.teacher_gold, batch.loss_mask, batch.teacher_aligned)  # [N]
+                stats = teacher_stats(
+                    batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
+                    batch.labels, batch.loss_mask, self.fusion.function, segments=batch.segment_ids,
+                    num_samples=len(batch.sample_ids), ce=ce,
+                )
         else:
             lam = 1.0
         parts = fusion_loss(
@@ -209,7 +215,7 @@ class FusionObjective(torch.nn.Module):
             impl=self.loss_impl,
             tail=self.fusion.kl == "tail",
         )
-        return parts, teacher_ce
+        return parts, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,6 +232,9 @@ class TrainResult:
     final_loss: float | None
     model_dir: Path
     history: list[dict] = field(default_factory=list)
+    # Per teacher over the whole run (all ranks; since the last start when resumed): the fidelity of its
+    # aligned rows and its share of the samples per corpus under the fusion (issue 21). Empty for CLM.
+    teachers: dict = field(default_factory=dict)
 
 
 def trained_ids_path(run_dir: Path, rank: int, world: int) -> Path:
@@ -352,6 +361,7 @@ def train(
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), state["tokens"]
     window: dict[str, float] = {}
+    totals: dict[str, float] = {}  # the same sums over the whole run (the report's per-teacher figures)
     last: LossParts | None = None
     stream = _batches(groups, state["samples"] if skip_consumed else 0)
     try:
@@ -368,7 +378,7 @@ def train(
                 if samples
                 else empty_batch(tokenizer)
             )
-            parts, teacher_ce = engine(batch)
+            parts, stats = engine(batch)
             engine.backward(parts.loss)
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances it
             engine.step()
@@ -377,7 +387,8 @@ def train(
             state["tokens"] += batch.num_tokens
             pending_ids.extend(batch.sample_ids)
             step_ids.extend(batch.sample_ids)
-            _accumulate(window, parts, teacher_ce, teachers)
+            _accumulate(window, parts, stats, teachers, batch.sample_ids)
+            _accumulate(totals, parts, stats, teachers, batch.sample_ids)
             if not boundary:
                 continue
             state["step"] += 1
@@ -387,7 +398,8 @@ def train(
             step_ids = []
             if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
                 elapsed = time.perf_counter() - t0
-                row = _metrics_row(window, state, scheduler.get_last_lr()[0], (state["tokens"] - tokens0) / max(elapsed, 1e-9))
+                row = _metrics_row(window, state, scheduler.get_last_lr()[0], (state["tokens"] - tokens0) / max(elapsed, 1e-9),
+                                   teachers)
                 window.clear()
                 history.append(row)
                 if rank == 0:
@@ -410,6 +422,12 @@ def train(
     model_dir = run_dir / "model"
     if rank == 0:
         save_hf(engine, model, tokenizer, model_dir, train_cfg.zero_stage)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, totals)
+        totals = {k: sum(t.get(k, 0.0) for t in every) for k in set().union(*every)}
     return TrainResult(
         steps=state["step"],
         samples=state["samples"],
@@ -418,23 +436,57 @@ def train(
         final_loss=float(last.loss.detach()) if last is not None else None,
         model_dir=model_dir,
         history=history,
+        teachers=_teacher_summary(totals, teachers),
     )
 
 
-def _accumulate(window: dict, parts: LossParts, teacher_ce, teachers) -> None:
+def _accumulate(window: dict, parts: LossParts, stats: TeacherStats | None, teachers, sample_ids) -> None:
+    """Add a micro-batch to ``window``: token-weighted sums of the loss parts and teacher CEs, and raw sums
+    (keys starting with ``_``) of each teacher's fidelity and of its choices per corpus (a sample id's corpus
+    is the part before its first ``/``, as :mod:`fuseflow.corpus` names them)."""
     n = float(parts.n_tokens)
     for key in ("loss", "clm", "kl"):
         window[key] = window.get(key, 0.0) + float(getattr(parts, key).detach()) * n
     window["n"] = window.get("n", 0.0) + n
-    if teacher_ce is not None:
-        for name, ce in zip(teachers, teacher_ce.tolist()):
-            window[f"ce/{name}"] = window.get(f"ce/{name}", 0.0) + ce * n
+    if stats is None:
+        return
+    for name, ce in zip(teachers, stats.ce.tolist()):
+        window[f"ce/{name}"] = window.get(f"ce/{name}", 0.0) + ce * n
+    for name, sums in zip(teachers, stats.fidelity.tolist()):
+        for field_, value in zip(FIDELITY_FIELDS, sums):
+            window[f"_fid/{name}/{field_}"] = window.get(f"_fid/{name}/{field_}", 0.0) + value
+    if stats.choice is not None:
+        corpora = [i.partition("/")[0] if "/" in i else "corpus" for i in sample_ids]
+        for s, corpus in enumerate(corpora):
+            window[f"_pick/{corpus}"] = window.get(f"_pick/{corpus}", 0.0) + 1.0
+            for name, share in zip(teachers, stats.choice[:, s].tolist()):
+                window[f"_pick/{corpus}/{name}"] = window.get(f"_pick/{corpus}/{name}", 0.0) + share
 
 
-def _metrics_row(window: dict, state: dict, lr: float, tokens_per_s: float) -> dict:
+def _teacher_summary(sums: dict, teachers: Sequence[str]) -> dict:
+    """``{teacher: {coverage, miss_rate, p_gold, positions, chosen: {corpus: share of samples}}}`` from
+    :func:`_accumulate`'s raw sums."""
+    out = {}
+    for name in teachers:
+        if f"_fid/{name}/positions" not in sums:
+            continue
+        out[name] = fidelity_summary([sums[f"_fid/{name}/{f}"] for f in FIDELITY_FIELDS])
+        corpora = sorted({k.split("/")[1] for k in sums if k.startswith("_pick/")})
+        chosen = {c: sums.get(f"_pick/{c}/{name}", 0.0) / sums[f"_pick/{c}"] for c in corpora if sums.get(f"_pick/{c}")}
+        if chosen:
+            out[name]["chosen"] = chosen
+    return out
+
+
+def _metrics_row(window: dict, state: dict, lr: float, tokens_per_s: float, teachers: Sequence[str] = ()) -> dict:
     n = max(window.get("n", 0.0), 1.0)
     row = {"step": state["step"], "samples": state["samples"], "tokens": state["tokens"], "lr": lr}
-    row.update({k: v / n for k, v in window.items() if k != "n"})
+    row.update({k: v / n for k, v in window.items() if k != "n" and not k.startswith("_")})
+    for name, summary in _teacher_summary(window, teachers).items():
+        for key in ("coverage", "miss_rate", "p_gold"):
+            row[f"{key}/{name}"] = summary[key]
+        for corpus, share in summary.get("chosen", {}).items():
+            row[f"chosen/{name}/{corpus}"] = share
     row["tokens_per_s"] = tokens_per_s
     row["time"] = time.time()
     return row

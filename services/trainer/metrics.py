@@ -36,6 +36,14 @@ class TrainerMetrics(MetricsEndpoint):
                           namespace=ns, registry=r)
         self.teacher_ce = Gauge("teacher_ce", "teacher's cross-entropy of the gold text, last log window (rank 0)",
                                 ["teacher"], namespace=ns, registry=r)
+        # Fidelity of each teacher's aligned rows and its share of the samples under the fusion (issue 21).
+        self.teacher_fidelity = Gauge(
+            "teacher_fidelity", "a teacher's aligned rows, last log window (rank 0): coverage (share of target "
+            "positions with a teacher row), miss_rate (rows without the gold token), p_gold (mean p(gold) of its "
+            "rows)", ["teacher", "measure"], namespace=ns, registry=r)
+        self.teacher_chosen = Gauge("teacher_chosen", "a teacher's share of the samples of a corpus under the fusion "
+                                    "(MinCE: how often it is picked), last log window (rank 0)", ["teacher", "corpus"],
+                                    namespace=ns, registry=r)
         self.lr = Gauge("learning_rate", "learning rate after the last step", namespace=ns, registry=r)
         # Queue (Transport.stats()).
         self.queue = Gauge("queue", "run-wide queue counters: submitted, done, in_flight, window, ready, work, "
@@ -61,7 +69,7 @@ class TrainerMetrics(MetricsEndpoint):
 
     def observe_log(self, row: dict) -> None:
         """A metrics row of ``fuseflow.trainer.loop.train`` (``step``, ``lr``, ``loss``, ``clm``, ``kl``,
-        ``ce/<teacher>`` …)."""
+        ``ce/<teacher>``, ``coverage/<teacher>``, ``miss_rate/…``, ``p_gold/…``, ``chosen/<teacher>/<corpus>``)."""
         self.step.set(row["step"])
         if "lr" in row:
             self.lr.set(row["lr"])
@@ -69,8 +77,14 @@ class TrainerMetrics(MetricsEndpoint):
             if part in row:
                 self.loss.labels(part).set(row[part])
         for key, value in row.items():
-            if key.startswith("ce/"):
-                self.teacher_ce.labels(key[3:]).set(value)
+            head, _, rest = key.partition("/")
+            if head == "ce":
+                self.teacher_ce.labels(rest).set(value)
+            elif head in ("coverage", "miss_rate", "p_gold"):
+                self.teacher_fidelity.labels(rest, head).set(value)
+            elif head == "chosen":
+                teacher, _, corpus = rest.rpartition("/")
+                self.teacher_chosen.labels(teacher, corpus).set(value)
 
     def observe_queue(self, stats: dict) -> None:
         """``Transport.stats()``; unknown lags (``None``) leave the gauge as it was."""

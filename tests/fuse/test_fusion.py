@@ -285,3 +285,55 @@ def test_segment_ce_matches_a_loop():
         ]
         want = sum(vals) / len(vals) if vals else math.inf
         assert float(got[n, b, t]) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_choice_weights_rebuild_the_fusion(name, seed):
+    """The weights the trainer reports as each teacher's share (issue 21) are the ones the fusion applies:
+    the weighted union of the renormalised teacher rows under them is the fused distribution."""
+    from fuseflow.fuse.fusion import choice_weights
+
+    ids, logprobs, gold, aligned, mask = make_batch(seed)
+    weights = choice_weights(name, gold, aligned, mask)  # [N, B, T]
+    assert weights.shape == gold.shape
+    torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]))
+    if name.startswith("min_ce"):
+        assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    if name in ("min_ce", "avg_ce"):  # per sequence: the same weights at every position of a row
+        assert torch.equal(weights, weights[:, :, :1].expand_as(weights))
+    fused_ids, fused_lp = get_fusion(name)(ids, logprobs, gold, aligned, mask, top_k=V)
+    dense = (dense_teacher_rows(ids, logprobs) * weights.double().unsqueeze(-1)).sum(0)  # [B, T, V]
+    got = torch.zeros_like(dense).scatter_add_(-1, fused_ids, fused_lp.double().exp().masked_fill(~torch.isfinite(fused_lp), 0))
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_choice_weights_of_an_unknown_rule_are_none():
+    from fuseflow.fuse.fusion import choice_weights
+
+    _, _, gold, aligned, mask = make_batch(0)
+    assert choice_weights("someone_elses_fusion", gold, aligned, mask) is None
+
+
+
+def test_teacher_stats_choices_per_sample_are_the_same_packed_and_padded():
+    ids, logprobs, gold, aligned, mask = make_batch(3, n=3, b=2, t=7)
+    labels = torch.randint(0, 12, mask.shape, generator=torch.Generator().manual_seed(0))
+    from fuseflow.fuse.stats import teacher_stats
+
+    padded = teacher_stats(ids, logprobs, gold, aligned, labels, mask, "min_ce")
+    # The two rows end to end in one row; the segments say which sample each position belongs to.
+    p_ids = torch.cat([ids[:, 0], ids[:, 1]], dim=1).unsqueeze(1)  # [N, 1, 2T, k]
+    p_lp = torch.cat([logprobs[:, 0], logprobs[:, 1]], dim=1).unsqueeze(1)
+    p_gold = torch.cat([gold[:, 0], gold[:, 1]], dim=1).unsqueeze(1)  # [N, 1, 2T]
+    p_al = torch.cat([aligned[:, 0], aligned[:, 1]], dim=1).unsqueeze(1)
+    p_labels = torch.cat([labels[0], labels[1]]).unsqueeze(0)  # [1, 2T]
+    p_mask = torch.cat([mask[0], mask[1]]).unsqueeze(0)
+    segments = torch.cat([torch.zeros(7, dtype=torch.long), torch.ones(7, dtype=torch.long)]).unsqueeze(0)
+    packed = teacher_stats(p_ids, p_lp, p_gold, p_al, p_labels, p_mask, "min_ce", segments=segments, num_samples=2)
+    torch.testing.assert_close(packed.choice, padded.choice)
+    torch.testing.assert_close(packed.fidelity, padded.fidelity)
+    assert set(padded.choice.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(padded.choice.sum(0), torch.ones(2))
+    # The teacher never aligned on the last sequence (make_batch) is never MinCE's choice there.
+    assert padded.choice[2, 1] == 0
