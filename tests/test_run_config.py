@@ -187,3 +187,11 @@ def test_gateway_flags_are_aliases_of_the_server_section():
     assert load("--port", "8001").server.port == 8001
     with pytest.raises(ConfigError, match=r"server\.max_concurrent \(--max-concurrent\): Input should be greater"):
         load("--max-concurrent", "0")
+
+
+def test_alignment_defaults_and_the_scored_candidates_bound(tmp_path):
+    """Issue 21's defaults (bench/align.py), and align.score_top_k below fusion.top_k named as an error."""
+    cfg = load_config(FuseConfig, _write(tmp_path, BASE))
+    assert (cfg.align.vocab_map, cfg.align.chain_rule, cfg.align.score_top_k) == ("first-token", True, 64)
+    with pytest.raises(ConfigError, match=r"align\.score_top_k \(8\) must be at least fusion\.top_k \(10\)"):
+        load_config(FuseConfig, _write(tmp_path, BASE), ["align.score_top_k=8"])

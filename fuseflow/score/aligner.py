@@ -53,7 +53,7 @@ class TeacherAligner:
         return cls(
             name, engine, target_tokenizer, vocab_map_method=cfg.align.vocab_map, sequence_method=cfg.align.sequence,
             top_k=cfg.fusion.top_k, temperature=1.0, stats_texts=texts if texts is not None else stats_texts(cfg),
-            chain_rule=cfg.align.chain_rule,
+            chain_rule=cfg.align.chain_rule, score_top_k=cfg.align.score_top_k,
         )
 
     def __init__(
@@ -67,12 +67,21 @@ class TeacherAligner:
         temperature: float = 1.0,
         stats_texts: Sequence[str] | None = None,
         chain_rule: bool = True,
+        score_top_k: int | None = None,
     ):
         self.name = name
         self.engine = engine
         self.target_tokenizer = target_tokenizer
         self.sequence_method = sequence_method
         self.top_k = top_k
+        # The teacher scores more candidates than it sends (align.score_top_k): the projection merges them and
+        # the chain rule finds more of them agreeing with the text; the rows are cut to top_k after.
+        self.score_top_k = max(top_k, score_top_k or top_k)
+        cap = getattr(engine, "max_top_k", None)
+        if cap is not None and self.score_top_k > cap:
+            log.info("teacher %s scores top-%d, its engine's max_top_k, not align.score_top_k %d", name,
+                     max(cap, top_k), self.score_top_k)
+            self.score_top_k = max(cap, top_k)
         self.temperature = temperature
         self.vocab_map = build_vocab_map(vocab_map_method, engine.tokenizer, target_tokenizer, texts=stats_texts)
         # How the target splits each teacher token's text: the chain rule's table (identical vocabularies
@@ -110,7 +119,7 @@ class TeacherAligner:
 
     def score(self, samples: Sequence[Sample]) -> list:
         """:func:`score_samples` with this teacher's engine, top-k and temperature."""
-        return score_samples(self.engine, samples, self.top_k, self.temperature)
+        return score_samples(self.engine, samples, self.score_top_k, self.temperature)
 
     def align(self, sample: Sample, scored) -> AlignedDist:
         """``scored`` (:meth:`score`'s) on the target's positions and vocabulary (raises ``ValueError``)."""

@@ -52,3 +52,21 @@ def test_chain_rule_adds_rows_inside_teacher_tokens_and_keeps_the_linked_ones(ge
         assert np.array_equal(b.dist.ids[linked], a.dist.ids[linked])
         gained += int(b.dist.aligned.sum() - linked.sum())
     assert gained > 0  # a random tiny teacher still agrees with the text now and then
+
+
+def test_more_candidates_are_scored_than_sent_and_the_engine_caps_them(gemma_engine, bpe_tokenizer, monkeypatch):
+    """align.score_top_k: the teacher scores 32 candidates, the rows it sends hold top_k; an engine with a
+    smaller max_top_k scores what it can."""
+    samples = [Sample(f"s{i}", t) for i, t in enumerate(TEXTS)]
+    asked = []
+    real = gemma_engine.score_texts
+    monkeypatch.setattr(gemma_engine, "score_texts", lambda texts, top_k, temperature=1.0: asked.append(top_k) or
+                        real(texts, top_k=top_k, temperature=temperature))
+    few = TeacherAligner("gemma", gemma_engine, bpe_tokenizer, top_k=4, score_top_k=4).run(samples)
+    many = TeacherAligner("gemma", gemma_engine, bpe_tokenizer, top_k=4, score_top_k=32).run(samples)
+    assert asked == [4, 32]
+    for a, b in zip(few, many):
+        assert b.dist.top_k == 4 and b.dist.aligned.sum() >= a.dist.aligned.sum()
+    assert sum(int(b.dist.aligned.sum()) for b in many) > sum(int(a.dist.aligned.sum()) for a in few)
+    monkeypatch.setattr(gemma_engine, "max_top_k", 16)
+    assert TeacherAligner("gemma", gemma_engine, bpe_tokenizer, top_k=4, score_top_k=32).score_top_k == 16
