@@ -1,11 +1,26 @@
-"""Token-alignment benchmark: vocab-map build time per method, sequence-alignment and projection throughput.
+"""Token-alignment benchmark (issue 21): how much of a teacher's knowledge reaches the target's tokens, and
+what the projection costs.
 
-Default pair: source gemma3-270m (262k SentencePiece vocab) → target smollm2-135m (49k byte-level BPE),
-tokenizers only. ``--tiny``: the tests' tiny SentencePiece (640) → BPE (512) tokenizers. Text: the built-in
-corpus (``fuseflow.models.builtin_text``), cut into samples of ``--sample-chars`` characters.
+Default: teacher Gemma-3-270M (262k SentencePiece vocab) → target SmolLM2-135M (49k byte-level BPE), both
+real models, on German manual pages (Debian's ``manpages-de``; documents of the corpus's training part, none
+of the held-out split). Each page is scored once by Gemma-3 (top-``k``) and by SmolLM2 (the target's own
+top-``k``, the yardstick), then aligned with every vocab map, with and without the chain rule.
 
-    python bench/align.py --out runs/bench-align.json
-    python bench/align.py --tiny --out /tmp/align-tiny.json
+Tables (printed as markdown, all figures in ``--out`` JSON):
+
+1. **Vocab maps**: build time on a fresh cache, share of text tokens mapped; the target splits of every
+   teacher token (what ``first-token`` and the chain rule read).
+2. **Fidelity** over every target position: coverage (share with a teacher row, not the one-hot gold
+   fallback), gold-token miss rate and mean p(gold) of those rows (top-``k`` renormalised), per map ×
+   chain rule, with ``k`` and with ``--score-k`` candidates scored (``align.score_top_k``), and over the
+   positions the offsets alignment links (what FuseLLM's position-to-position alignment can give), next to
+   the target's own top-``k``.
+3. **Cost**, one core: sequence alignment (offsets, mined-dp) and projection tokens/s per map and for the chain
+   rule's inner rows, next to the teacher's own scoring tokens/s measured in the same run; FuseLLM's DTW in
+   pure Python and fuseflow's mined-dp on the same short token window (measured, not extrapolated).
+
+    python bench/align.py --out runs/bench-align.json                 # ~5 min on 2 CPU cores
+    python bench/align.py --tiny --out /tmp/align-tiny.json           # tiny random models (the tests run it)
 """
 
 from __future__ import annotations
@@ -20,13 +35,6 @@ import time
 
 import numpy as np
 
-from fuseflow.align.project import project_to_target
-from fuseflow.align.sequence import align_mined_dp, align_offsets
-from fuseflow.align.levenshtein import levenshtein_python
-from fuseflow.align.tokens import as_numpy_strings, vocab_info
-from fuseflow.align.vocab import build_vocab_map, mined_map
-from fuseflow.models import builtin_text, encode, load_tokenizer, make_tiny_tokenizer
-from fuseflow.sparse import ScoredText
 
 
 def _timed(fn, *args, **kwargs):
@@ -36,7 +44,9 @@ def _timed(fn, *args, **kwargs):
 
 
 def _fusellm_dtw_python(src: list[str], tgt: list[str]) -> None:
-    """The reference's cost profile: one edit-distance call per DP cell, full matrix, pure Python."""
+    """FuseLLM's cost profile: one edit-distance call per DP cell, full matrix, pure Python."""
+    from fuseflow.align.levenshtein import levenshtein_python
+
     n, m = len(src), len(tgt)
     d = [[math.inf] * (m + 1) for _ in range(n + 1)]
     d[0][0] = 0
@@ -46,117 +56,193 @@ def _fusellm_dtw_python(src: list[str], tgt: list[str]) -> None:
             d[i + 1][j + 1] = levenshtein_python(a, tgt[j].replace(" ", "")) + min(d[i][j + 1], d[i + 1][j], d[i][j])
 
 
+def documents(args) -> tuple[list[str], list[str]]:
+    """(texts to measure on, other texts for the ``stats`` map): real manual pages, or the built-in text."""
+    if args.tiny:
+        from fuseflow.models import builtin_text
+
+        text = builtin_text((args.documents + args.stats_docs) * args.doc_chars)
+        cut = [text[i : i + args.doc_chars] for i in range(0, len(text), args.doc_chars)]
+        return cut[: args.documents], cut[args.documents : args.documents + args.stats_docs]
+    from fuseflow.corpus import CorpusConfig, iter_documents
+
+    docs = (d.text for d in iter_documents(CorpusConfig(source=f"manpages:{args.language}"), "train"))
+    docs = [t for t in docs if t and len(t) >= 500]
+    if len(docs) < args.documents:
+        raise SystemExit(f"manpages:{args.language} gives {len(docs)} pages of 500+ characters; need {args.documents}")
+    return [t[: args.doc_chars] for t in docs[: args.documents]], docs[args.documents : args.documents + args.stats_docs]
+
+
+def _cut(scored, k: int):
+    """A teacher's scores with only its top ``k`` candidates (rows are sorted: the first ``k`` columns)."""
+    from dataclasses import replace
+
+    return replace(scored, topk_ids=scored.topk_ids[:, :k], topk_logprobs=scored.topk_logprobs[:, :k])
+
+
+def fidelity_row(dists, golds, linked=None) -> dict:
+    """Summed :func:`fuseflow.align.fidelity.row_fidelity` over the documents (``linked``: only those positions)."""
+    import torch
+
+    from fuseflow.align.fidelity import fidelity_summary, row_fidelity
+
+    total = torch.zeros(4, dtype=torch.float64)
+    for i, (d, gold) in enumerate(zip(dists, golds)):
+        mask = torch.ones(len(gold), dtype=torch.bool) if linked is None else torch.from_numpy(linked[i])
+        total += row_fidelity(torch.from_numpy(d.ids).long(), torch.from_numpy(d.logprobs),
+                              torch.from_numpy(d.aligned), torch.from_numpy(gold).long(), mask)
+    return fidelity_summary(total)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny test tokenizers instead of gemma3-270m → smollm2-135m")
-    p.add_argument("--source", default="gemma3-270m", help="source (teacher) tokenizer reference")
-    p.add_argument("--target", default="smollm2-135m", help="target tokenizer reference")
-    p.add_argument("--samples", type=int, default=8, help="texts aligned per sequence method")
-    p.add_argument("--sample-chars", type=int, default=8000, help="characters per text (~2k target tokens)")
-    p.add_argument("--stats-docs", type=int, default=200, help="documents counted by the 'stats' vocab map")
-    p.add_argument("--k", type=int, default=10, help="top-k of the projection")
-    p.add_argument("--methods", default="exact,mined,stats", help="vocab-map methods to time")
-    p.add_argument("--reference-tokens", type=int, default=200,
-                   help="tokens per side for the pure-Python FuseLLM-style DTW timing (0 = skip)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true", help="tiny random models with the tests' tokenizers")
+    p.add_argument("--source", default="gemma3-270m", help="teacher model reference")
+    p.add_argument("--target", default="smollm2-135m", help="target model reference")
+    p.add_argument("--language", default="de", help="manual pages of this language (manpages:LANG)")
+    p.add_argument("--documents", type=int, default=30, help="pages measured")
+    p.add_argument("--doc-chars", type=int, default=2000, help="first characters of each page")
+    p.add_argument("--stats-docs", type=int, default=200, help="other pages counted by the 'stats' map")
+    p.add_argument("--k", type=int, default=10, help="top-k of the projected rows (fusion.top_k)")
+    p.add_argument("--score-k", type=int, default=64, help="candidates scored before projecting (align.score_top_k)")
+    p.add_argument("--methods", default="exact,mined,first-token,stats", help="vocab maps")
+    p.add_argument("--dtw-tokens", type=int, default=150, help="tokens per side of the DTW timing (0 = skip)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for scoring (the projection is numpy)")
+    p.add_argument("--out", default=None, help="write every figure here as JSON")
     args = p.parse_args(argv)
 
+    import torch
+
+    from fuseflow.align.project import align_scored, chain_rule_rows
+    from fuseflow.align.sequence import align_mined_dp, align_offsets
+    from fuseflow.align.tokens import token_strings, vocab_info
+    from fuseflow.align.vocab import build_vocab_map, target_splits
+    from fuseflow.models import encode, make_tiny_model, make_tiny_tokenizer
+    from fuseflow.score.engine import create_engine
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    work = tempfile.TemporaryDirectory(prefix="fuseflow-bench-align-")
     if args.tiny:
-        src_tok, tgt_tok = make_tiny_tokenizer("spm", 640), make_tiny_tokenizer("bpe", 512)
-        pair = "tiny-spm-640 → tiny-bpe-512"
+        src_ref = str(make_tiny_model(f"{work.name}/src", "gemma3", tokenizer=make_tiny_tokenizer("spm", 640), seed=1))
+        tgt_ref = str(make_tiny_model(f"{work.name}/tgt", "llama", tokenizer=make_tiny_tokenizer("bpe", 512), seed=0))
+        pair = "tiny gemma3 (spm 640) → tiny llama (bpe 512)"
     else:
-        src_tok, tgt_tok = load_tokenizer(args.source), load_tokenizer(args.target)
+        src_ref, tgt_ref = args.source, args.target
         pair = f"{args.source} → {args.target}"
-    (src_info, tgt_info), t_info = _timed(lambda: (vocab_info(src_tok), vocab_info(tgt_tok)))
-    rows: list[dict] = []
-    rows.append({"stage": "token_strings (both vocabularies, once)", "seconds": t_info,
-                 "detail": f"V_src={src_info.size}, V_tgt={tgt_info.size}"})
+    texts, stats_texts = documents(args)
+    teacher = create_engine("hf", src_ref)
+    own = create_engine("hf", tgt_ref)
+    src_tok, tgt_tok = teacher.tokenizer, own.tokenizer
+    src_info, tgt_info = vocab_info(src_tok), vocab_info(tgt_tok)
 
-    corpus = builtin_text()
-    texts = [corpus[i : i + args.sample_chars] for i in range(0, len(corpus), args.sample_chars)][: args.samples]
-    docs = [d for d in corpus.split("\n\n") if d.strip()][: args.stats_docs]
+    # 1. Vocab maps and splits, on a fresh cache.
+    map_rows, maps = [], {}
+    cache = f"{work.name}/cache"
+    splits, sec = _timed(target_splits, src_tok, tgt_tok, cache)
+    text_tok = ~src_info.special
+    map_rows.append({"stage": "target splits of every teacher token", "seconds": sec,
+                     "detail": f"{int(splits.lengths.sum()):,} characters; a target token begins at "
+                               f"{np.mean(splits.next_id >= 0):.1%} of them"})
+    for method in [m for m in args.methods.split(",") if m]:
+        vm, sec = _timed(build_vocab_map, method, src_tok, tgt_tok, texts=stats_texts, cache_dir=cache)
+        maps[method] = vm
+        detail = f"mapped {np.mean(vm[text_tok] >= 0):.1%} of text tokens"
+        if method == "stats":
+            detail += f" (counted over {len(stats_texts)} other pages; first-token fallback from the cache)"
+        if method == "first-token":
+            detail += " (splits from the cache)"
+        map_rows.append({"stage": f"vocab map: {method}", "seconds": sec, "detail": detail})
 
-    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: time the computation, not the disk read
-        vocab_maps = {}
-        for method in [m for m in args.methods.split(",") if m]:
-            vm, sec = _timed(build_vocab_map, method, src_tok, tgt_tok, texts=docs, cache_dir=cache)
-            vocab_maps[method] = vm
-            src_text = ~src_info.special
-            detail = f"mapped {np.mean(vm[src_text] >= 0):.1%} of text tokens"
-            if method == "stats":
-                detail += f" (counted over {len(docs)} documents"
-                detail += "; MinED fallback read from the cache)" if "mined" in vocab_maps else "; includes MinED)"
-            rows.append({"stage": f"vocab map: {method}", "seconds": sec, "detail": detail})
-            if method == "mined":
-                _, dist = mined_map(as_numpy_strings(src_info.strings), as_numpy_strings(tgt_info.strings),
-                                    src_info.special, tgt_info.special, return_distance=True)
-                d = dist[src_text]
-                rows[-1]["detail"] += (f"; exact {np.mean(d == 0):.1%}, distance 1 (certified optimal) "
-                                       f"{np.mean(d == 1):.1%}, ≥2 {np.mean(d >= 2):.1%}")
-            _, sec2 = _timed(build_vocab_map, method, src_tok, tgt_tok, texts=docs, cache_dir=cache)
-            rows.append({"stage": f"vocab map: {method} (cached)", "seconds": sec2, "detail": "read from disk"})
-    vocab_map = vocab_maps.get("mined", next(iter(vocab_maps.values()), None))
+    # 2. Score every page once: the teacher's top-k and the target's own.
+    k_scored = max(args.k, args.score_k)
+    _, warm = _timed(teacher.score_texts, texts[:1], top_k=k_scored)
+    scored_all, score_s = _timed(teacher.score_texts, texts, top_k=k_scored)
+    scored = [_cut(s, args.k) for s in scored_all]
+    own_scored = own.score_texts(texts, top_k=args.k)
+    enc = [encode(tgt_tok, t) for t in texts]
+    golds = [e.ids[1:] for e in enc]
+    n_tgt = sum(len(g) for g in golds)
+    n_src = sum(len(s.token_ids) - 1 for s in scored)
+    pos_maps = [align_offsets(s.offsets, e.offsets) for s, e in zip(scored, enc)]
+    linked = [pm >= 0 for pm in pos_maps]
 
-    encoded = [(encode(src_tok, t), encode(tgt_tok, t)) for t in texts]
-    n_tgt = sum(len(t.ids) for _, t in encoded)
-    n_src = sum(len(s.ids) for s, _ in encoded)
-    strings = [([src_info.strings[i] for i in s.ids], [tgt_info.strings[i] for i in t.ids]) for s, t in encoded]
+    fid_rows = []
+    from fuseflow.sparse import AlignedDist
 
-    pos_maps, sec = _timed(lambda: [align_offsets(s.offsets, t.offsets) for s, t in encoded])
-    linked = float(np.mean(np.concatenate(pos_maps) >= 0))
-    rows.append({"stage": "sequence: offsets", "seconds": sec, "tokens_per_s": n_tgt / sec,
-                 "detail": f"{len(texts)} texts, {n_tgt} target / {n_src} source tokens, linked {linked:.1%}"})
-    dp_maps, sec = _timed(lambda: [
-        align_mined_dp(a, b, src_info.special[s.ids], tgt_info.special[t.ids])
-        for (s, t), (a, b) in zip(encoded, strings)
-    ])
-    both = np.concatenate(pos_maps)
-    dp = np.concatenate(dp_maps)
-    agree = float(np.mean(dp[dp >= 0] == both[dp >= 0])) if (dp >= 0).any() else float("nan")
-    rows.append({"stage": "sequence: mined-dp", "seconds": sec, "tokens_per_s": n_tgt / sec,
-                 "detail": f"linked {np.mean(dp >= 0):.1%}; links agreeing with offsets {agree:.2%}"})
-    if args.reference_tokens:
-        a, b = strings[0][0][: args.reference_tokens], strings[0][1][: args.reference_tokens]
-        _, sec = _timed(_fusellm_dtw_python, a, b)
-        full_a, full_b = len(strings[0][0]), len(strings[0][1])
-        est = sec * (full_a * full_b) / max(len(a) * len(b), 1)  # cost is per cell: L_src × L_tgt
-        rows.append({"stage": "sequence: FuseLLM-style DTW, pure Python (reference)", "seconds": sec,
-                     "tokens_per_s": full_b / est,
-                     "detail": f"timed on {len(a)}×{len(b)} tokens, extrapolated per cell to one "
-                               f"{full_a}×{full_b}-token text: {est:.1f} s (tokens/s column)"})
-
-    if vocab_map is not None:
-        rng = np.random.default_rng(0)
-        scored = []
-        for s, _ in encoded:
-            n = len(s.ids) - 1
-            lp = np.sort(np.log(rng.dirichlet(np.ones(args.k + 5), n)[:, : args.k]), axis=1)[:, ::-1]
-            scored.append(ScoredText(
-                token_ids=s.ids, offsets=s.offsets, tokens=None,
-                topk_ids=rng.integers(0, src_info.size, (n, args.k)).astype(np.int32),
-                topk_logprobs=np.ascontiguousarray(lp, dtype=np.float32), gold_logprobs=lp[:, 0].astype(np.float32),
-            ))
-        _, sec = _timed(lambda: [
-            project_to_target(sc, pm, vocab_map, t.ids, args.k) for sc, pm, (_, t) in zip(scored, pos_maps, encoded)
+    own_dists = [AlignedDist(s.topk_ids, s.topk_logprobs, s.gold_logprobs, np.ones(len(s.gold_logprobs), bool))
+                 for s in own_scored]
+    fid_rows.append({"rows": "the target's own top-k (SmolLM2 scoring itself)" if not args.tiny else "the target's own",
+                     "all": fidelity_row(own_dists, golds), "linked": fidelity_row(own_dists, golds, linked)})
+    proj_rows = []
+    variants = [(m, chain, args.k) for m in maps for chain in (False, True)]
+    if args.score_k != args.k:
+        variants += [(m, True, args.score_k) for m in maps]
+    for method, chain, cand in variants:
+        vm = maps[method]
+        sc_k = scored if cand == args.k else [_cut(s, cand) for s in scored_all]
+        dists, sec = _timed(lambda: [
+            align_scored(s, e.ids, e.offsets, None, vm, "offsets", args.k, text=t, splits=splits if chain else None)
+            for s, e, t in zip(sc_k, enc, texts)
         ])
-        rows.append({"stage": f"projection (k={args.k})", "seconds": sec, "tokens_per_s": n_tgt / sec,
-                     "detail": "random source top-k, mined vocab map, offsets pos_map"})
+        name = f"{method}" + (" + chain rule" if chain else "") + (f", {cand} candidates" if cand != args.k else "")
+        fid_rows.append({"rows": f"teacher via {name}", "all": fidelity_row(dists, golds),
+                         "linked": fidelity_row(dists, golds, linked)})
+        proj_rows.append({"stage": f"offsets + projection: {name}", "seconds": sec, "tokens_per_s": n_tgt / sec})
+    for cand in dict.fromkeys((args.k, args.score_k)):
+        sc_k = scored if cand == args.k else [_cut(s, cand) for s in scored_all]
+        _, sec = _timed(lambda: [chain_rule_rows(s, t, e.offsets, pm, splits)
+                                 for s, e, t, pm in zip(sc_k, enc, texts, pos_maps)])
+        proj_rows.append({"stage": f"chain rule rows alone (inner positions), {cand} candidates", "seconds": sec,
+                          "tokens_per_s": n_tgt / sec})
+    _, sec = _timed(lambda: [align_offsets(s.offsets, e.offsets) for s, e in zip(scored, enc)])
+    proj_rows.append({"stage": "sequence: offsets", "seconds": sec, "tokens_per_s": n_tgt / sec})
+    src_strings, tgt_strings = token_strings(src_tok), token_strings(tgt_tok)
+    strings = [([src_strings[i] for i in s.token_ids], [tgt_strings[i] for i in e.ids]) for s, e in zip(scored, enc)]
+    dp, sec = _timed(lambda: [align_mined_dp(a, b, src_info.special[s.token_ids], tgt_info.special[e.ids])
+                              for (a, b), s, e in zip(strings, scored, enc)])
+    agree = np.concatenate(dp)[np.concatenate(linked)] == np.concatenate(pos_maps)[np.concatenate(linked)]
+    proj_rows.append({"stage": "sequence: mined-dp", "seconds": sec, "tokens_per_s": n_tgt / sec,
+                      "detail": f"links {np.mean(np.concatenate(dp) >= 0):.1%} of positions; "
+                                f"{agree.mean():.2%} of the offsets' links found"})
+    proj_rows.append({"stage": f"teacher scoring ({args.threads} torch thread{'s' if args.threads > 1 else ''})",
+                      "seconds": score_s, "tokens_per_s": n_tgt / score_s,
+                      "detail": f"{n_src} teacher tokens, hf engine, top-{k_scored} (warm-up {warm:.1f} s not counted)"})
+    dtw = None
+    if args.dtw_tokens:
+        a, b = strings[0][0][: args.dtw_tokens], strings[0][1][: args.dtw_tokens]
+        _, ours = _timed(align_mined_dp, a, b)
+        _, ref = _timed(_fusellm_dtw_python, a, b)
+        dtw = {"tokens": [len(a), len(b)], "fuseflow_s": ours, "fusellm_python_s": ref}
 
-    print(f"## Token alignment: {pair}\n")
-    print("| stage | seconds | target tokens/s | detail |")
-    print("|---|---:|---:|---|")
-    for r in rows:
-        tps = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else ""
-        print(f"| {r['stage']} | {r['seconds']:.3f} | {tps} | {r['detail']} |")
-    result = {
-        "pair": pair,
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "numpy": np.__version__},
-        "args": vars(args),
-        "rows": rows,
-    }
+    result = {"pair": pair, "documents": len(texts), "doc_chars": args.doc_chars, "target_positions": n_tgt,
+              "teacher_tokens": n_src, "args": vars(args),
+              "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "numpy": np.__version__,
+                          "torch": torch.__version__},
+              "maps": map_rows, "fidelity": fid_rows, "cost": proj_rows, "dtw": dtw,
+              "seconds": time.perf_counter() - t_start}
+    print(f"## Token alignment: {pair}, {len(texts)} pages × {args.doc_chars} characters, "
+          f"{n_tgt} target positions, rows of top-{args.k}\n")
+    print("| vocab map | build s | detail |\n|---|---:|---|")
+    for r in map_rows:
+        print(f"| {r['stage']} | {r['seconds']:.2f} | {r['detail']} |")
+    print("\n| aligned rows | coverage | gold missing | mean p(gold) | on the offsets' links: gold missing "
+          "| mean p(gold) |\n|---|---:|---:|---:|---:|---:|")
+    for r in fid_rows:
+        a, l_ = r["all"], r["linked"]
+        print(f"| {r['rows']} | {a['coverage']:.1%} | {a['miss_rate']:.1%} | {a['p_gold']:.3f} | "
+              f"{l_['miss_rate']:.1%} | {l_['p_gold']:.3f} |")
+    print("\n| stage (one core) | seconds | target tokens/s | detail |\n|---|---:|---:|---|")
+    for r in proj_rows:
+        print(f"| {r['stage']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {r.get('detail', '')} |")
+    if dtw:
+        print(f"\nDTW on the first {dtw['tokens'][0]}×{dtw['tokens'][1]} tokens of one page: fuseflow mined-dp "
+              f"{dtw['fuseflow_s'] * 1e3:.1f} ms, FuseLLM-style pure Python {dtw['fusellm_python_s'] * 1e3:.0f} ms.")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+    work.cleanup()
     return 0
 
 

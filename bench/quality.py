@@ -6,8 +6,9 @@ exactly as ``fuseflow fuse`` trains (``fuseflow.trainer.loop.train``, the run co
 sections), and evaluates each arm at several token budgets within its one run (a learning curve):
 held-out bits/byte per corpus and overall, and the paired bootstrap over documents of ``arm − CLM``.
 
-Every teacher scores (and aligns) each training sample once per run; every arm reuses those distributions
-(``--cache DIR`` keeps them on disk across runs, keyed by teacher, alignment and samples).
+Every teacher scores each training sample once (``--cache DIR`` keeps its own top-k on disk across runs,
+keyed by teacher and samples); the scores are aligned once per alignment setting (``align.*``, which an arm
+may override: ``distil:gemma@align.vocab_map=mined``) and every arm with that setting reuses them.
 
 Settings are tuned on ``--split dev``: documents of the training part that the bench keeps out of training
 (per corpus, chosen by a hash of the document index); ``--split held_out`` (the default) evaluates on the
@@ -143,8 +144,9 @@ def prepare(cfg, size: dict, split: str, num_samples: int, tokenizer):
 
 
 def _cache_key(cfg, src) -> str:
+    """The raw scores depend on the teacher model and how it scores, not on the alignment (done on load)."""
     h = hashlib.sha256()
-    for part in (src.model, src.dtype, cfg.target.model, cfg.align.vocab_map, cfg.align.sequence, cfg.fusion.top_k):
+    for part in ("raw-v2", src.model, src.dtype, src.engine, cfg.align.score_top_k):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
 
@@ -154,28 +156,30 @@ def _text_hash(text: str) -> str:
 
 
 def score_all(cfg, samples, tokenizer, cache: Path | None) -> tuple[dict[str, dict], dict[str, float]]:
-    """{sample id: {teacher: AlignedDist}} for every source of ``cfg``, and seconds spent scoring per teacher.
-    The cache file of a teacher maps sample id → (text hash, distribution): only samples it lacks are scored.
+    """{sample id: {teacher: ScoredText}} — every source's own top-k of every sample, in its own vocabulary —
+    and seconds spent scoring per teacher. The cache file of a teacher maps sample id → (text hash, scores):
+    only samples it lacks are scored, and every alignment setting reuses them (:func:`align_all`).
     Samples that a teacher cannot score are dropped (as ``fuseflow fuse`` dead-letters them)."""
-    from fuseflow.trainer.knowledge_fusion import build_teachers
+    from fuseflow.score.aligner import score_samples
+    from fuseflow.score.engine import engine_from_source
 
-    dists: dict[str, dict] = {s.id: {} for s in samples}
+    raw: dict[str, dict] = {s.id: {} for s in samples}
     seconds: dict[str, float] = {}
-    stats = [s.text for s in samples[: cfg.align.stats_documents]] if cfg.align.vocab_map == "stats" else None
     for src in cfg.sources:
         path = cache / f"{src.key}-{_cache_key(cfg, src)}.pkl" if cache else None
         stored = pickle.loads(path.read_bytes()) if path is not None and path.exists() else {}
         todo = [s for s in samples if stored.get(s.id, ("",))[0] != _text_hash(s.text)]
         t0 = time.perf_counter()
         if todo:
-            (teacher,) = build_teachers(cfg, [src], tokenizer, stats)
+            engine = engine_from_source(src, cfg.device)
             for start in range(0, len(todo), 8):
-                for res in teacher.run(todo[start : start + 8]):
-                    if res.error is None:
-                        stored[res.sample.id] = (_text_hash(res.sample.text), res.dist)
+                chunk = todo[start : start + 8]
+                for s, sc in zip(chunk, score_samples(engine, chunk, cfg.align.score_top_k)):
+                    if isinstance(sc, str):
+                        log.warning("teacher %s: sample %s dropped: %s", src.key, s.id, sc)
                     else:
-                        log.warning("teacher %s: sample %s dropped: %s", src.key, res.sample.id, res.error)
-            del teacher
+                        stored[s.id] = (_text_hash(s.text), sc)
+            del engine
             gc.collect()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +189,42 @@ def score_all(cfg, samples, tokenizer, cache: Path | None) -> tuple[dict[str, di
                  len(samples) - len(todo))
         for s in samples:
             if s.id in stored and stored[s.id][0] == _text_hash(s.text):
-                dists[s.id][src.key] = stored[s.id][1]
-    return dists, seconds
+                raw[s.id][src.key] = stored[s.id][1]
+    return raw, seconds
+
+
+def align_all(cfg, samples, raw: dict, tokenizer) -> dict[str, dict]:
+    """{sample id: {teacher: AlignedDist}} under ``cfg.align`` — the teachers' aligners as ``fuseflow fuse``
+    builds them (vocab map, chain rule), over tokenizer-only engines: the scores come from :func:`score_all`.
+    Samples an aligner rejects are dropped, as the run would dead-letter them."""
+    from types import SimpleNamespace
+
+    from fuseflow.models import load_tokenizer
+    from fuseflow.score.aligner import TeacherAligner
+
+    from dataclasses import replace
+
+    stats = [s.text for s in samples[: cfg.align.stats_documents]] if cfg.align.vocab_map == "stats" else None
+    dists: dict[str, dict] = {s.id: {} for s in samples}
+    k = cfg.align.score_top_k
+    for src in cfg.sources:
+        engine = SimpleNamespace(tokenizer=load_tokenizer(src.model), max_length=None, max_top_k=None)
+        aligner = TeacherAligner.for_run(cfg, src.key, engine, tokenizer, stats)
+        for s in samples:
+            sc = raw[s.id].get(src.key)
+            if sc is None:
+                continue
+            if sc.topk_ids.shape[1] < k:
+                raise SystemExit(f"align.score_top_k {k} exceeds the top-{sc.topk_ids.shape[1]} scored: give the base "
+                                 "config the largest score_top_k of the arms")
+            # Rows are sorted: the first k columns of a larger top-k are the top-k.
+            sc = replace(sc, topk_ids=sc.topk_ids[:, :k], topk_logprobs=sc.topk_logprobs[:, :k])
+            res = aligner.align_result(s, sc)
+            if res.error is None:
+                dists[s.id][src.key] = res.dist
+            else:
+                log.warning("teacher %s: sample %s dropped: %s", src.key, s.id, res.error)
+    return dists
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,8 +241,9 @@ def evaluate(model, tokenizer, texts, groups, cfg) -> dict:
             "text_nll": res["text_nll"], "text_bytes": res["text_bytes"], "eval_tokens": res["tokens"]}
 
 
-def train_arm(arm: Arm, cfg, samples, dists, texts, groups, budgets: Sequence[int], work: Path) -> dict:
-    """Train a fresh copy of the target on ``samples`` as ``arm``; evaluate at every step in ``budgets``."""
+def train_arm(arm: Arm, cfg, samples, aligned_for, texts, groups, budgets: Sequence[int], work: Path) -> dict:
+    """Train a fresh copy of the target on ``samples`` as ``arm``; evaluate at every step in ``budgets``.
+    ``aligned_for(cfg)`` gives the teachers' distributions under the arm's alignment settings."""
     import torch
 
     from fuseflow.models import load
@@ -214,6 +253,7 @@ def train_arm(arm: Arm, cfg, samples, dists, texts, groups, budgets: Sequence[in
 
     if arm.overrides:
         cfg = FuseConfig.model_validate(apply_overrides(cfg.model_dump(), list(arm.overrides)))
+    dists = aligned_for(cfg) if arm.teachers else {s.id: {} for s in samples}
     fusion = cfg.fusion if arm.function is None else cfg.fusion.model_copy(update={"function": arm.function})
     k = fusion.top_k
     if k > cfg_top_k(dists):
@@ -247,12 +287,13 @@ def train_arm(arm: Arm, cfg, samples, dists, texts, groups, budgets: Sequence[in
         fusion_cfg=fusion, total_steps=max(budgets), run_dir=run_dir, progress=False, on_log=on_log,
     )
     seconds = time.perf_counter() - t0
-    history = result.history
+    history, teachers_summary = result.history, result.teachers
     del target, result
     gc.collect()
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"kind": arm.kind, "teachers": list(arm.teachers), "function": fusion.function if arm.teachers else None,
             "overrides": list(arm.overrides), "lam": fusion.lam, "temperature": fusion.temperature, "top_k": k,
+            "align": cfg.align.model_dump(mode="json"), "teacher_stats": teachers_summary,
             "lr": cfg.train.lr, "min_lr_ratio": cfg.train.min_lr_ratio,
             "samples": len(usable), "seconds": seconds, "curve": curve,
             "loss": [{k_: r.get(k_) for k_ in ("step", "loss", "clm", "kl", "lr")} for r in history]}
@@ -404,7 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%d training samples %s; %d %s documents %s", len(samples), mix, len(texts), args.split, corpora)
 
     needs_teachers = any(a.teachers for a in arms)
-    dists, score_seconds = score_all(cfg, samples, tokenizer, Path(args.cache) if args.cache else None) if needs_teachers else ({}, {})
+    raw, score_seconds = score_all(cfg, samples, tokenizer, Path(args.cache) if args.cache else None) if needs_teachers else ({}, {})
+    aligned: dict[str, dict] = {}  # per alignment setting: arms that share one share the distributions
+
+    def aligned_for(arm_cfg) -> dict:
+        key = arm_cfg.align.model_dump_json() + f"k={arm_cfg.fusion.top_k}"
+        if key not in aligned:
+            aligned[key] = align_all(arm_cfg, samples, raw, tokenizer)
+        return aligned[key]
 
     result: dict = {
         "command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -430,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fuseflow-quality-") as work:
         for arm in arms:
-            result["arms"][arm.name] = train_arm(arm, cfg, samples, dists, texts, groups, budgets, Path(work))
+            result["arms"][arm.name] = train_arm(arm, cfg, samples, aligned_for, texts, groups, budgets, Path(work))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))  # every arm so far, should the run stop
     compare(result["arms"], groups)

@@ -196,7 +196,33 @@ eval: {{max_length: 32}}
     def no_scoring(*args, **kwargs):
         raise AssertionError("a cached sample was scored again")
 
-    monkeypatch.setattr("fuseflow.trainer.knowledge_fusion.build_teachers", no_scoring)
-    assert quality.main(base + ["--arms", "clm,fuse:min_ce@fusion.lam=0.2", "--no-sources", "--plot", ""]) == 0
-    arm = json.loads(out.read_text())["arms"]["fuse:min_ce@fusion.lam=0.2"]
+    monkeypatch.setattr("fuseflow.score.engine.engine_from_source", no_scoring)
+    # ... and an arm with other alignment settings aligns the cached scores afresh (issue 21).
+    arms = "clm,fuse:min_ce@fusion.lam=0.2,distil:gemma@align.vocab_map=mined@align.chain_rule=false"
+    assert quality.main(base + ["--arms", arms, "--no-sources", "--plot", ""]) == 0
+    result = json.loads(out.read_text())
+    arm = result["arms"]["fuse:min_ce@fusion.lam=0.2"]
     assert arm["lam"] == 0.2 and arm["function"] == "min_ce" and arm["teachers"] == ["gemma", "self"]
+    assert arm["align"]["chain_rule"] is True and set(arm["teacher_stats"]) == {"gemma", "self"}
+    mined = result["arms"]["distil:gemma@align.vocab_map=mined@align.chain_rule=false"]
+    assert mined["align"] == {**arm["align"], "vocab_map": "mined", "chain_rule": False}
+    # the same target positions, aligned another way: the rows differ (the chain rule can only add rows)
+    old, new = mined["teacher_stats"]["gemma"], arm["teacher_stats"]["gemma"]
+    assert old["positions"] == new["positions"] and old["coverage"] <= new["coverage"]
+    assert (old["miss_rate"], old["p_gold"]) != (new["miss_rate"], new["p_gold"])
+
+
+def test_align_script_reports_fidelity_and_cost_on_tiny_models(tmp_path):
+    """bench/align.py --tiny: every map with and without the chain rule, the target's own rows, the cost rows."""
+    out = tmp_path / "align.json"
+    assert _load("align").main(["--tiny", "--documents", "4", "--stats-docs", "8", "--doc-chars", "600",
+                                "--dtw-tokens", "40", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["rows"]: r for r in result["fidelity"]}
+    assert rows["the target's own"]["all"]["coverage"] == 1.0
+    for method in ("exact", "mined", "first-token", "stats"):
+        plain, chained = rows[f"teacher via {method}"], rows[f"teacher via {method} + chain rule"]
+        assert 0 < plain["all"]["coverage"] <= chained["all"]["coverage"] <= 1
+        assert plain["linked"] == chained["linked"]  # the chain rule leaves the linked positions as they were
+    assert all(_positive(r["tokens_per_s"]) for r in result["cost"])
+    assert result["dtw"]["tokens"] == [40, 40]

@@ -54,7 +54,8 @@ def test_the_online_trainer_writes_the_fuse_report(tmp_path, tiny_llama, tiny_ge
     fused = report["rows"][-1]
     assert fused["train_tokens"] == 120 and fused["train_seconds"] == 1.5
     model_dir = str(run_dir / "fused" / "model")
-    assert report["runs"] == {"fused": {"model_dir": model_dir, "steps": 3, "tokens": 120, "final_loss": 4.7}}
+    assert report["runs"] == {"fused": {"model_dir": model_dir, "steps": 3, "tokens": 120, "final_loss": 4.7,
+                                        "teachers": {}}}  # a stand-in training: no teacher statistics
     assert report["held_out_documents"] == 2 and report["train_samples"] > 0
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert "| target fused |" in capsys.readouterr().out

@@ -36,10 +36,15 @@ baseline: clm
 # the wire, the loop or the evaluation that moves them is seen; issue 13). The teacher threads claim up to
 # WORKER_BATCH_SIZE samples per forward, as many as are waiting, so a teacher's scores may differ at fp32
 # rounding between runs: hence rtol 1e-4, not bit equality (test_one_recipe pins a batch of one exactly).
-PINNED_FUSED_LOSSES = [5.342804908752441, 5.33311653137207, 5.427915096282959, 5.445160865783691]
+# The values moved with issue 21: the tiny SentencePiece tokenizer is now the same in every process (the
+# Gemma teacher's ids had moved between runs), and the default alignment scores 64 candidates (align.score_top_k)
+# and gives Gemma rows inside its longer tokens (align.chain_rule). Those rows renormalise over the few
+# candidates that agree with the text, so a candidate that enters or leaves the top-64 at fp32 rounding moves
+# them more than a linked row: the fused losses get rtol 5e-4.
+PINNED_FUSED_LOSSES = [5.742094993591309, 5.745296001434326, 5.6562628746032715, 5.7837138175964355]
 PINNED_BASELINE_LOSSES = [6.217257022857666, 6.204608917236328, 6.188961029052734, 6.224956035614014]
-PINNED_BPB = {"source gemma": 3.4746198016524015, "source qwen": 4.122235011635366, "source self": 4.119747227909269,
-              "target before": 4.119747227909269, "target fused": 4.118996173938273,
+PINNED_BPB = {"source gemma": 3.474384375276643, "source qwen": 4.122235011635366, "source self": 4.119747227909269,
+              "target before": 4.119747227909269, "target fused": 4.115680147381284,
               "target baseline clm": 4.117881856146717}
 
 
@@ -67,12 +72,22 @@ def test_fuse_end_to_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, capsys):
         assert len(ids) == len(set(ids)) == 4 * 2
     fused_rows = [json.loads(line) for line in (run / "fused" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] > 0 for r in fused_rows) and {"ce/gemma", "ce/qwen", "ce/self"} <= set(fused_rows[0])
+    # Fidelity and MinCE's choices (issue 21), per log row and over the run in the report.
+    assert {"coverage/gemma", "miss_rate/gemma", "p_gold/gemma", "chosen/self/corpus"} <= set(fused_rows[0])
+    teachers = report["runs"]["fused"]["teachers"]
+    assert set(teachers) == {"gemma", "qwen", "self"}
+    assert teachers["self"]["coverage"] == 1.0 and teachers["qwen"]["coverage"] == 1.0  # one tokenizer: every row
+    assert 0.5 < teachers["gemma"]["coverage"] < 1.0
+    assert teachers["gemma"]["positions"] == teachers["self"]["positions"] > 0
+    assert sum(t["chosen"]["corpus"] for t in teachers.values()) == pytest.approx(1.0)
+    for row in fused_rows:  # MinCE picks one teacher per sample: the shares of a window add up to 1
+        assert sum(row[f"chosen/{t}/corpus"] for t in teachers) == pytest.approx(1.0)
     base_rows = [json.loads(line) for line in (run / "baseline-clm" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] == 0 for r in base_rows)
     assert (run / "loss.png").stat().st_size > 1000 and (run / "report.json").exists()
     losses = {sub: [r["loss"] for r in rows] for sub, rows in (("fused", fused_rows), ("baseline", base_rows))}
     bpb = {r["model"]: r["bpb"] for r in report["rows"]}
-    np.testing.assert_allclose(losses["fused"], PINNED_FUSED_LOSSES, rtol=1e-4)
+    np.testing.assert_allclose(losses["fused"], PINNED_FUSED_LOSSES, rtol=5e-4)
     np.testing.assert_allclose(losses["baseline"], PINNED_BASELINE_LOSSES, rtol=1e-4)
     assert bpb == pytest.approx(PINNED_BPB, rel=1e-4)
     assert "| target fused |" in capsys.readouterr().out
