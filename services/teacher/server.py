@@ -17,7 +17,6 @@ INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import logging
 import threading
@@ -33,6 +32,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fuseflow.auth import bearer_matches
 from fuseflow.score.engine import Engine, ScoreError
 from fuseflow.teacher.metrics import TeacherMetrics
 from fuseflow.teacher.request_batcher import (
@@ -479,7 +479,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     health and reflection stay open so probes need no secret."""
 
     def __init__(self, token: str, metrics: TeacherMetrics, prefix: str = f"/{SERVICE_NAME}/"):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
         self._metrics = metrics
         self._prefix = prefix
 
@@ -489,9 +489,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler is None or not method.startswith(self._prefix):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str):
-            given = given.encode()
-        if hmac.compare_digest(given, self._expected):
+        if bearer_matches(given, self._token):  # the scheme in any case (RFC 7235; issue 26)
             return handler
         reason = "missing bearer token" if not given else "wrong bearer token"
         return self._rejecting(handler, method.rsplit("/", 1)[-1], reason)

@@ -251,6 +251,21 @@ def test_bearer_token_guards_the_teacher_but_not_health(engine, serve):
     assert server.metrics.value("requests_total", {"method": "Score", "code": "UNAUTHENTICATED"}) == 2
 
 
+def test_the_bearer_scheme_is_case_insensitive(engine, serve):
+    """RFC 7235: ``authorization: bearer <token>`` is the same scheme as ``Bearer`` (issue 26); another scheme
+    or a wrong token is still refused."""
+    _, address = serve(engine, token="s3cret")
+    with grpc.insecure_channel(address) as channel:
+        info = channel.unary_unary(f"/{SERVICE_NAME}/Info", request_serializer=pb.InfoRequest.SerializeToString,
+                                   response_deserializer=pb.InfoResponse.FromString)
+        for header in ("bearer s3cret", "BEARER s3cret", "Bearer   s3cret"):
+            assert info(pb.InfoRequest(), metadata=(("authorization", header),), timeout=10).vocab_size == 512
+        for header in ("Basic s3cret", "bearer wrong", "s3cret", "bearer"):
+            with pytest.raises(grpc.RpcError) as err:
+                info(pb.InfoRequest(), metadata=(("authorization", header),), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, header
+
+
 def self_signed_cert() -> tuple[bytes, bytes]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
