@@ -421,7 +421,7 @@ def _jsonl_records(path: Path, config: CorpusConfig) -> Iterator[tuple[str, dict
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 hint = "; a JSON array is not JSON Lines: convert it with jq -c '.[]'" if line.lstrip()[:1] == "[" else ""
-                yield origin, _Unreadable(f"invalid JSON ({e.msg}, column {e.colno}){hint}", raw)
+                yield origin, _Unreadable(f"{json_error(e)}{hint}", raw)
                 continue
             if not isinstance(record, dict):
                 yield origin, _Unreadable(f"expected a JSON object, got {type(record).__name__}", raw)
@@ -429,6 +429,13 @@ def _jsonl_records(path: Path, config: CorpusConfig) -> Iterator[tuple[str, dict
             yield origin, record
     if not seen:
         raise CorpusError(f"{path}: empty file (no JSON lines)")
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """``invalid JSON at column 23 (invalid control character)``. Python's messages that point at a position end
+    in " at" (``"Invalid control character at"``), meant to be followed by the position (issue 26)."""
+    reason = e.msg.removesuffix(" at")
+    return f"invalid JSON at column {e.colno} ({reason[:1].lower()}{reason[1:]})"
 
 
 def _raw_head(record, chars: int = 200) -> str | None:

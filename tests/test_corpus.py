@@ -100,6 +100,20 @@ def test_jsonl_errors_name_file_and_line(tmp_path, lines, message):
         list(iter_documents(CorpusConfig(source=str(path)), "all"))
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "tab\there"}', "invalid JSON at column 14 (invalid control character)"),
+    ('{"text": "\\q"}', "invalid JSON at column 11 (invalid \\escape)"),
+    ('{"text": "a"} x', "invalid JSON at column 15 (extra data)"),
+])
+def test_invalid_json_reasons_read_as_sentences(tmp_path, line, message):
+    """Python's JSON messages end in " at" before the position it appends: "invalid JSON (Invalid control
+    character at, column 23)" read as garbled (issue 26)."""
+    path = write_jsonl(tmp_path / "c.jsonl", [line])
+    with pytest.raises(CorpusError) as e:
+        list(iter_documents(CorpusConfig(source=str(path)), "all"))
+    assert str(e.value) == f"{path}:1: {message}"
+
+
 def test_jsonl_is_streamed(tmp_path):
     # the bad line 3 is never parsed when only two documents are taken
     path = write_jsonl(tmp_path / "c.jsonl", ['{"text": "a"}', '{"text": "b"}', "{oops"])

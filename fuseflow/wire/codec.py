@@ -140,21 +140,45 @@ def decode_aligned(fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Align
     missing = [name.decode() for name in ALIGNED_FIELDS if name not in f]
     if missing:
         raise CodecError(f"aligned distribution is missing field(s) {missing}")
-    head = json.loads(f[META])
+    head = _meta_head(f[META])
     if head.get("v") != _FORMAT_VERSION:
         raise CodecError(
-            f"aligned distribution format v{head.get('v')} is not v{_FORMAT_VERSION}; "
+            f"aligned distribution format v{head.get('v')!r} is not v{_FORMAT_VERSION}; "
             "teacher workers and trainer must run the same fuseflow version"
         )
-    t, k = int(head["T"]), int(head["k"])
+    t, k = head["T"], head["k"]
     aligned_bits = from_le_bytes(f[ALIGNED], np.uint8, ((t + 7) // 8,))
     return AlignedDist(
         ids=from_le_bytes(f[IDS], "<i4", (t, k)),  # [T, k]
         logprobs=from_le_bytes(f[LOGPROBS], "<f2", (t, k)).astype(np.float32),  # [T, k]
         gold_logprobs=from_le_bytes(f[GOLD], "<f4", (t,)),  # [T]
         aligned=np.unpackbits(aligned_bits, count=t).view(bool),  # [T]
-        meta=head.get("meta", {}),
+        meta=head["meta"],
     )
+
+
+def _meta_head(raw: bytes | str) -> dict:
+    """The ``meta`` field of an encoded ``AlignedDist``, checked: UTF-8 JSON (decoded explicitly: ``json.loads``
+    of bytes guesses UTF-16 or UTF-32 from garbage), an object with non-negative integers ``T`` and ``k`` and an
+    object ``meta``. Raises :class:`CodecError` naming what is wrong (issue 26)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+    except UnicodeDecodeError as e:
+        raise CodecError(f"meta is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        head = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CodecError(f"meta is not JSON ({getattr(e, 'msg', e)} at character {getattr(e, 'pos', 0)})") from None
+    if not isinstance(head, dict):
+        raise CodecError(f"meta must be a JSON object, got {type(head).__name__}")
+    head.setdefault("meta", {})
+    for name in ("T", "k"):
+        value = head.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CodecError(f"meta field {name!r} must be an integer >= 0, got {value!r:.40}")
+    if not isinstance(head["meta"], dict):
+        raise CodecError(f"meta field 'meta' must be a JSON object, got {type(head['meta']).__name__}")
+    return head
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -136,6 +136,25 @@ def test_decode_aligned_names_missing_and_bad_fields(make_dist):
     assert codec.decode_aligned({k.decode(): v for k, v in fields.items()}).num_positions == 5
 
 
+@pytest.mark.parametrize(("meta", "message"), [
+    # json.loads(bytes) guesses UTF-16/32 from garbage and reports a UnicodeDecodeError('utf-16-le', …)
+    (b"\x01\x00\xff\xfe", r"^meta is not UTF-8 \(invalid start byte at byte 2\)$"),
+    (b"{not json", r"^meta is not JSON \(Expecting property name enclosed in double quotes at character 1\)$"),
+    (b"[1, 2]", "meta must be a JSON object, got list"),
+    (b'{"v": 1, "k": 3}', "meta field 'T' must be an integer >= 0, got None"),
+    (b'{"v": 1, "T": -5, "k": 3}', "meta field 'T' must be an integer >= 0, got -5"),
+    (b'{"v": 1, "T": 5, "k": "3"}', "meta field 'k' must be an integer >= 0, got '3'"),
+    (b'{"v": 1, "T": 5, "k": 3, "meta": [1]}', "meta field 'meta' must be a JSON object, got list"),
+    (b'{"v": 2, "T": 5, "k": 3}', "format v2 is not v1"),
+])
+def test_decode_aligned_checks_every_part_of_meta(make_dist, meta, message):
+    """The meta field is decoded as UTF-8 explicitly and checked field by field: a rogue writer gets a reason
+    that names the field, never a bare KeyError or a UTF-16 guess (issue 26)."""
+    fields = codec.encode_aligned(make_dist(5, 3, seed=2))
+    with pytest.raises(codec.CodecError, match=message):
+        codec.decode_aligned({**fields, codec.META: meta})
+
+
 def test_encode_aligned_validates(make_dist):
     d = make_dist(4, 3, seed=3)
     bad = AlignedDist(ids=d.ids.astype(np.int64), logprobs=d.logprobs, gold_logprobs=d.gold_logprobs, aligned=d.aligned)
