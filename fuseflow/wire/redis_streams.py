@@ -30,6 +30,10 @@ So at most ``window`` samples' distributions are held: ``window * teachers * T *
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
+import json
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -37,7 +41,7 @@ from collections.abc import Sequence
 import redis
 
 from fuseflow.sparse import AlignedDist, Sample
-from fuseflow.wire.codec import decode_aligned, encode_aligned
+from fuseflow.wire.codec import ALIGNED_FIELDS, decode_aligned, encode_aligned
 from fuseflow.wire.transport import (
     REDISPATCH_LIMIT,
     ReadySample,
@@ -50,6 +54,8 @@ from fuseflow.wire.transport import (
     spans_from_json,
     spans_to_json,
 )
+
+log = logging.getLogger(__name__)
 
 TRAINER_GROUP = "trainer"
 DEAD_TEXT_CHARS = 1000  # bytes of the sample text kept with a dead letter, for inspection
@@ -121,7 +127,7 @@ def _redacted(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url or "")
 
 # KEYS: state, work, dist hash per sample. ARGV: window, dispatch position of the first sample ('' for none),
-# then (id, text, spans) per sample.
+# then (id, text, spans, signature of the id, signature of the sample) per sample ('' signatures: unsigned).
 # Returns how many samples it consumed (added or skipped as already in flight), stopping at a full window; with a
 # position, records position + consumed as the state's 'position' in the same step (see ``submit_at``).
 _SUBMIT_LUA = """
@@ -129,11 +135,12 @@ local st = redis.call('HMGET', KEYS[1], 'submitted', 'done')
 local room = tonumber(ARGV[1]) - (tonumber(st[1] or 0) - tonumber(st[2] or 0))
 local consumed, added = 0, 0
 for i = 3, #KEYS do
-  local a = 3 + (i - 3) * 3
+  local a = 3 + (i - 3) * 5
   if redis.call('EXISTS', KEYS[i]) == 0 then
     if room <= 0 then break end
     local wid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[a], 'text', ARGV[a + 1], 'spans', ARGV[a + 2])
     redis.call('HSET', KEYS[i], '_id', ARGV[a], '_text', ARGV[a + 1], '_spans', ARGV[a + 2], '_work', wid, '_n', 0)
+    if ARGV[a + 3] ~= '' then redis.call('HSET', KEYS[i], '_sig_id', ARGV[a + 3], '_sig', ARGV[a + 4]) end
     redis.call('HINCRBY', KEYS[1], 'submitted', 1)
     room = room - 1
     added = added + 1
@@ -200,7 +207,7 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 if redis.call('HGET', KEYS[2], '_ready') == ARGV[2] then
   local wid = redis.call('HGET', KEYS[2], '_work')
-  if wid then redis.call('XDEL', KEYS[3], wid) end
+  if wid then redis.pcall('XDEL', KEYS[3], wid) end  -- pcall: a field the teachers can write is never trusted
   redis.call('DEL', KEYS[2])
   redis.call('HINCRBY', KEYS[4], 'done', 1)
 end
@@ -208,29 +215,39 @@ return 1
 """
 
 # KEYS: ready, dist hash, work, dead, state.
-# ARGV: trainer group, ready entry id, teacher, reason, 'redispatch' | 'dead', redispatch limit, dead maxlen.
-# Returns 0 already acked or freed, 1 dead-lettered, 2 redispatched to the teacher.
+# ARGV: trainer group, ready entry id, teacher, reason, 'redispatch' | 'dead' | 'drop', redispatch limit, dead maxlen,
+#       sample id, text, spans (as the trainer's checked reader read them, never re-read from the hash here).
+# Returns 0 already acked or freed, 1 dead-lettered, 2 redispatched to the teacher, 3 dropped: a hash the run's
+# dispatcher never wrote (deleted with its ready entry, a dead letter for the record, no counter touched).
+# Every value the teachers can write (_work, _redispatched, _n) goes through tonumber or pcall: never a script error.
 _REJECT_LUA = f"""
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 if redis.call('HGET', KEYS[2], '_ready') ~= ARGV[2] then return 0 end
-local h = redis.call('HMGET', KEYS[2], '_id', '_text', '_spans', '_work', '_redispatched')
-local n = tonumber(h[5] or '0')
-redis.call('XDEL', KEYS[3], h[4])
+local text = string.sub(ARGV[9], 1, {DEAD_TEXT_CHARS})
+if ARGV[5] == 'drop' then
+  redis.call('DEL', KEYS[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'sample_id', ARGV[8], 'teacher', ARGV[3],
+             'reason', ARGV[4], 'text', text)
+  return 3
+end
+local h = redis.call('HMGET', KEYS[2], '_work', '_redispatched')
+local n = tonumber(h[2] or '0') or 0
+if h[1] then redis.pcall('XDEL', KEYS[3], h[1]) end
 if ARGV[5] == 'redispatch' and n < tonumber(ARGV[6]) then
   local prefix = ARGV[3] .. '/'
   for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
     if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', KEYS[2], f) end
   end
   redis.call('HDEL', KEYS[2], '@' .. ARGV[3], '_ready')
-  redis.call('HINCRBY', KEYS[2], '_n', -1)
+  redis.pcall('HINCRBY', KEYS[2], '_n', -1)
   redis.call('HSET', KEYS[2], '_redispatched', n + 1)
-  local wid = redis.call('XADD', KEYS[3], '*', 'id', h[1], 'text', h[2], 'spans', h[3])
+  local wid = redis.call('XADD', KEYS[3], '*', 'id', ARGV[8], 'text', ARGV[9], 'spans', ARGV[10])
   redis.call('HSET', KEYS[2], '_work', wid)
   return 2
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'sample_id', h[1], 'teacher', ARGV[3],
-           'reason', ARGV[4], 'text', string.sub(h[2], 1, {DEAD_TEXT_CHARS}))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'sample_id', ARGV[8], 'teacher', ARGV[3],
+           'reason', ARGV[4], 'text', text)
 redis.call('DEL', KEYS[2])
 redis.call('HINCRBY', KEYS[5], 'done', 1)
 redis.call('HINCRBY', KEYS[5], 'dead', 1)
@@ -238,8 +255,100 @@ return 1
 """
 
 
+
 def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's checked reader of what the teachers can write (issue 26)
+# ----------------------------------------------------------------------------------------------------------
+#
+# A teacher's Redis login may write the ready stream and the dist hashes (its ACL user must, to assemble
+# samples), so every field the trainer reads from them is parsed here, and any failure becomes a reason:
+# - a ready entry that is not exactly {id: <UTF-8 sample id>}, or whose hash does not name it in `_ready`: no
+#   sample; acked and deleted (as an entry freed by a racing ack always was);
+# - a hash without the dispatcher's signature of its sample id (`_sig_id`, an HMAC under a key only the
+#   trainer holds: `authenticate`): not a sample of this run; dropped, with a dead letter for the record, and
+#   never counted (it was never submitted);
+# - a signed sample whose own fields are broken (text not UTF-8, spans not JSON or out of range, text or spans
+#   changed since dispatch, a field no fuseflow writes): dead-lettered with the reason (a redispatch would
+#   send the broken fields to the teachers again);
+# - a teacher's answer that does not decode: that teacher's problem, which the trainer's feed rejects through
+#   `reject_ready` (back to the teacher once, then dead-lettered), as it rejects answers failing check_ready.
+# Nothing raises into the trainer.
+
+_SAMPLE_FIELDS = frozenset({b"_id", b"_text", b"_spans", b"_work", b"_n", b"_ready", b"_redispatched", b"_sig_id", b"_sig"})
+_ENTRY_ID = re.compile(rb"^[0-9]{1,20}-[0-9]{1,20}$")
+_INT = re.compile(rb"^-?[0-9]{1,18}$")
+UNKNOWN_WRITER = "unknown"  # the dead letter's `teacher` when no teacher can be named (a sample's own fields)
+
+
+class _Malformed(ValueError):
+    """A ready entry's sample that cannot be trained on, with why; ``drop``: it is no sample of this run."""
+
+    def __init__(self, reason: str, drop: bool = False):
+        super().__init__(reason)
+        self.drop = drop
+
+
+def sample_signature(key: bytes, run: str, *parts: str | bytes) -> str:
+    """HMAC-SHA256 (hex, 128 bits) of ``parts`` under ``key``, bound to ``run``; each part length-prefixed, so no
+    two different tuples sign alike."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in (run, *parts):
+        data = part.encode() if isinstance(part, str) else part
+        mac.update(len(data).to_bytes(8, "big") + data)
+    return mac.hexdigest()[:32]
+
+
+def _utf8(value: bytes | None, field: str) -> str:
+    if value is None:
+        raise _Malformed(f"field {field} is missing")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"field {field} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def parse_spans(raw: bytes | None) -> tuple[tuple[int, int], ...] | None:
+    """The ``_spans`` field: empty for the whole text, else a JSON list of ``[start, end]`` character offsets with
+    ``0 <= start <= end < 2**31`` (past the text's end is harmless: no token starts there). Raises
+    :class:`ValueError` naming what is wrong."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(_utf8(raw, "_spans"))
+    except json.JSONDecodeError as e:
+        raise _Malformed(f"field _spans is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, list):
+        raise _Malformed(f"field _spans must be a JSON list of [start, end] pairs, got {type(value).__name__}")
+    spans = []
+    for i, pair in enumerate(value):
+        ok = (isinstance(pair, list) and len(pair) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in pair))
+        if not ok or not 0 <= pair[0] <= pair[1] < 2**31:
+            raise _Malformed(f"field _spans[{i}] must be [start, end] with 0 <= start <= end < 2**31, got "
+                             f"{json.dumps(pair)[:40]}")
+        spans.append((pair[0], pair[1]))
+    return tuple(spans)
+
+
+def _printable(raw: bytes | None, chars: int = DEAD_TEXT_CHARS) -> str:
+    """A field's head for a dead letter: what could be decoded, invalid bytes escaped."""
+    return (raw or b"")[: chars * 4].decode("utf-8", "backslashreplace")[:chars]
+
+
+def _ready_entry_sample(fields: dict) -> str | None:
+    """The sample id of a ready entry, which the assembler writes as exactly ``{id: <sample id>}``; None for any
+    other entry."""
+    if set(fields) != {b"id"}:
+        return None
+    try:
+        sample_id = fields[b"id"].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return sample_id or None
 
 
 def _stream_entries(reply) -> list[tuple[bytes, dict]]:
@@ -290,6 +399,7 @@ class RedisTransport(Transport):
         self._ack = self.r.register_script(_ACK_LUA)
         self._reject = self.r.register_script(_REJECT_LUA)
         self._dead_inputs = self.r.register_script(_DEAD_INPUTS_LUA)
+        self._sample_key: bytes | None = None  # the trainer's: signs what it submits, checks what it reads
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
         # (teacher, consumer) whose own pending work was re-read since the last outage; None: no outage yet
@@ -307,6 +417,51 @@ class RedisTransport(Transport):
 
     def dist_key(self, sample_id: str) -> str:
         return self._k_dist_prefix + sample_id
+
+    authenticates_samples = True
+
+    def authenticate(self, key: bytes) -> None:
+        """Sign every sample this client submits, and take from the ready stream only samples signed so (see
+        "The trainer's checked reader" above): ``key`` is the trainer's secret, never written to Redis, so a
+        client with the teachers' login can neither forge a sample nor change a sample's text (issue 26)."""
+        if len(key) < 16:
+            raise ValueError("the sample key must have at least 16 bytes")
+        self._sample_key = bytes(key)
+
+    def sign_in_flight(self) -> int:
+        """Sign the samples in flight as they are now, under the key of :meth:`authenticate`: for a trainer that
+        resumes a run without the key its samples were signed with. Returns how many were signed."""
+        if self._sample_key is None:
+            raise ValueError("sign_in_flight needs a key: call authenticate(key) first")
+        ids = sorted(self._work_sample_ids())
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.dist_key(i), "_id", "_text", "_spans")
+        signed = 0
+        pipe_set = self.r.pipeline(transaction=False)
+        for i, (sid, text, spans) in zip(ids, pipe.execute() if ids else []):
+            if sid is None or text is None:
+                continue
+            sig_id, sig = self._signatures(i, text.decode("utf-8", "replace"), (spans or b"").decode("utf-8", "replace"))
+            pipe_set.hset(self.dist_key(i), mapping={"_sig_id": sig_id, "_sig": sig})
+            signed += 1
+        if signed:
+            pipe_set.execute()
+        return signed
+
+    def _signatures(self, sample_id: str, text: str, spans: str) -> tuple[str, str]:
+        if self._sample_key is None:
+            return "", ""
+        return (sample_signature(self._sample_key, self.run, "id", sample_id),
+                sample_signature(self._sample_key, self.run, "sample", sample_id, text, spans))
+
+    def _eval(self, script, keys: list, args: list):
+        """Run a registered script by its SHA, sending its body (EVAL) only if the server lacks it (a restarted
+        server): no SCRIPT LOAD, which the roles' ACL users are not allowed (issue 26)."""
+        try:
+            return self.r.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.r.eval(script.script, len(keys), *keys, *args)
 
     # -- dispatcher -------------------------------------------------------------------------------------------
 
@@ -328,8 +483,9 @@ class RedisTransport(Transport):
             keys = [self.k_state, self.k_work, *(self.dist_key(s.id) for s in chunk)]
             args: list = [self.window, "" if position is None else position]
             for s in chunk:
-                args += [s.id, s.text, spans_to_json(s.loss_spans)]
-            consumed = int(self._submit(keys=keys, args=args))
+                spans = spans_to_json(s.loss_spans)
+                args += [s.id, s.text, spans, *self._signatures(s.id, s.text, spans)]
+            consumed = int(self._eval(self._submit, keys, args))
             pending = pending[consumed:]
             if position is not None:
                 position += consumed
@@ -353,7 +509,7 @@ class RedisTransport(Transport):
             args: list = [self.dead_maxlen]
             for sample_id, reason, text in items[start : start + _SUBMIT_CHUNK]:
                 args += [sample_id, reason, text]
-            new += int(self._dead_inputs(keys=[self.k_inputs, self.k_dead, self.k_state], args=args))
+            new += int(self._eval(self._dead_inputs, [self.k_inputs, self.k_dead, self.k_state], args))
         return new
 
     # -- teacher worker ---------------------------------------------------------------------------------------
@@ -416,7 +572,7 @@ class RedisTransport(Transport):
     def _eval_many(self, script, calls: list[tuple[list, list]]) -> list:
         """Run ``script`` once per (keys, args) in one pipelined round trip. redis-py's own pipelined
         scripts add a SCRIPT EXISTS round trip per pipeline; here a missing script (a restarted server)
-        is loaded only when EVALSHA reports it."""
+        is sent only when EVALSHA reports it (:meth:`_eval`)."""
         if not calls:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -425,7 +581,7 @@ class RedisTransport(Transport):
         results = pipe.execute(raise_on_error=False)
         for i, res in enumerate(results):
             if isinstance(res, redis.exceptions.NoScriptError):
-                results[i] = script(keys=calls[i][0], args=calls[i][1])  # loads it, then runs
+                results[i] = self._eval(script, *calls[i])  # sends the body: the server caches it from then on
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise errors[0]
@@ -486,42 +642,107 @@ class RedisTransport(Transport):
         return self._ready_samples(self._autoclaim(self.k_ready, TRAINER_GROUP, consumer, min_idle_ms, count))
 
     def _ready_samples(self, entries) -> list[ReadySample]:
+        """The checked reader (see "The trainer's checked reader" above): every field of every ready entry and
+        of the hash it names is parsed here; what fails is acked and dropped or dead-lettered with its reason,
+        or handed on with a teacher's problem for the feed to reject. Never raises for what a teacher wrote."""
         entries = [(_s(eid), fields) for eid, fields in entries if fields]
         if not entries:
             return []
+        named, orphans = [], []
+        for entry_id, fields in entries:
+            sample_id = _ready_entry_sample(fields)
+            if sample_id is None:
+                log.warning("ready entry %s of run %r is not one fuseflow writes (fields %s): dropped", entry_id,
+                            self.run, _printable(b" ".join(fields)[:120], 120))
+                orphans.append(entry_id)
+            else:
+                named.append((entry_id, sample_id))
         pipe = self.r.pipeline(transaction=False)
-        for _, fields in entries:
-            pipe.hgetall(self.dist_key(fields[b"id"].decode()))
-        hashes = pipe.execute()
-        out, orphans = [], []
-        for (entry_id, _), h in zip(entries, hashes, strict=True):
-            if not h or _s(h.get(b"_ready")) != entry_id:
-                orphans.append(entry_id)  # freed by an ack that raced this read; nothing to train on
+        for _, sample_id in named:
+            pipe.hgetall(self.dist_key(sample_id))
+        hashes = pipe.execute() if named else []
+        out, rejected = [], []
+        for (entry_id, sample_id), h in zip(named, hashes, strict=True):
+            if not h or h.get(b"_ready") != entry_id.encode():
+                orphans.append(entry_id)  # freed by an ack that raced this read, or forged: nothing to train on
                 continue
-            sample = Sample(h[b"_id"].decode(), h[b"_text"].decode(), spans_from_json(h[b"_spans"]))
-            per_teacher: dict[str, dict[bytes, bytes]] = {t: {} for t in self.teachers}
-            for key, value in h.items():
-                teacher, sep, name = key.partition(b"/")
-                if sep:
-                    per_teacher.setdefault(teacher.decode(), {})[name] = value
-            dists, problems = {}, {}
-            for t, f in per_teacher.items():
-                if not f:
-                    continue
-                try:  # a teacher on another fuseflow version, or a rogue writer: the trainer rejects, never crashes
-                    dists[t] = decode_aligned(f)
-                except Exception as e:  # noqa: BLE001 - any decode failure is this entry's problem
-                    problems[t] = f"undecodable entry: {e!r}"
-            out.append(ReadySample(entry_id, sample, dists, problems))
+            try:
+                out.append(self._read_sample(entry_id, sample_id, h))
+            except _Malformed as e:
+                rejected.append((entry_id, sample_id, h, e))
         if orphans:
-            self.r.xack(self.k_ready, TRAINER_GROUP, *orphans)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xack(self.k_ready, TRAINER_GROUP, *orphans)
+            pipe.xdel(self.k_ready, *orphans)
+            pipe.execute()
+        for entry_id, sample_id, h, e in rejected:
+            mode = "drop" if e.drop else "dead"
+            outcome = self._reject_entry(entry_id, sample_id, UNKNOWN_WRITER, str(e), mode, _printable(h.get(b"_text")), "")
+            log.warning("sample %s of run %r: ready entry %s rejected (%s): %s", sample_id, self.run, entry_id,
+                        outcome, e, extra={"fields": {"sample": sample_id, "outcome": outcome}})
         return out
 
+    def _read_sample(self, entry_id: str, sample_id: str, h: dict[bytes, bytes]) -> ReadySample:
+        """The sample and each teacher's answer of hash ``h``, every field checked; raises :class:`_Malformed`."""
+        if self._sample_key is not None and not hmac.compare_digest(
+            h.get(b"_sig_id") or b"", self._signatures(sample_id, "", "")[0].encode()
+        ):
+            raise _Malformed("not a sample this run's dispatcher sent (its dist hash lacks the dispatcher's "
+                             "signature): written by a client with the teachers' Redis login?", drop=True)
+        if h.get(b"_id") != sample_id.encode():
+            raise _Malformed(f"field _id {_printable(h.get(b'_id'), 60)!r} is not the sample id {sample_id!r}")
+        text = _utf8(h.get(b"_text"), "_text")
+        raw_spans = h.get(b"_spans", b"")
+        spans = parse_spans(raw_spans)
+        if not _ENTRY_ID.match(h.get(b"_work") or b""):
+            raise _Malformed(f"field _work must be a stream entry id, got {_printable(h.get(b'_work'), 40)!r}")
+        for field in (b"_n", b"_redispatched"):
+            if field in h and not _INT.match(h[field]):
+                raise _Malformed(f"field {field.decode()} must be an integer, got {_printable(h[field], 40)!r}")
+        if self._sample_key is not None and not hmac.compare_digest(
+            h.get(b"_sig") or b"", self._signatures(sample_id, text, raw_spans.decode())[1].encode()
+        ):
+            raise _Malformed("the text or loss spans changed after dispatch (the dispatcher's signature does not "
+                             "match): written by a client with the teachers' Redis login?")
+        teachers = set(self.teachers)
+        per_teacher: dict[str, dict[bytes, bytes]] = {t: {} for t in self.teachers}
+        problems: dict[str, str] = {}
+        for key, value in h.items():
+            if key in _SAMPLE_FIELDS:
+                continue
+            prefix, sep, name = key.partition(b"/")
+            if not sep and prefix[:1] == b"@":
+                prefix = prefix[1:]  # '@teacher': the marker of its answer
+            who = prefix.decode("utf-8", "replace")
+            if who not in teachers:
+                raise _Malformed(f"unexpected field {_printable(key, 60)!r} (no field of a fuseflow sample, nor of "
+                                 f"one of the run's teachers {self.teachers})")
+            if not sep:
+                continue
+            if name not in ALIGNED_FIELDS:
+                problems.setdefault(who, f"unexpected field {_printable(key, 60)!r} in its answer")
+            per_teacher[who][name] = value
+        dists = {}
+        for t, fields in per_teacher.items():
+            if not fields or t in problems:
+                continue
+            try:  # a teacher on another fuseflow version, or a rogue writer: the trainer rejects, never crashes
+                dists[t] = decode_aligned(fields)
+            except Exception as e:  # noqa: BLE001 - any decode failure is this entry's problem
+                problems[t] = f"undecodable entry: {e}"
+        return ReadySample(entry_id, Sample(sample_id, text, spans), dists, problems)
+
     def reject_ready(self, item: ReadySample, teacher: str, reason: str, redispatch: bool) -> str:
-        keys = [self.k_ready, self.dist_key(item.sample.id), self.k_work, self.k_dead, self.k_state]
-        args = [TRAINER_GROUP, item.entry_id, teacher, reason, "redispatch" if redispatch else "dead",
-                REDISPATCH_LIMIT, self.dead_maxlen]
-        return {0: "gone", 1: "dead", 2: "redispatched"}[int(self._reject(keys=keys, args=args))]
+        return self._reject_entry(item.entry_id, item.sample.id, teacher, reason,
+                                  "redispatch" if redispatch else "dead", item.sample.text,
+                                  spans_to_json(item.sample.loss_spans))
+
+    def _reject_entry(self, entry_id: str, sample_id: str, teacher: str, reason: str, mode: str, text: str,
+                      spans: str) -> str:
+        keys = [self.k_ready, self.dist_key(sample_id), self.k_work, self.k_dead, self.k_state]
+        args = [TRAINER_GROUP, entry_id, teacher, reason, mode, REDISPATCH_LIMIT, self.dead_maxlen, sample_id, text,
+                spans]
+        return {0: "gone", 1: "dead", 2: "redispatched", 3: "dropped"}[int(self._eval(self._reject, keys, args))]
 
     def ack_ready(self, items: Sequence[ReadySample]) -> None:
         if not items:
@@ -588,6 +809,18 @@ class RedisTransport(Transport):
         self._history_cursor.clear()
         self._create_groups()
         return deleted
+
+    def _work_sample_ids(self) -> set[str]:
+        """Ids of the samples in flight: every dist hash of the run has a live work entry (the scripts create,
+        replace and delete the two together), so walking the work stream finds them without SCAN, which lists
+        every run's keys (issue 26)."""
+        ids, start = set(), "-"
+        while True:
+            page = self.r.xrange(self.k_work, min=start, max="+", count=1000)
+            ids.update(f[b"id"].decode("utf-8", "replace") for _, f in page if b"id" in f)
+            if len(page) < 1000:
+                return ids
+            start = "(" + _s(page[-1][0])
 
     def _connection_lost(self) -> None:
         """After an outage a claim's reply may have been lost: re-read each consumer's own pending work."""

@@ -138,6 +138,13 @@ class Transport(ABC):
     teacherless: bool = False
     # Each trainer rank has its own instance (one process each): every rank dispatches its own shard.
     per_process: bool = False
+    # Other processes (the teachers) can write what the trainer reads: the trainer signs its samples with a key
+    # of its own (:meth:`authenticate`) and takes back only samples signed so (issue 26).
+    authenticates_samples: bool = False
+
+    def authenticate(self, key: bytes) -> None:  # noqa: B027 - optional hook
+        """Sign the samples this client submits with ``key`` (the trainer's secret) and accept from the ready
+        queue only samples signed so. A no-op where nothing but this process writes the queue (in-process)."""
 
     def __init__(self, run: str, teachers: Sequence[str], window: int) -> None:
         self.run = validate_run(run)

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -260,25 +261,35 @@ def run_online(
     local = transport.per_process  # this rank's own pipeline: it dispatches its own shard
     dispatching = local or rank == 0
 
-    count = [-1]
+    fresh = not (out / "checkpoints" / "latest").exists()
+    new_key = False
+    shared = [-1, None]  # rank 0's sample count and sample key, for every rank
     try:
         if samples is None and dispatching:
             corpus = prepare_corpus(cfg, target.tokenizer)
             samples, rejected = corpus.train, corpus.rejected
         if samples is not None:
-            count = [len(samples)]
+            shared[0] = len(samples)
+        if transport.authenticates_samples and dispatching:
+            shared[1], new_key = sample_key(out, fresh)
     finally:  # the other ranks wait for the count: tell them when rank 0 failed (-1), not only when it did not
         if world > 1 and not local:
-            dist.broadcast_object_list(count, src=0)
-    if count[0] < 0:
+            dist.broadcast_object_list(shared, src=0)
+    if shared[0] < 0:
         raise RuntimeError("rank 0 could not prepare the corpus (see its log)")
-    steps = total_steps(cfg, count[0], world)
+    if shared[1] is not None:
+        transport.authenticate(shared[1])
+        if dispatching and new_key and not fresh:  # resumed without its key (deleted, or a run older than it)
+            n = retrying(transport.sign_in_flight, "sign samples in flight")
+            log.warning("resumed without %s: a new key signs the %d samples in flight as they are now",
+                        out / SAMPLE_KEY_FILE, n)
+    steps = total_steps(cfg, shared[0], world)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if local else world)
     limit = steps * per_step if cfg.train.max_steps else None
 
     dispatcher = None
     if dispatching:
-        if not (out / "checkpoints" / "latest").exists() and hasattr(transport, "reset"):
+        if fresh and hasattr(transport, "reset"):
             deleted = retrying(transport.reset, "reset")
             log.info("fresh run %r: reset its queue (%d keys deleted)", transport.run, deleted)
         if rejected and rank == 0:  # unreadable documents: dead letters of the run, in its fraction (issue 15)
@@ -331,6 +342,27 @@ def run_online(
                  feed.skipped, feed.rejected)
         check_dead_letters(stats, cfg.train.max_dead_letter_fraction, out)
     return result
+
+
+SAMPLE_KEY_FILE = "sample.key"
+
+
+def sample_key(out: Path, fresh: bool) -> tuple[bytes, bool]:
+    """The key the trainer signs its samples with (:meth:`Transport.authenticate`, issue 26) and whether it is
+    new: a new one for a fresh run, the run's own (``out/sample.key``, readable by this user only) when it
+    resumes, so the samples in flight at a restart stay valid. It lives with the checkpoints, never in Redis: a
+    teacher's login cannot read it, so it can neither forge a sample nor change one's text."""
+    path = out / SAMPLE_KEY_FILE
+    if not fresh and path.exists():
+        return bytes.fromhex(path.read_text().strip()), False
+    key = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    os.replace(tmp, path)
+    return key, True
 
 
 def result_check(model, tokenizer, teachers: list[str]) -> Callable[[ReadySample], dict[str, str]]:

@@ -152,6 +152,34 @@ def test_killed_trainer_resumes_and_trains_every_sample_exactly_once(setup, tmp_
     assert seen["pending_at_kill"] > 0  # the killed trainer held unacked samples: they came back
 
 
+def test_forged_ready_entries_held_by_a_killed_trainer_do_not_stop_its_restart(setup, tmp_path, redis_server):
+    """Issue 26: after a checkpoint, a client with Redis access writes a ready entry without an ``id``
+    (``XADD ready:{run} * foo bar``; it raised KeyError: b'id') and a sample hash whose ``_spans`` is not JSON
+    (JSONDecodeError), and the trainer is killed with both in its pending list, as if it had read them. Every
+    restart read them first and died the same way; now the restarted trainer drops them and finishes the epoch,
+    every sample once."""
+    config, cfg, _ = setup
+    run = "forged-entry"
+    ready = f"ready:{{{run}}}"
+
+    def forge_and_restart(trainer, log):
+        kill_group(trainer)
+        r = redis_server.client()
+        r.xadd(ready, {"foo": "bar"})
+        entry = r.xadd(ready, {"id": "forged-1"})
+        r.hset(f"dist:{{{run}}}:forged-1", mapping={"_id": "forged-1", "_text": "forged", "_spans": "{not json",
+                                                    "_work": "1-0", "_n": 2, "_ready": entry})
+        r.xreadgroup("trainer", "rank0", {ready: ">"})  # in rank0's pending list: its restart reads them first
+        return start_trainer(config, redis_server.url, run, log)
+
+    text = _run_trainer_with_fault(setup, tmp_path, redis_server, run, forge_and_restart)
+    assert "resumed from" in text
+    assert "is not one fuseflow writes (fields foo): dropped" in text
+    assert "sample forged-1" in text and "rejected (dropped)" in text
+    dead = [json.loads(line) for line in (tmp_path / "run" / "fused" / "dead_letter.jsonl").read_text().splitlines()]
+    assert any(d["sample"] == "forged-1" and "not a sample this run's dispatcher sent" in d["reason"] for d in dead)
+
+
 def test_run_survives_a_redis_restart(setup, tmp_path, restartable_redis_server):
     def restart(trainer, log):
         restartable_redis_server.stop()  # graceful: the append-only file is flushed
