@@ -102,19 +102,42 @@ def _speaks_transport_errors(cls):
     return cls
 
 
+# The commands each role's process sends, directly or from the scripts above (a script's commands are checked
+# against the ACL of the user that runs it): nothing else. ``ping`` for health checks; ``eval`` only when a
+# restarted server lacks a script (:meth:`RedisTransport._eval`: no SCRIPT LOAD).
+ROLE_COMMANDS = {
+    # claim, answer (the complete script: XACK, HGET, HEXISTS, HMGET, HSET, HINCRBY, XADD ready|dead, XDEL, DEL),
+    # reclaim (XAUTOCLAIM, XPENDING), its queue lag (stats: HMGET, XLEN, XINFO GROUPS), its group on first start
+    "teacher": ("ping evalsha eval xgroup|create xreadgroup xack xautoclaim xpending xinfo|groups xlen xadd xdel "
+                "hget hexists hmget hset hincrby del"),
+    # dispatch (submit: HMGET, EXISTS, XADD, HSET, HINCRBY; dead_letter_inputs: SADD), read (XREADGROUP, HGETALL,
+    # XAUTOCLAIM), ack and reject (XACK, XDEL, HGET, HMGET, HKEYS, HDEL, XADD, DEL, HINCRBY), stats, dead letters
+    # (XRANGE), reset (XRANGE of the work stream, DEL, XGROUP CREATE)
+    "trainer": ("ping evalsha eval xgroup|create xreadgroup xack xautoclaim xinfo|groups xlen xrange xadd xdel "
+                "hget hgetall hmget hset hincrby hkeys hdel exists sadd del"),
+}
+# The run's keys each role touches (fuseflow.wire.redis_streams: `{run}` is a literal hash tag).
+ROLE_KEYS = {
+    "teacher": ("work", "ready", "dead", "state", "dist:*"),
+    "trainer": ("work", "ready", "dead", "state", "inputs", "dist:*"),
+}
+
+
 def run_acl_rules(run: str, role: str) -> str:
-    """Redis ACL rules (after ``user NAME on >PASSWORD``) for a process of run ``run``: keys of that run only
-    (``~*{run}*``), no administrative or dangerous command (CONFIG, FLUSHALL, KEYS, SHUTDOWN, …). ``teacher``
-    also may not SCAN or delete consumer groups: only the trainer (which dispatches and resets the run) does.
-    A leaked teacher credential then reaches neither another run's data nor the server's settings (issue 15).
+    """Redis ACL rules (after ``user NAME on >PASSWORD``) for a process of run ``run`` in ``role``: an allow-list
+    (issue 26) of the commands that role sends (:data:`ROLE_COMMANDS`) on the keys of that run it uses
+    (:data:`ROLE_KEYS`), no channel. Everything else is refused: the keyspace-wide commands (SCAN, KEYS,
+    RANDOMKEY, DBSIZE: other runs' key names), server state (SCRIPT, FUNCTION, CONFIG, CLIENT, DEBUG, MODULE,
+    FLUSHALL, SHUTDOWN, …) and pub/sub. A leaked teacher credential then reaches neither another run's data
+    nor the server's state.
     """
-    if role not in ("teacher", "trainer"):
-        raise ValueError(f"role must be 'teacher' or 'trainer', got {role!r}")
-    key = _glob_escape("{" + validate_run(run) + "}")
-    rules = f"resetkeys ~*{key}* resetchannels +@all -@dangerous -@admin"
-    if role == "teacher":
-        rules += " -scan -xgroup|destroy -xgroup|setid"
-    return rules
+    if role not in ROLE_COMMANDS:
+        raise ValueError(f"role must be one of {sorted(ROLE_COMMANDS)}, got {role!r}")
+    tag = "{" + validate_run(run) + "}"
+    keys = " ".join("~" + _glob_escape(f"{name.removesuffix(':*')}:{tag}") + (":*" if name.endswith(":*") else "")
+                    for name in ROLE_KEYS[role])
+    commands = " ".join("+" + c for c in ROLE_COMMANDS[role].split())
+    return f"resetkeys {keys} resetchannels -@all {commands}"
 
 
 def _glob_escape(text: str) -> str:
@@ -254,6 +277,16 @@ redis.call('HINCRBY', KEYS[5], 'dead', 1)
 return 1
 """
 
+# KEYS: work, ready, dead, state, inputs, then the dist hashes to delete. ARGV: the consumer groups of the work
+# stream (one per teacher), then the trainer's group of the ready stream.
+# One atomic step, so a teacher never sees the run without its stream or its group (NOGROUP: issue 26).
+_RESET_LUA = """
+local deleted = 0
+for i = 1, #KEYS do deleted = deleted + redis.call('DEL', KEYS[i]) end
+for i = 1, #ARGV - 1 do redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[i], '0', 'MKSTREAM') end
+redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[#ARGV], '0', 'MKSTREAM')
+return deleted
+"""
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -399,6 +432,7 @@ class RedisTransport(Transport):
         self._ack = self.r.register_script(_ACK_LUA)
         self._reject = self.r.register_script(_REJECT_LUA)
         self._dead_inputs = self.r.register_script(_DEAD_INPUTS_LUA)
+        self._reset = self.r.register_script(_RESET_LUA)
         self._sample_key: bytes | None = None  # the trainer's: signs what it submits, checks what it reads
         self._history_done: set[str] = set()  # trainer consumers whose own pending entries were re-read
         self._history_cursor: dict[str, str] = {}  # last pending entry re-read, per trainer consumer
@@ -801,19 +835,17 @@ class RedisTransport(Transport):
     def reset(self) -> int:
         """Delete every key of this run and recreate the consumer groups: a fresh start under the same run
         name (otherwise a run name resumes where it was). Returns the number of keys deleted."""
-        pattern = _glob_escape(self._k_dist_prefix) + "*"  # run names may hold glob syntax
         keys = [self.k_work, self.k_ready, self.k_dead, self.k_state, self.k_inputs,
-                *self.r.scan_iter(match=pattern, count=1000)]
-        deleted = int(self.r.delete(*keys))
+                *(self.dist_key(i) for i in self._work_sample_ids())]
+        deleted = int(self._eval(self._reset, keys, [*self.teachers, TRAINER_GROUP]))
         self._history_done.clear()
         self._history_cursor.clear()
-        self._create_groups()
         return deleted
 
     def _work_sample_ids(self) -> set[str]:
         """Ids of the samples in flight: every dist hash of the run has a live work entry (the scripts create,
         replace and delete the two together), so walking the work stream finds them without SCAN, which lists
-        every run's keys (issue 26)."""
+        every run's keys and which the roles' ACL users are not allowed (issue 26)."""
         ids, start = set(), "-"
         while True:
             page = self.r.xrange(self.k_work, min=start, max="+", count=1000)

@@ -173,7 +173,8 @@ def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_
         assert "127.0.0.1" in teacher_log and "bearer token" in teacher_log  # loopback, token required
     assert (run / "redis" / "server.conf").exists() and (run / "stack.yaml").exists()
     conf = (run / "redis" / "server.conf").read_text()  # one ACL user per role, confined to the run's keys
-    assert "user teacher on" in conf and "user trainer on" in conf and "~*{quickstart}*" in conf
+    assert "user teacher on" in conf and "user trainer on" in conf and "~work:{quickstart}" in conf
+    assert "-@all" in conf and "+@all" not in conf  # allow-lists (issue 26)
 
 
 @pytest.mark.integration

@@ -8,6 +8,8 @@ would; the property-based test at the end writes random field sets and values.""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -185,6 +187,31 @@ def test_an_undecodable_answer_is_the_teachers_problem_for_the_feed(run):
     assert trainer.reject_ready(r, "alpha", r.problems["alpha"], redispatch=True) == "redispatched"
     (again,) = teacher.claim_work("alpha", "alpha-1", count=5, block_ms=100)
     assert again.sample == Sample("s-0", "zero")  # the text the dispatcher signed, not re-read from the hash
+
+
+def test_reset_needs_no_scan_and_keeps_a_blocked_teacher_undisturbed(run):
+    """The trainer resets a run without SCAN (refused to both roles now) in one atomic script: a teacher blocked
+    on its queue meanwhile neither sees NOGROUP nor logs a warning (issue 26)."""
+    trainer, teacher, forger = run
+    trainer.submit([Sample("s-0", "zero"), Sample("s-1", "one")])
+    errors = []
+
+    def claim():
+        try:
+            teacher.claim_work("beta", "beta-0", count=1, block_ms=1500)
+        except Exception as e:  # noqa: BLE001 - what the test looks for
+            errors.append(e)
+
+    answer_all(teacher, 2)
+    thread = threading.Thread(target=claim)
+    thread.start()
+    time.sleep(0.3)
+    assert trainer.reset() >= 4  # streams, state and both dist hashes
+    thread.join()
+    assert errors == []
+    assert not trainer.r.exists(trainer.dist_key("s-0")) and trainer.stats()["in_flight"] == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        forger.scan()
 
 
 def test_resuming_without_the_key_signs_the_samples_in_flight(run):

@@ -172,9 +172,26 @@ def test_a_sample_every_replica_dies_on_is_dead_lettered(redis_server, run_name,
         RedisTransport(redis_server.url, run_name, ["llama"], max_deliveries=0)
 
 
-def test_role_users_reach_their_run_and_nothing_else(make_dist):
-    """The stack's ACL users (issue 15): each role works its own run through the transport and is refused
-    another run's keys and the server's administration."""
+# Commands no role sends (issue 26): keyspace-wide reads that list other runs' keys, server state, scripts and
+# functions kept server-wide, pub/sub, persistence, connections of other clients, and data commands outside the
+# role's allow-list. Each must be refused to both roles.
+REFUSED = [
+    ("RANDOMKEY",), ("DBSIZE",), ("SCAN", "0"), ("KEYS", "*"), ("SCRIPT", "FLUSH"), ("SCRIPT", "LOAD", "return 1"),
+    ("SCRIPT", "EXISTS", "0" * 40), ("SCRIPT", "KILL"), ("FUNCTION", "FLUSH"), ("FUNCTION", "LIST"),
+    ("FUNCTION", "DELETE", "lib"), ("FCALL", "f", "0"), ("CLIENT", "LIST"), ("CLIENT", "KILL", "ID", "1"),
+    ("CLIENT", "SETNAME", "x"), ("CONFIG", "GET", "requirepass"), ("CONFIG", "SET", "maxmemory", "1"),
+    ("CONFIG", "RESETSTAT"), ("DEBUG", "SLEEP", "0"), ("MODULE", "LIST"), ("FLUSHALL",), ("FLUSHDB",), ("INFO",),
+    ("ACL", "LIST"), ("ACL", "WHOAMI"), ("SAVE",), ("BGSAVE",), ("BGREWRITEAOF",), ("LASTSAVE",), ("SLOWLOG", "GET"),
+    ("LATENCY", "LATEST"), ("MEMORY", "STATS"), ("COMMAND", "COUNT"), ("SELECT", "1"), ("SWAPDB", "0", "1"),
+    ("PUBLISH", "ch", "m"), ("PUBSUB", "CHANNELS"), ("WAIT", "0", "0"), ("FAILOVER", "ABORT"),
+    ("REPLICAOF", "NO", "ONE"), ("SHUTDOWN", "NOSAVE"),
+]
+
+
+def test_role_users_are_allowed_their_commands_on_their_run_and_nothing_else(make_dist):
+    """The stack's ACL users (issues 15, 26) run a whole run through the transport — reset, dispatch, claim,
+    answer, reclaim, read, reject, ack, stats, dead letters — and are refused every other command, another run's
+    keys, and a forbidden command even from inside a script."""
     import redis
 
     from fuseflow.wire.redis_streams import run_acl_rules
@@ -182,21 +199,54 @@ def test_role_users_reach_their_run_and_nothing_else(make_dist):
     users = {role: (f"pw-{role}", run_acl_rules("r1", role)) for role in ("teacher", "trainer")}
     with RedisServer(password="admin", appendonly=False, users=users) as server:
         trainer = RedisTransport(server.url_for("trainer"), "r1", ["llama"])
-        trainer.reset()  # SCAN + DEL: the trainer's
-        trainer.submit(samples(2))
+        trainer.authenticate(b"k" * 32)
+        trainer.reset()
+        trainer.submit(samples(3))
+        trainer.dead_letter_inputs([("bad-doc", "not JSON", "{oops")])
         teacher = RedisTransport(server.url_for("teacher"), "r1", ["llama"])
-        for it in teacher.claim_work("llama", "w0", count=2, block_ms=50):
+        assert teacher.stats()["teachers"]["llama"]["lag"] == 3
+        items = teacher.claim_work("llama", "w0", count=3, block_ms=50)
+        assert teacher.reclaim_stale("llama", "w1", min_idle_ms=0, count=1)  # XAUTOCLAIM + XPENDING
+        for it in items:
             teacher.complete_work("llama", it, dist=make_dist(3, 2, seed=0))
-        ready = trainer.next_ready("rank0", 2, 50)
-        assert [r.sample.id for r in ready] == ["s0", "s1"]
-        trainer.ack_ready(ready)
+        ready = trainer.next_ready("rank0", 3, 50)
+        assert [r.sample.id for r in ready] == ["s0", "s1", "s2"]
+        assert trainer.reclaim_ready("rank1", min_idle_ms=0, count=1)
+        assert trainer.reject_ready(ready[0], "llama", "a test rejection", redispatch=True) == "redispatched"
+        (again,) = teacher.claim_work("llama", "w0", count=3, block_ms=50)
+        teacher.complete_many("llama", [(again, None, "a teacher's error")])
+        trainer.ack_ready(ready[1:])
+        trainer.finish_submissions()
+        assert trainer.is_finished() and trainer.dispatch_position() == 0
+        assert {d["sample_id"] for d in trainer.dead_letters()} == {"s0", "bad-doc"}
+        server.client().script_flush()  # as a restarted server: no scripts cached, the roles' EVAL sends them
         with pytest.raises(TransportRefused):
             RedisTransport(server.url_for("teacher"), "r2", ["llama"])  # another run's keys
         with pytest.raises(TransportRefused):
-            teacher.reset()  # a teacher may not SCAN the keyspace
-        r = redis.Redis.from_url(server.url_for("trainer"))
-        for command in (("CONFIG", "GET", "requirepass"), ("FLUSHALL",), ("KEYS", "*")):
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                r.execute_command(*command)
+            teacher.reset()  # a teacher may not list the run's samples (XRANGE) nor reset it
+        assert trainer.reset() >= 3
+        admin = server.client()
+        for role in ("teacher", "trainer"):
+            r = redis.Redis.from_url(server.url_for(role))
+            for command in REFUSED:
+                # ACL DRYRUN asks the ACL alone (DEBUG, say, is also off in the server's config)
+                verdict = admin.execute_command("ACL", "DRYRUN", role, *command).decode()
+                assert verdict != "OK" and "no permissions" in verdict, (role, command, verdict)
+                with pytest.raises(redis.exceptions.ResponseError):
+                    r.execute_command(*command)
+            for command in (("XADD", "work:{r2}", "*", "a", "b"), ("HSET", "dist:{r2}:s0", "a", "b"),
+                            ("SET", "work:{r1}", "x"), ("GET", "work:{r1}"), ("HGETALL", "other"),
+                            ("EVAL", "return redis.call('XLEN', KEYS[1])", "1", "work:{r2}"),
+                            ("EVAL", "return redis.call('KEYS', '*')", "0"),  # a script runs as its caller
+                            ("EVAL", "return redis.call('XLEN', 'work:{r2}')", "0")):
+                with pytest.raises(redis.exceptions.ResponseError, match="(?i)perm"):
+                    r.execute_command(*command)
+            assert r.ping()
+        teacher_r = redis.Redis.from_url(server.url_for("teacher"))
+        for command in (("HGETALL", "dist:{r1}:s0"), ("XRANGE", "work:{r1}", "-", "+"), ("SADD", "inputs:{r1}", "x"),
+                        ("HDEL", "dist:{r1}:s0", "x"), ("XADD", "inputs:{r1}", "*", "a", "b")):
+            with pytest.raises(redis.exceptions.NoPermissionError):  # the trainer's, not the teacher's
+                teacher_r.execute_command(*command)
+        assert server.client().ping()  # SHUTDOWN was refused: the server is up
         teacher.close()
         trainer.close()
