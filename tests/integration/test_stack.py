@@ -171,6 +171,7 @@ def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_
         teacher_log = (run / "logs" / f"{name}.log").read_text()
         assert "stopped:" in teacher_log
         assert "127.0.0.1" in teacher_log and "bearer token" in teacher_log  # loopback, token required
+        assert "NOGROUP" not in teacher_log  # the trainer's reset of a fresh run is atomic (issue 26)
     assert (run / "redis" / "server.conf").exists() and (run / "stack.yaml").exists()
     conf = (run / "redis" / "server.conf").read_text()  # one ACL user per role, confined to the run's keys
     assert "user teacher on" in conf and "user trainer on" in conf and "~work:{quickstart}" in conf
