@@ -91,7 +91,15 @@ class DecodingConfig(_Strict):
 class ServerConfig(_Strict):
     """``fuseflow serve-ensemble``: the gateway's HTTP server (each field is also a flag: ``--max-n 4``)."""
 
-    host: str = Field("0.0.0.0", description="address to bind")
+    host: str = Field("127.0.0.1", description="address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes "
+                      "the gateway and needs an API key)")
+    api_key_file: str | None = Field(
+        None, description="file holding the API key clients send as 'Authorization: Bearer <key>' on /v1/* "
+        "(default: env FUSEFLOW_GATEWAY_API_KEY; never the key itself on a command line)",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve /v1/* without an API key on a non-loopback host (default: refuse to start)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     max_concurrent: int = Field(4, ge=1, description="requests decoded at once; more wait in line")
     queue_timeout_s: float = Field(60.0, gt=0, description="how long a request waits for a slot before a 503")

@@ -5,7 +5,13 @@
 
 Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (OpenAI shapes, ``usage`` included, streaming
 as server-sent events ``data: {...}`` ending with ``data: [DONE]``), ``/v1/models``, ``/healthz``,
-``/metrics`` (Prometheus). The model id is the ensemble's ``name`` for Cool-Fusion, or a source's name for
+``/metrics`` (Prometheus).
+
+An API key (issue 26), as vLLM's ``--api-key``: from env ``FUSEFLOW_GATEWAY_API_KEY`` or the file
+``server.api_key_file`` (``--api-key-file``; it wins over the environment), never from argv. With one, every
+``/v1/*`` request needs ``Authorization: Bearer <key>`` (the scheme in any case) and gets a 401 in OpenAI's error
+shape otherwise; ``/healthz`` and ``/metrics`` stay open for probes and Prometheus. The gateway binds 127.0.0.1
+by default and refuses to start on any other address without a key, unless ``--allow-unauthenticated``. The model id is the ensemble's ``name`` for Cool-Fusion, or a source's name for
 that source alone (the comparison baseline). Chat requests are rendered with each source's own chat
 template. Token counts (``max_tokens``, ``usage``) are in the first source's tokenizer.
 
@@ -16,16 +22,20 @@ nothing of HTTP; :func:`create_app` maps requests to it and errors to OpenAI err
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from fuseflow.config import add_field_flags, flag_values, load_config
+from fuseflow.auth import bearer_credential, bearer_matches
+from fuseflow.config import ConfigError, add_field_flags, flag_values, load_config
 from fuseflow.ensemble.config import EnsembleConfig, ServerConfig, build_decoder, build_sources
 from fuseflow.ensemble.decoder import Completion, DecodeParams, StreamEvent, stream_single
 from fuseflow.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -311,7 +321,47 @@ def sse_stream(service: EnsembleService, jobs: list[Job], source: int | None, mo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def create_app(service: EnsembleService):
+API_KEY_ENV = "FUSEFLOW_GATEWAY_API_KEY"
+
+
+def read_api_key(server: ServerConfig) -> str | None:
+    """The gateway's API key: the file ``server.api_key_file`` if set, else env ``FUSEFLOW_GATEWAY_API_KEY``;
+    None for neither. Raises :class:`ConfigError` naming the field for a file that cannot be read or is empty."""
+    if server.api_key_file:
+        try:
+            key = Path(server.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read server.api_key_file (--api-key-file) {server.api_key_file}: "
+                              f"{e.strerror}") from None
+        if not key:
+            raise ConfigError(f"server.api_key_file (--api-key-file) {server.api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` reaches this machine only (127.0.0.0/8, ::1, localhost); any other name or address may not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(server: ServerConfig, api_key: str | None) -> None:
+    """Refuse to serve ``/v1`` without a key on an address other machines can reach (issue 26)."""
+    if api_key is None and not is_loopback(server.host) and not server.allow_unauthenticated:
+        raise ConfigError(
+            f"server.host {server.host} is reachable from other machines and the gateway has no API key: set env "
+            f"{API_KEY_ENV} or server.api_key_file (--api-key-file), bind 127.0.0.1 (--host), or pass "
+            "--allow-unauthenticated to serve it open on purpose"
+        )
+
+
+def create_app(service: EnsembleService, api_key: str | None = None):
+    """The FastAPI app over ``service``. ``api_key``: required as ``Authorization: Bearer <key>`` on ``/v1/*``
+    (None: no key, as on a loopback address by default)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -321,9 +371,24 @@ def create_app(service: EnsembleService):
     app.state.service = service
     metrics = service.metrics
 
-    def failed(endpoint: str, model: str, status: int, body: dict) -> JSONResponse:
+    def failed(endpoint: str, model: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(endpoint, model, str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    if api_key is not None:
+        @app.middleware("http")
+        async def _require_api_key(request: Request, call_next):
+            path = request.url.path
+            if not (path == "/v1" or path.startswith("/v1/")):
+                return await call_next(request)  # /healthz, /metrics: open to probes and Prometheus
+            header = request.headers.get("authorization")
+            if bearer_matches(header, api_key):
+                return await call_next(request)
+            message = ("invalid API key" if bearer_credential(header) is not None else
+                       "missing API key: send the header 'Authorization: Bearer <key>' (the gateway's "
+                       f"{API_KEY_ENV} or server.api_key_file)")
+            body = error_body(message, "invalid_request_error", None, "invalid_api_key")
+            return failed(path, "", 401, body, {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -422,12 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fuseflow serve-ensemble",
         description="Serve a Cool-Fusion ensemble (training-free fusion at inference, arXiv 2407.19807) as an "
         "OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics.",
-        epilog="example: fuseflow serve-ensemble examples/ensemble.yaml --port 8000 decoding.rerank=mean_logprob",
+        epilog="example: FUSEFLOW_GATEWAY_API_KEY=$(cat gateway.key) fuseflow serve-ensemble examples/ensemble.yaml "
+        "--host 0.0.0.0 --port 8000 decoding.rerank=mean_logprob",
     )
     p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
     add_field_flags(p, ServerConfig, "server")  # --port 8001 = server.port=8001
+    # Not a flag: a key on the command line is visible to every local user (ps). Without this, argparse would
+    # take `--api-key KEY` for the abbreviation of --api-key-file and print the key in its error.
+    p.add_argument("--api-key", nargs="?", action=_KeyInArgv, help=argparse.SUPPRESS)
     return p
+
+
+class _KeyInArgv(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"the API key is never given on the command line (every local user can read it there): put it "
+                     f"in env {API_KEY_ENV} or in a file named by --api-key-file (server.api_key_file)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,14 +514,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(EnsembleConfig, args.config, args.overrides, flag_values(args))
+    api_key = read_api_key(cfg.server)
+    check_exposure(cfg.server, api_key)  # before the sources load: a refused start costs nothing
     sources = build_sources(cfg)
     service = EnsembleService(cfg, sources)
     try:
         import uvicorn
 
-        log.info("Cool-Fusion gateway %r over %s on %s:%d", cfg.name, [s.name for s in sources],
-                 cfg.server.host, cfg.server.port)
-        uvicorn.run(create_app(service), host=cfg.server.host, port=cfg.server.port, log_config=None)
+        auth = "API key required on /v1" if api_key else "no API key: /v1 open"
+        log.info("Cool-Fusion gateway %r over %s on %s:%d (%s)", cfg.name, [s.name for s in sources],
+                 cfg.server.host, cfg.server.port, auth)
+        if api_key is None and not is_loopback(cfg.server.host):
+            log.warning("server.allow_unauthenticated: /v1 is open to every client that reaches %s:%d",
+                        cfg.server.host, cfg.server.port)
+        uvicorn.run(create_app(service, api_key), host=cfg.server.host, port=cfg.server.port, log_config=None)
     finally:
         service.close()
     return EXIT_OK
