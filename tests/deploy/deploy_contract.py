@@ -12,7 +12,8 @@ The contract (fixed by the lead; the commands are built in parallel):
     fuseflow stack up RUN.yaml [--redis URL] [--host H] [key=value ...]
 
 Secrets never on a command line: a bare ``--redis`` (teacher) or none (trainer) reads ``FUSEFLOW_REDIS_URL``.
-    fuseflow serve-ensemble ENSEMBLE.yaml [--port 8000]
+    fuseflow serve-ensemble ENSEMBLE.yaml [--host 127.0.0.1] [--port 8000] [--api-key-file F]
+                            (the API key from FUSEFLOW_GATEWAY_API_KEY or --api-key-file, never argv; issue 26)
     fuseflow fuse RUN.yaml [key=value ...]
     fuseflow merge MERGE.yaml
 """
@@ -43,6 +44,7 @@ CONTRACT_ENV = {
     "FUSEFLOW_REDIS_URL",
     "FUSEFLOW_RUN",
     "FUSEFLOW_TEACHER_TOKEN",
+    "FUSEFLOW_GATEWAY_API_KEY",
     "FUSEFLOW_LOG_FORMAT",
     "FUSEFLOW_CACHE",
 }
@@ -77,7 +79,7 @@ CONTRACT = {
         ),
         Command(("train",), positionals=(1, 1), flags=frozenset({"--redis", "--metrics-host"}), overrides=True),
         Command(("stack", "up"), positionals=(1, 1), flags=frozenset({"--redis", "--host"}), overrides=True),
-        Command(("serve-ensemble",), positionals=(1, 1), flags=frozenset({"--port"})),
+        Command(("serve-ensemble",), positionals=(1, 1), flags=frozenset({"--host", "--port", "--api-key-file"})),
         Command(("fuse",), positionals=(1, 1), overrides=True),
         Command(("merge",), positionals=(1, 1)),
     ]

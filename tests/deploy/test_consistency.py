@@ -23,6 +23,7 @@ from deploy_contract import (
     HEALTHCHECK_ENV,
     OVERLAYS,
     ROOT,
+    GATEWAY_PORT,
     TEACHER_GRPC_PORT,
     TEACHER_METRICS_PORT,
     TRAINER_METRICS_PORT,
@@ -106,9 +107,15 @@ def test_every_invocation_follows_the_contract(invocations):
             assert flags["--host"] == "0.0.0.0", inv.where
         elif inv.command().words == ("train",):
             assert positionals == ["/etc/fuseflow/run.yaml"] and "--redis" not in flags, inv.where
-    assert seen == {("teacher", "serve"), ("train",)}
-    # 2 teachers + 1 trainer per compose profile and per overlay.
-    assert len(invocations) == 3 * (2 + len(OVERLAYS))
+        elif inv.command().words == ("serve-ensemble",):
+            # Exposed on the pod's (container's) interfaces: its key from the environment (issue 26).
+            assert positionals == ["/etc/fuseflow/ensemble.yaml"] and flags["--host"] == "0.0.0.0", inv.where
+            assert int(flags["--port"]) == GATEWAY_PORT, inv.where
+    assert {("teacher", "serve"), ("train",), ("serve-ensemble",)} >= seen >= {("teacher", "serve"), ("train",)}
+    # 2 teachers + 1 trainer per compose profile and per overlay; a gateway per overlay (compose: its own file's).
+    by_words = lambda words: [i for i in invocations if i.command().words == words]  # noqa: E731
+    assert len(by_words(("teacher", "serve"))) + len(by_words(("train",))) == 3 * (2 + len(OVERLAYS))
+    assert len([i for i in by_words(("serve-ensemble",)) if i.where.startswith("k8s")]) == len(OVERLAYS)
 
 
 def _cli_parser_for(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, str]:
@@ -120,7 +127,7 @@ def _cli_parser_for(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, st
     return build_parser(command), command.impl
 
 
-@pytest.mark.parametrize("words", [("teacher", "serve"), ("train",)], ids=lambda w: "-".join(w))
+@pytest.mark.parametrize("words", [("teacher", "serve"), ("train",), ("serve-ensemble",)], ids=lambda w: "-".join(w))
 def test_invocations_parse_with_the_real_cli(invocations, words):
     parser, origin = _cli_parser_for(words)
     for inv in invocations:
@@ -170,6 +177,10 @@ def test_k8s_ports_match_the_contract(rendered, overlay):
     (job,) = find(docs, "Job")
     ports = {p["name"]: p["containerPort"] for p in pod_spec(job)["containers"][0]["ports"]}
     assert ports["metrics"] == TRAINER_METRICS_PORT
+    (gw,) = find(docs, "Deployment", "gateway")
+    c = pod_spec(gw)["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": GATEWAY_PORT}
+    assert int(flag(c["args"], "--port")) == GATEWAY_PORT
     (redis,) = find(docs, "Service", "redis")
     assert redis["spec"]["ports"][0]["port"] == 6379
 
@@ -319,9 +330,13 @@ def test_redis_urls_point_at_the_redis_service_as_each_roles_acl_user(rendered, 
         assert (url.username, url.password) == (role, data[f"{role}-redis-password"])
     assert len({data["redis-password"], data["teacher-redis-password"], data["trainer-redis-password"]}) == 3
     assert set(data) == {"redis-password", "teacher-redis-password", "trainer-redis-password", "teacher-redis-url",
-                         "trainer-redis-url", "teacher-token"}
+                         "trainer-redis-url", "teacher-token", "gateway-api-key"}
+    assert data["gateway-api-key"] not in {v for k, v in data.items() if k != "gateway-api-key"}
     for w in find(docs, "Deployment") + find(docs, "Job"):
         env = env_of(pod_spec(w)["containers"][0])
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
+            assert "FUSEFLOW_REDIS_URL" not in env  # a gRPC client of the teachers: no Redis login at all
+            continue
         key = env["FUSEFLOW_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"]
         assert key == f"{_role(w['metadata']['name'])}-redis-url", w["metadata"]["name"]
 
@@ -342,3 +357,25 @@ def test_compose_redis_urls_match_the_redis_service_and_the_roles_acl_users():
     assert (redis_env["REDIS_PASSWORD"], redis_env["REDIS_TEACHER_PASSWORD"], redis_env["REDIS_TRAINER_PASSWORD"]) == \
         ("s3cret", "t3", "r3")
     assert env["FUSEFLOW_RUN"] == "quickstart"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_gateway_ensemble_is_the_teacher_services_of_the_run(rendered, overlay):
+    """The gateway's ensemble.yaml validates, each source is a teacher Service of the overlay on its gRPC port,
+    with the tokenizer of the model that teacher serves (the run config's source of the same name)."""
+    from fuseflow.ensemble.config import EnsembleConfig
+
+    docs = rendered[overlay]
+    (cm,) = [c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("fuseflow-ensemble")]
+    ens = EnsembleConfig.model_validate(yaml.safe_load(cm["data"]["ensemble.yaml"]))
+    (run_cm,) = [c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("fuseflow-run")]
+    run = {s.key: s for s in _config(run_cm["data"]["run.yaml"], f"{overlay} ConfigMap").sources}
+    services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
+    for src in ens.sources:
+        host, port = src.address.rsplit(":", 1)
+        svc = services[host]
+        assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "teacher", src.name
+        assert int(port) == TEACHER_GRPC_PORT and int(port) in {p["port"] for p in svc["spec"]["ports"]}
+        served = svc["metadata"]["labels"]["fuseflow.dev/source"]
+        assert src.tokenizer == run[served].model, f"{overlay}: source {src.name} tokenizer vs teacher {served}"
+    assert src.token_file is None  # the teachers' token from env FUSEFLOW_TEACHER_TOKEN

@@ -94,7 +94,8 @@ def test_every_secret_and_configmap_reference_resolves(rendered, overlay):
                 assert src["configMapRef"]["name"] in configmaps
         for v in spec.get("volumes", []):
             if "configMap" in v:
-                assert "run.yaml" in configmaps[v["configMap"]["name"]]
+                keys = [i["key"] for i in v["configMap"].get("items", [])] or ["run.yaml"]
+                assert set(keys) <= configmaps[v["configMap"]["name"]], (w["metadata"]["name"], keys)
     for ta in find(docs, "TriggerAuthentication"):
         for ref in ta["spec"]["secretTargetRef"]:
             assert ref["key"] in secrets.get(ref["name"], ()), f"TriggerAuthentication: {ref}"
@@ -122,6 +123,9 @@ def test_gpu_overlay_requests_gpus_and_cpu_demo_does_not(rendered):
     for w in workloads(rendered["gpu"]):
         if w["kind"] == "StatefulSet":
             continue  # Redis
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
+            assert "nvidia.com/gpu" not in str(pod_spec(w)["containers"][0].get("resources"))  # gRPC client only
+            continue
         spec = pod_spec(w)
         res = spec["containers"][0]["resources"]
         assert int(res["limits"]["nvidia.com/gpu"]) >= 1
@@ -153,6 +157,8 @@ def _selects(selector: dict, labels: dict) -> bool:
 def _admitted_components(policy: dict) -> set[str]:
     out = set()
     for rule in policy["spec"].get("ingress", []):
+        if "from" not in rule:
+            out.add("any")
         for peer in rule.get("from", []):
             if "podSelector" in peer:
                 out.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
@@ -177,13 +183,16 @@ def test_network_policies_admit_only_trainer_and_gateway_to_teachers_and_redis(r
         return out
 
     assert admitted("teacher") == {"trainer", "gateway", "namespace:monitoring"}
-    expected_redis = {"teacher", "trainer", "gateway"} | ({"namespace:keda"} if overlay == "gpu" else set())
-    assert admitted("redis") == expected_redis
+    expected_redis = {"teacher", "trainer"} | ({"namespace:keda"} if overlay == "gpu" else set())
+    assert admitted("redis") == expected_redis  # the gateway needs no Redis
     assert admitted("trainer") == {"trainer", "namespace:monitoring"}
+    assert admitted("gateway") == {"any"}  # its API key guards /v1 (issue 26)
+    (gateway,) = [p for p in policies if p["metadata"]["name"] == "gateway-ingress"]
+    assert [q["port"] for r in gateway["spec"]["ingress"] for q in r["ports"]] == [8000]
     # Only the metrics port is open to monitoring.
     for p in policies:
         for rule in p["spec"].get("ingress", []):
-            if any("namespaceSelector" in peer for peer in rule["from"]):
+            if any("namespaceSelector" in peer for peer in rule.get("from", [])):
                 ns = rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
                 ports = {q["port"] for q in rule["ports"]}
                 assert ports == ({6379} if ns == "keda" else {9400} if "teacher" in p["metadata"]["name"] else {9401})
@@ -198,14 +207,15 @@ def test_disruption_budgets_cover_every_workload(rendered, overlay):
         matching = [p for p in pdbs if _selects(p["spec"]["selector"], labels)]
         assert len(matching) == 1, f"{w['kind']}/{w['metadata']['name']}: {len(matching)} PDBs"
         component = labels["app.kubernetes.io/component"]
-        assert matching[0]["spec"]["maxUnavailable"] == (1 if component == "teacher" else 0)
+        assert matching[0]["spec"]["maxUnavailable"] == (1 if component in ("teacher", "gateway") else 0)
 
 
 def test_keda_objects_are_well_formed(rendered):
     docs = rendered["gpu"]
     (ns,) = [d["metadata"]["name"] for d in find(docs, "Namespace")]
     auth = {a["metadata"]["name"] for a in find(docs, "TriggerAuthentication")}
-    deployments = {d["metadata"]["name"] for d in find(docs, "Deployment")}
+    deployments = {d["metadata"]["name"] for d in find(docs, "Deployment")
+                   if d["metadata"]["labels"]["app.kubernetes.io/component"] == "teacher"}
     scaled = find(docs, "ScaledObject")
     assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == deployments
     for s in scaled:
@@ -249,3 +259,22 @@ def test_trainer_is_an_indexed_job_with_a_headless_rendezvous(rendered):
     assert find(rendered["gpu"], "Job")[0]["spec"]["completions"] > 1  # the gpu overlay is multi-node
     (runs,) = find(rendered["gpu"], "PersistentVolumeClaim", "fuseflow-runs")
     assert runs["spec"]["accessModes"] == ["ReadWriteMany"]  # every rank writes its shards
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_takes_its_api_key_from_the_secret_and_probes_open_paths(rendered, overlay):
+    """Issue 26: the gateway binds the pod's interfaces, so it must have its key — from the Secret into env
+    FUSEFLOW_GATEWAY_API_KEY, never in argv — and its probes use the open paths (/healthz, /metrics)."""
+    docs = rendered[overlay]
+    (gw,) = find(docs, "Deployment", "gateway")
+    c = pod_spec(gw)["containers"][0]
+    env = env_of(c)
+    assert env["FUSEFLOW_GATEWAY_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "gateway-api-key"
+    assert env["FUSEFLOW_TEACHER_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "teacher-token"
+    assert "FUSEFLOW_REDIS_URL" not in env
+    assert not any(a.startswith(("--api-key", "--allow-unauthenticated")) for a in c["args"])
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/metrics"
+    (svc,) = find(docs, "Service", "gateway")
+    assert svc["spec"]["selector"] == gw["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
