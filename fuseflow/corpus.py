@@ -15,7 +15,8 @@ it and goes on) and count empty documents; without one they raise :class:`Docume
 
 A document's ``index`` is its ordinal in the source (JSONL: non-blank line; Parquet / ``datasets``: row;
 folder: file in sorted path order). Sample ids (``f"{index}:{piece}"``) and the held-out split derive from
-it alone, so they are the same on every run over the same files: resume and deduplication rely on that.
+it alone (the split also skips documents that cannot be read or are empty: :func:`evaluable`), so they are the
+same on every run over the same files: resume and deduplication rely on that.
 
 Several corpora mix with weights (``corpus.sources: [{name, source, weight, …}]``, issue 11): each is split
 into train / held-out on its own (so every corpus has held-out documents to report on), training samples
@@ -567,21 +568,66 @@ def held_out_threshold(num_documents: int, held_out: int, seed: int, chunk: int 
     """
     if not 1 <= held_out <= num_documents:
         raise CorpusError(f"corpus.held_out_documents = {held_out} must be in 1..{num_documents} (the documents)")
-    best = np.empty(0, dtype=np.uint64)  # [≤ held_out] smallest keys so far
-    for start in range(0, num_documents, chunk):
-        keys = split_keys(np.arange(start, min(start + chunk, num_documents)), seed)  # [chunk]
+    chunks = (np.arange(start, min(start + chunk, num_documents)) for start in range(0, num_documents, chunk))
+    return _nth_smallest_key(chunks, held_out, seed)[0]
+
+
+def evaluable(doc: Document) -> bool:
+    """A document the held-out split may take (issue 26): it was read without error and has text to evaluate on.
+    A document set aside or empty in that slot left the evaluation one document short, silently."""
+    return doc.error is None and (doc.is_chat or bool(doc.text and doc.text.strip()))
+
+
+def _nth_smallest_key(index_chunks: Iterable[np.ndarray], n: int, seed: int) -> tuple[np.uint64 | None, int]:
+    """(the largest of the ``n`` smallest split keys of the indices in ``index_chunks``, how many indices);
+    None when there are none. O(chunk + n) memory."""
+    best = np.empty(0, dtype=np.uint64)  # [≤ n] smallest keys so far
+    total = 0
+    for indices in index_chunks:
+        keys = split_keys(indices, seed)  # [chunk]
+        total += len(keys)
         both = np.concatenate([best, keys])
-        best = both if len(both) <= held_out else np.partition(both, held_out - 1)[:held_out]
-    return best.max()
+        best = both if len(both) <= n else np.partition(both, n - 1)[:n]
+    return (best.max() if len(best) else None), total
+
+
+def _evaluable_threshold(config: CorpusConfig, held_out: int, chunk: int = 1 << 16) -> np.uint64:
+    """:func:`held_out_threshold` over the :func:`evaluable` documents alone: one pass that reads (parses) the
+    source, so ``held_out_documents: N`` holds out N documents that can be evaluated whenever there are N."""
+    docs = _read_source(config)
+    if config.max_documents is not None:
+        docs = islice(docs, config.max_documents)
+    seen = [0]
+
+    def chunks() -> Iterator[np.ndarray]:
+        buf: list[int] = []
+        for doc in docs:
+            seen[0] += 1
+            if evaluable(doc):
+                buf.append(doc.index)
+            if len(buf) >= chunk:
+                yield np.array(buf, dtype=np.int64)
+                buf = []
+        if buf:
+            yield np.array(buf, dtype=np.int64)
+
+    limit, good = _nth_smallest_key(chunks(), held_out, config.seed)
+    if not 1 <= held_out <= good:
+        raise CorpusError(f"corpus.held_out_documents = {held_out} must be in 1..{good} (the documents that can be "
+                          f"read and are not empty, of {seen[0]} in all)")
+    return limit
 
 
 def split_held_out(documents: Iterable[Document], config: CorpusConfig, part: Part) -> Iterator[Document]:
     """Keep the documents of ``part`` (``"train"``, ``"held_out"`` or ``"all"``): a split by document index
     and ``config.seed`` alone, so a held-out document never reaches training on any run.
 
-    ``held_out_fraction``: a document is held out iff its key / 2⁶⁴ < fraction (≈ that fraction, streamed).
-    ``held_out_documents``: exactly that many, those with the smallest keys (costs one counting pass over
-    the source, see :func:`count_documents`).
+    Only :func:`evaluable` documents are ever held out (issue 26): one that cannot be read or is empty stays
+    in the training part, where it is set aside (dead-lettered) or counted as a training document would be.
+
+    ``held_out_fraction``: an evaluable document is held out iff its key / 2⁶⁴ < fraction (≈ that fraction,
+    streamed). ``held_out_documents``: exactly that many, the evaluable ones with the smallest keys (costs one
+    pass that reads the source, see :func:`_evaluable_threshold`).
     """
     if part not in ("all", "train", "held_out"):
         raise ValueError(f"part must be 'all', 'train' or 'held_out', got {part!r}")
@@ -589,14 +635,14 @@ def split_held_out(documents: Iterable[Document], config: CorpusConfig, part: Pa
         yield from documents
         return
     if config.held_out_documents:
-        limit = held_out_threshold(count_documents(config), config.held_out_documents, config.seed)
+        limit = _evaluable_threshold(config, config.held_out_documents)
     elif config.held_out_fraction > 0:
         bound = np.uint64(config.held_out_fraction * 2.0**64)  # fraction < 1, so below 2⁶⁴
         limit = bound - np.uint64(1) if bound > 0 else None
     else:
         limit = None
     for doc in documents:
-        held = limit is not None and split_keys(np.array([doc.index]), config.seed)[0] <= limit
+        held = limit is not None and evaluable(doc) and split_keys(np.array([doc.index]), config.seed)[0] <= limit
         if held == (part == "held_out"):
             yield doc
 

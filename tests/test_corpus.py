@@ -377,6 +377,51 @@ def test_split_by_count_takes_the_smallest_keys(tmp_path):
         split(cfg.model_copy(update={"held_out_documents": 301}))
 
 
+def corpus_with_bad_documents_first(path, n: int, seed: int) -> tuple[set[int], set[int]]:
+    """JSONL of ``n`` documents where the five with the smallest split keys (the held-out split's first choices)
+    cannot be used: not JSON, not UTF-8, no text field (unreadable), empty, blank (empty). Returns (unreadable,
+    empty) indices."""
+    first = sorted(range(n), key=lambda i: splitmix64_reference(i, seed))[:5]
+    kinds = [b'{"text": "unterminated', b'{"text": "caf\xe9"}', b'{"body": "x"}', b'{"text": ""}', b'{"text": "  "}']
+    lines = [kinds[first.index(i)] if i in first else json.dumps({"text": f"doc {i}"}).encode() for i in range(n)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return set(first[:3]), set(first[3:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("held_out", [1, 2, 7])
+def test_held_out_documents_are_drawn_from_good_documents(tmp_path, seed, held_out):
+    """held_out_documents: N evaluates N documents whenever the corpus has N good ones: a document that cannot be
+    read or is empty never takes a held-out slot (one went missing silently, and counted as a dead training
+    sample although it was none: issue 26). It stays in the training part, set aside there as any bad line."""
+    path = tmp_path / "c.jsonl"
+    unreadable, empty = corpus_with_bad_documents_first(path, 40, seed)
+    cfg = CorpusConfig(source=str(path), held_out_documents=held_out, seed=seed)
+    held = list(iter_documents(cfg, "held_out"))  # no tally: a bad held-out document would raise
+    tally = CorpusTally()
+    train = [d.index for d in iter_documents(cfg, "train", tally)]
+    assert len(held) == held_out and all(d.text.strip() for d in held)
+    good = sorted(set(range(40)) - unreadable - empty, key=lambda i: splitmix64_reference(i, seed))
+    assert sorted(d.index for d in held) == sorted(good[:held_out])  # the smallest keys among the good ones
+    rejected = {int(r.id.split(":")[0]) for r in tally.rejected}
+    assert rejected == unreadable and empty <= set(train)  # the training part's, as any bad or empty line
+    assert sorted(train + [d.index for d in held] + sorted(rejected)) == list(range(40))
+    with pytest.raises(CorpusError, match=r"held_out_documents = 36 must be in 1..35 \(the documents that can be "
+                                          r"read and are not empty, of 40 in all\)"):
+        list(iter_documents(cfg.model_copy(update={"held_out_documents": 36}), "held_out"))
+
+
+def test_held_out_fraction_never_takes_a_bad_document(tmp_path):
+    path = tmp_path / "c.jsonl"
+    unreadable, empty = corpus_with_bad_documents_first(path, 200, 0)
+    cfg = CorpusConfig(source=str(path), held_out_fraction=0.2, seed=0)
+    held = [d.index for d in iter_documents(cfg, "held_out")]
+    assert held and not set(held) & (unreadable | empty)
+    tally = CorpusTally()
+    train = [d.index for d in iter_documents(cfg, "train", tally)]
+    assert sorted(train + held + [int(r.id.split(":")[0]) for r in tally.rejected]) == list(range(200))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Cutting into samples.
 # ----------------------------------------------------------------------------------------------------------

@@ -56,12 +56,9 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         samples = itertools.islice(samples, cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * world)
     samples = list(samples)
-    docs = []
-    for d in iter_documents(cfg.corpus, "held_out", tally):
-        if d.is_chat or d.text.strip():
-            docs.append(d)
-        else:
-            tally.add_empty(d)
+    # Held-out documents are drawn from those that can be read and are not empty (fuseflow.corpus.evaluable), so
+    # held_out_documents: N evaluates N, and no tally: none is a training sample to dead-letter (issue 26).
+    docs = list(iter_documents(cfg.corpus, "held_out"))
     held = [render_chat(d.messages, target_tokenizer, d.origin)[0] if d.is_chat else d.text for d in docs]
     held = [t[: cfg.eval.max_chars_per_document] for t in held]
     if tally.rejected or tally.empty:

@@ -191,3 +191,29 @@ def test_a_dead_teacher_thread_ends_the_run_with_its_error(tmp_path, tiny_llama,
     with pytest.raises(EngineFailure, match="teacher qwen fails on every sample: RuntimeError..CUDA error: device lost"):
         kf.run_fuse(cfg, progress=False)
     assert not (tmp_path / "run" / "fused" / "model").exists()
+
+
+def test_held_out_documents_n_evaluates_n_and_only_training_documents_are_dead_lettered(
+    tmp_path, tiny_llama, tiny_gemma, tiny_qwen
+):
+    """Issue 26: with the documents of the smallest split keys unreadable or empty, `held_out_documents: 2`
+    still evaluates 2 documents, and what is set aside (dead-lettered, in train.max_dead_letter_fraction) comes
+    from the training part only."""
+    from fuseflow.corpus import split_keys
+    from fuseflow.models import load_tokenizer
+    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+
+    keys = split_keys(np.arange(30), 0)
+    first = [int(i) for i in np.argsort(keys)[:3]]
+    lines = [json.dumps({"text": f"Document {i} says hello to the reader."}) for i in range(30)]
+    lines[first[0]], lines[first[1]], lines[first[2]] = '{"text": "broken', '{"text": ""}', '{"body": "no text"}'
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, **{"corpus.source": str(tmp_path / "c.jsonl"),
+                                                                   "corpus.max_documents": 30, "train.max_steps": 100})
+    corpus = prepare_corpus(cfg, load_tokenizer(cfg.target.model))
+    assert len(corpus.held_out) == 2 and all(t.startswith("Document ") for t in corpus.held_out)
+    held = {int(t.split()[1]) for t in corpus.held_out}
+    assert held == set(sorted(set(range(30)) - set(first), key=lambda i: int(keys[i]))[:2])
+    assert sorted(r.id for r in corpus.rejected) == sorted(f"{i}:0" for i in (first[0], first[2]))
+    assert corpus.empty == 1
+    assert not held & {int(s.id.split(":")[0]) for s in corpus.train}
