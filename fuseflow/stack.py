@@ -265,6 +265,9 @@ def run_stack(
     else:
         urls = {"teacher": redis_url, "trainer": redis_url}
     commands = stack_commands(cfg, run, config_path, ports, host)
+    if cfg.baseline == "clm":  # the trainer says it again under its table (logs/trainer.log)
+        log.info("baseline: clm is not trained by the stack (its trainer trains the fused target only); "
+                 "`fuseflow fuse %s` trains the CLM baseline row", config_path)
     token = os.environ.get("FUSEFLOW_TEACHER_TOKEN") or secrets.token_urlsafe(24)  # the teachers require it
     env = {name: dict(os.environ, FUSEFLOW_REDIS_URL=urls["trainer" if name == "trainer" else "teacher"],
                       FUSEFLOW_TEACHER_TOKEN=token) for name in commands}

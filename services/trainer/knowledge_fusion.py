@@ -180,10 +180,11 @@ def evaluate_before(cfg: FuseConfig, corpus: Corpus, progress: bool = True) -> l
 
 
 def report_runs(cfg: FuseConfig, corpus: Corpus, runs: dict, rows_before: Sequence[dict] = (),
-                progress: bool = True) -> dict:
+                progress: bool = True, notes: Sequence[str] = ()) -> dict:
     """Evaluate each trained run (``{name: TrainResult}``) on the held-out documents and report them after
     ``rows_before`` (:func:`evaluate_before`): ``run_dir/report.json``, ``run_dir/loss.png`` and the table on
-    stdout. The one report of ``fuseflow fuse`` and of the online trainer, ``fuseflow train`` (issue 15)."""
+    stdout. The one report of ``fuseflow fuse`` and of the online trainer, ``fuseflow train`` (issue 15).
+    ``notes``: what the table leaves out and why, printed under it and kept in the report."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = list(rows_before)
@@ -199,11 +200,21 @@ def report_runs(cfg: FuseConfig, corpus: Corpus, runs: dict, rows_before: Sequen
         "rows": rows,
         "runs": {name: {"model_dir": str(r.model_dir), "steps": r.steps, "tokens": r.tokens,
                         "final_loss": r.final_loss, "teachers": r.teachers} for name, r in runs.items()},
+        "notes": list(notes),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_loss({name: Path(r.model_dir).parent / "metrics.jsonl" for name, r in runs.items()}, run_dir / "loss.png")
     print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
     return report
+
+
+# `fuseflow train` (and so `fuseflow stack up`) trains the fused target only; said where its table is printed
+# instead of dropping the config's row silently (issue 26).
+ONLINE_BASELINE_NOTE = ("baseline: clm is not trained by the online trainer (fuseflow train, fuseflow stack up), so "
+                        "the table has no 'target baseline clm' row: run `fuseflow fuse RUN.yaml` for it (the same "
+                        "samples, in one process), or set baseline: none")
 
 
 def evaluate_models(cfg: FuseConfig, models: dict[str, str], progress: bool = True) -> list[dict]:

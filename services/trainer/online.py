@@ -466,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
 
         corpus = kf.prepare_corpus(cfg, load_tokenizer(cfg.target.model))
         progress = not args.no_progress
-        kf.report_runs(cfg, corpus, {"fused": result}, kf.evaluate_before(cfg, corpus, progress), progress)
+        notes = [kf.ONLINE_BASELINE_NOTE] if cfg.baseline == "clm" else []
+        kf.report_runs(cfg, corpus, {"fused": result}, kf.evaluate_before(cfg, corpus, progress), progress, notes)
     return 0
 
 

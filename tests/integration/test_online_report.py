@@ -42,11 +42,14 @@ def test_the_online_trainer_writes_the_fuse_report(tmp_path, tiny_llama, tiny_ge
     monkeypatch.setattr(online, "run_online", trained)
     monkeypatch.setattr(knowledge_fusion, "report_runs", spy)
     code = online.main([str(config), "--redis", redis_server.url, "--run", "online-report", "--metrics-port", "0",
-                        "--no-progress", "eval.before=true"])
+                        "--no-progress", "eval.before=true", "baseline=clm"])
     assert code == 0 and len(calls) == 1
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report) == {"config", "train_samples", "held_out_documents", "rejected_documents", "empty_documents",
-                           "rows", "runs"}
+                           "rows", "runs", "notes"}
+    # The online trainer trains no CLM baseline: the config's `baseline: clm` row is said to be missing, not
+    # dropped silently (issue 26).
+    assert report["notes"] == [knowledge_fusion.ONLINE_BASELINE_NOTE] and "fuseflow fuse" in report["notes"][0]
     names = [r["model"] for r in report["rows"]]
     assert names == ["source gemma", "source qwen", "target before", "target fused"]
     bpb = {r["model"]: r["bpb"] for r in report["rows"]}
@@ -58,4 +61,6 @@ def test_the_online_trainer_writes_the_fuse_report(tmp_path, tiny_llama, tiny_ge
                                         "teachers": {}}}  # a stand-in training: no teacher statistics
     assert report["held_out_documents"] == 2 and report["train_samples"] > 0
     assert (run_dir / "loss.png").stat().st_size > 1000
-    assert "| target fused |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| target fused |" in out and "baseline clm" not in out.split("note:")[0]
+    assert out.rstrip().endswith("note: " + knowledge_fusion.ONLINE_BASELINE_NOTE)

@@ -105,7 +105,8 @@ def _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen) -> tuple[subprocess.Pope
     log = tmp_path / "stack.log"
     ports = [str(free_port()) for _ in range(3)]
     cmd = [sys.executable, "-m", "fuseflow.cli", *words[1:], "--teacher-port", ports[0],
-           "--teacher-metrics-port", ports[1], "--trainer-metrics-port", ports[2], "train.log_every=1"]
+           "--teacher-metrics-port", ports[1], "--trainer-metrics-port", ports[2], "train.log_every=1",
+           "baseline=clm"]  # as the quickstart's: the stack says it trains no baseline (issue 26)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **CHILD_ENV),
                                 start_new_session=True, cwd=tmp_path)
@@ -172,6 +173,8 @@ def test_stack_up_runs_the_real_processes_to_the_end(tmp_path, tiny_llama, tiny_
         assert "stopped:" in teacher_log
         assert "127.0.0.1" in teacher_log and "bearer token" in teacher_log  # loopback, token required
         assert "NOGROUP" not in teacher_log  # the trainer's reset of a fresh run is atomic (issue 26)
+    assert "baseline: clm is not trained by the stack" in text
+    assert "note: baseline: clm is not trained by the online trainer" in (run / "logs" / "trainer.log").read_text()
     assert (run / "redis" / "server.conf").exists() and (run / "stack.yaml").exists()
     conf = (run / "redis" / "server.conf").read_text()  # one ACL user per role, confined to the run's keys
     assert "user teacher on" in conf and "user trainer on" in conf and "~work:{quickstart}" in conf
