@@ -250,3 +250,16 @@ def test_role_users_are_allowed_their_commands_on_their_run_and_nothing_else(mak
         assert server.client().ping()  # SHUTDOWN was refused: the server is up
         teacher.close()
         trainer.close()
+
+
+def test_the_readmes_acl_example_is_the_teachers_rules():
+    """README, "Trust boundary", shows the teacher's ACL line: it must be what run_acl_rules gives (issue 26)."""
+    import re
+    from pathlib import Path
+
+    from fuseflow.wire.redis_streams import run_acl_rules
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Trust boundary"):]
+    block = re.search(r"```\n(user teacher on .*?)```", section, re.S).group(1)
+    assert " ".join(block.split()) == "user teacher on >PASSWORD " + run_acl_rules("RUN", "teacher")
