@@ -51,7 +51,6 @@ from fuseflow.wire.transport import (
     WorkItem,
     check_result,
     validate_run,
-    spans_from_json,
     spans_to_json,
 )
 
@@ -548,13 +547,27 @@ class RedisTransport(Transport):
 
     # -- teacher worker ---------------------------------------------------------------------------------------
 
-    def _work_items(self, entries) -> list[WorkItem]:
-        items = []
+    def _work_items(self, teacher: str, entries) -> list[WorkItem]:
+        """The samples of work entries; an entry that is not ``{id, text, spans}`` as the dispatcher writes them
+        (another client with the teachers' login can add entries) is acked and skipped, never raised into the
+        worker (issue 26)."""
+        items, junk = [], []
         for entry_id, fields in entries:
             if not fields:  # deleted since delivery (sample trained or dead-lettered)
                 continue
-            sample = Sample(fields[b"id"].decode(), fields[b"text"].decode(), spans_from_json(fields[b"spans"]))
+            try:
+                if set(fields) != {b"id", b"text", b"spans"}:
+                    raise ValueError(f"fields {sorted(f.decode('utf-8', 'replace') for f in fields)}")
+                sample = Sample(fields[b"id"].decode("utf-8"), fields[b"text"].decode("utf-8"),
+                                parse_spans(fields[b"spans"]))
+            except ValueError as e:  # UnicodeDecodeError and _Malformed included
+                log.warning("work entry %s of run %r is not one the dispatcher writes (%s): skipped",
+                            _s(entry_id), self.run, e)
+                junk.append(entry_id)
+                continue
             items.append(WorkItem(_s(entry_id), sample))
+        if junk:
+            self.r.xack(self.k_work, teacher, *junk)
         return items
 
     def claim_work(self, teacher: str, consumer: str, count: int, block_ms: int) -> list[WorkItem]:
@@ -571,11 +584,11 @@ class RedisTransport(Transport):
             if not entries:
                 self._claims_checked.add((teacher, consumer))
             elif len(gone) < len(entries):
-                return self._work_items(entries)
+                return self._work_items(teacher, entries)
         reply = self.r.xreadgroup(
             teacher, consumer, {self.k_work: ">"}, count=count, block=block_ms if block_ms > 0 else None
         )
-        return self._work_items(_stream_entries(reply))
+        return self._work_items(teacher, _stream_entries(reply))
 
     def complete_work(
         self, teacher: str, item: WorkItem, dist: AlignedDist | None = None, error: str | None = None
@@ -627,7 +640,7 @@ class RedisTransport(Transport):
         answering, so it is taken for a poison sample (one that crashes the process, which the worker's own
         retry limit cannot catch) rather than handed to the next replica to kill."""
         self._check_teacher(teacher)
-        items = self._work_items(self._autoclaim(self.k_work, teacher, consumer, min_idle_ms, count))
+        items = self._work_items(teacher, self._autoclaim(self.k_work, teacher, consumer, min_idle_ms, count))
         if self.max_deliveries is None or not items:
             return items
         pipe = self.r.pipeline(transaction=False)

@@ -214,6 +214,18 @@ def test_reset_needs_no_scan_and_keeps_a_blocked_teacher_undisturbed(run):
         forger.scan()
 
 
+def test_junk_work_entries_are_skipped_not_raised_into_a_teacher(run):
+    """Another client with the teachers' login may add work entries: one that is not {id, text, spans} is acked
+    and skipped by every teacher's worker, which goes on with the dispatcher's samples."""
+    trainer, teacher, forger = run
+    forger.xadd(trainer.k_work, {"foo": "bar"})
+    forger.xadd(trainer.k_work, {"id": b"\xff", "text": "t", "spans": ""})
+    forger.xadd(trainer.k_work, {"id": "x", "text": "t", "spans": "[[1"})
+    trainer.submit([Sample("s-0", "zero")])
+    assert [it.sample.id for it in teacher.claim_work("alpha", "alpha-0", count=10, block_ms=50)] == ["s-0"]
+    assert teacher.stats()["teachers"]["alpha"]["pending"] == 1  # the junk is acked, the sample held
+
+
 def test_resuming_without_the_key_signs_the_samples_in_flight(run):
     trainer, teacher, forger = run
     trainer.submit([Sample("s-0", "zero")])
