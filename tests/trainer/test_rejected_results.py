@@ -136,3 +136,21 @@ def test_a_run_that_dead_letters_too_much_fails(tmp_path):
     check_dead_letters({"submitted": 100, "dead_letters": 10}, 0.1, tmp_path)  # at the limit: fine
     with pytest.raises(RunFailed, match=r"79 of 100 samples \(79%\) were dead-lettered.*max_dead_letter_fraction"):
         check_dead_letters({"submitted": 100, "dead_letters": 79}, 0.1, tmp_path)
+
+
+def test_the_sample_key_is_the_runs_own_across_restarts(tmp_path):
+    """The key the dispatcher signs samples with (issue 26): new for a fresh run, readable by its user only, the
+    same on a resume (samples in flight stay valid), a new one when a resume finds none (they get re-signed)."""
+    import stat
+
+    from fuseflow.trainer.online import SAMPLE_KEY_FILE, sample_key
+
+    key, new = sample_key(tmp_path, fresh=True)
+    assert new and len(key) == 32
+    assert stat.S_IMODE((tmp_path / SAMPLE_KEY_FILE).stat().st_mode) == 0o600
+    assert sample_key(tmp_path, fresh=False) == (key, False)
+    again, new = sample_key(tmp_path, fresh=True)  # a fresh run under the same directory: a fresh key
+    assert new and again != key
+    (tmp_path / SAMPLE_KEY_FILE).unlink()
+    lost, new = sample_key(tmp_path, fresh=False)
+    assert new and lost not in (key, again) and (tmp_path / SAMPLE_KEY_FILE).exists()
