@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fuseflow serve-ensemble",
         description="Serve a Cool-Fusion ensemble (training-free fusion at inference, arXiv 2407.19807) as an "
         "OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics.",
-        epilog="example: FUSEFLOW_GATEWAY_API_KEY=$(cat gateway.key) fuseflow serve-ensemble examples/ensemble.yaml "
-        "--host 0.0.0.0 --port 8000 decoding.rerank=mean_logprob",
+        epilog="example: fuseflow serve-ensemble examples/ensemble.yaml --host 0.0.0.0 --port 8000 --api-key-file "
+        "gateway.key decoding.rerank=mean_logprob (the key: env FUSEFLOW_GATEWAY_API_KEY or that file, never argv)",
     )
     p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
