@@ -12,7 +12,8 @@ Secure by default (issue 15): every port binds 127.0.0.1 unless ``--host`` says 
 the children's environment, never on a command line (``ps`` shows argv to every local user): the Redis URL
 (``FUSEFLOW_REDIS_URL``) and a bearer token generated for this stack (``FUSEFLOW_TEACHER_TOKEN``, which the
 teachers then require). A Redis started here has one ACL user per role (``teacher``, ``trainer``:
-:func:`fuseflow.wire.redis_streams.run_acl_rules`) confined to the run's keys, each with its own password.
+:func:`fuseflow.wire.redis_streams.run_acl_rules`), each allowed only the commands its role sends on the run's
+keys (issue 26), with its own password.
 """
 
 from __future__ import annotations
