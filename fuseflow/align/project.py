@@ -227,15 +227,18 @@ def align_scored(
     k: int,
     text: str | None = None,
     splits: TargetSplits | None = None,
+    pos_map: np.ndarray | None = None,
 ) -> AlignedDist:
     """Sequence-align ``scored`` to the target tokenization of the same text with ``method``
     (:data:`~fuseflow.align.sequence.SEQUENCE_ALIGNERS`, config ``align.sequence``), then
     :func:`project_to_target`. ``target_tokens`` (normalised strings) are needed by ``mined-dp`` only,
     ``target_offsets`` by ``offsets``. With ``text`` and ``splits`` (config ``align.chain_rule``) the
-    positions left unlinked inside a source token get :func:`chain_rule_rows` (both sides need offsets)."""
-    pos_map = SEQUENCE_ALIGNERS.lookup(method)(
-        src_offsets=scored.offsets, tgt_offsets=target_offsets, src_tokens=scored.tokens, tgt_tokens=target_tokens
-    )
+    positions left unlinked inside a source token get :func:`chain_rule_rows` (both sides need offsets).
+    A given ``pos_map`` (the identity, when both sides are one tokenization) is used as it is."""
+    aligner = SEQUENCE_ALIGNERS.lookup(method)
+    if pos_map is None:
+        pos_map = aligner(src_offsets=scored.offsets, tgt_offsets=target_offsets, src_tokens=scored.tokens,
+                          tgt_tokens=target_tokens)
     inner = None
     if splits is not None and text is not None:
         inner = chain_rule_rows(scored, text, target_offsets, pos_map, splits)

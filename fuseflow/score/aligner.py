@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
+
 from fuseflow.align.project import align_scored
 from fuseflow.align.tokens import vocab_info
 from fuseflow.align.vocab import build_vocab_map, target_splits, token_strings
@@ -86,8 +88,8 @@ class TeacherAligner:
         self.vocab_map = build_vocab_map(vocab_map_method, engine.tokenizer, target_tokenizer, texts=stats_texts)
         # How the target splits each teacher token's text: the chain rule's table (identical vocabularies
         # never split a teacher token, so they need none).
-        same_vocab = vocab_info(engine.tokenizer).digest == vocab_info(target_tokenizer).digest
-        self.splits = target_splits(engine.tokenizer, target_tokenizer) if chain_rule and not same_vocab else None
+        self.same_vocab = vocab_info(engine.tokenizer).digest == vocab_info(target_tokenizer).digest
+        self.splits = target_splits(engine.tokenizer, target_tokenizer) if chain_rule and not self.same_vocab else None
         # Token strings are needed only by string-based sequence alignment.
         self._src_strings = token_strings(engine.tokenizer) if sequence_method == "mined-dp" else None
         self._tgt_strings = token_strings(target_tokenizer) if sequence_method == "mined-dp" else None
@@ -130,8 +132,12 @@ class TeacherAligner:
             # Normalised strings from the ids, whatever the engine sent: an engine's own token strings are raw
             # ('▁der', 'Ġder'), and the DP compares them with the target's normalised ones (issue 21).
             src_tokens = [self._src_strings[i] for i in scored.token_ids]
+        # The target's own tokenizer (the target as a teacher, or a same-tokenizer model): position t is position t,
+        # also where a token begins inside a character (a byte-level piece), which offsets cannot link.
+        same = self.same_vocab and np.array_equal(scored.token_ids, tgt.ids)
         dist = align_scored(
             replace(scored, tokens=src_tokens),
+            pos_map=np.arange(len(tgt.ids) - 1, dtype=np.int32) if same else None,
             target_ids=tgt.ids,
             target_offsets=tgt.offsets,
             target_tokens=tgt_tokens,

@@ -70,3 +70,14 @@ def test_more_candidates_are_scored_than_sent_and_the_engine_caps_them(gemma_eng
     assert sum(int(b.dist.aligned.sum()) for b in many) > sum(int(a.dist.aligned.sum()) for a in few)
     monkeypatch.setattr(gemma_engine, "max_top_k", 16)
     assert TeacherAligner("gemma", gemma_engine, bpe_tokenizer, top_k=4, score_top_k=32).score_top_k == 16
+
+
+def test_the_targets_own_tokenizer_gives_a_row_at_every_position(tiny_llama, bpe_tokenizer):
+    """Same tokenizer on both sides: position t is position t, byte-level pieces of a character included
+    (offsets link no position that begins inside a character)."""
+    engine = create_engine("hf", str(tiny_llama))
+    text = "Grüße aus Köln — 東京 and ✓ done. " * 3
+    (res,) = TeacherAligner("self", engine, bpe_tokenizer, top_k=4).run([Sample("u", text)])
+    enc = encode(bpe_tokenizer, text)
+    assert (align_offsets(enc.offsets, enc.offsets) < 0).any()  # pieces inside characters: offsets skip them
+    assert res.dist.aligned.all()
