@@ -17,6 +17,7 @@ run config's held-out documents and is what docs/quality.md reports for the chos
     python bench/quality.py                                   # the default size: ~45 min on 2 shared CPU cores
     python bench/quality.py --split dev --arms clm,fuse:min_ce fusion.lam=0.5 train.lr=1e-4
     python bench/quality.py --size gpu --config examples/fuse-gpu.yaml device=cuda
+    python bench/quality.py --report runs/quality.json --vs distil:smollm     # compare a finished run anew
 
 Writes ``--out`` (JSON: every figure, per-document nll included) and ``--plot`` (PNG learning curves).
 """
@@ -316,12 +317,13 @@ def _top(dist, k: int):
     return AlignedDist(dist.ids[:, :k], dist.logprobs[:, :k], dist.gold_logprobs, dist.aligned, dist.meta)
 
 
-def compare(arms: dict, groups: Sequence[str], num_resamples: int = 2000) -> None:
-    """Add to every point of every arm the paired bootstrap of ``arm − clm`` (the first arm) at the same budget
-    (overall and per corpus), in place."""
+def compare(arms: dict, groups: Sequence[str], num_resamples: int = 2000, reference: str | None = None) -> None:
+    """Add to every point of every arm the paired bootstrap of ``arm − reference`` at the same budget (overall and
+    per corpus), in place: under ``vs_clm`` for the first arm (CLM), under ``vs[reference]`` for another arm."""
     from fuseflow.trainer.evaluate import bootstrap_bpb
 
-    base = {p["step"]: p for p in next(iter(arms.values()))["curve"]}
+    name = reference or next(iter(arms))
+    base = {p["step"]: p for p in arms[name]["curve"]}
     for arm in arms.values():
         for point in arm["curve"]:
             ref = base.get(point["step"])
@@ -332,7 +334,10 @@ def compare(arms: dict, groups: Sequence[str], num_resamples: int = 2000) -> Non
                 sel = [i for i, x in enumerate(groups) if x == g]
                 diff[g] = bootstrap_bpb([point["text_nll"][i] for i in sel], [point["text_bytes"][i] for i in sel],
                                         [ref["text_nll"][i] for i in sel], num_resamples)
-            point["vs_clm"] = diff
+            if reference is None:
+                point["vs_clm"] = diff
+            else:
+                point.setdefault("vs", {})[reference] = diff
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,17 +345,19 @@ def compare(arms: dict, groups: Sequence[str], num_resamples: int = 2000) -> Non
 # ----------------------------------------------------------------------------------------------------------
 
 
-def table(result: dict) -> str:
+def table(result: dict, reference: str | None = None) -> str:
+    """The markdown table of every arm's curve with its difference from CLM (or from the arm ``reference``)."""
     corpora = list(result["corpora"])
-    head = "| arm | step | train tokens | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | overall | Δ vs clm overall [95 % CI] | " + \
-        " | ".join(f"Δ {c} [95 % CI]" for c in corpora) + " |"
+    label = reference or "clm"
+    head = "| arm | step | train tokens | " + " | ".join(f"{c} bits/byte" for c in corpora) + \
+        f" | overall | Δ vs {label} overall [95 % CI] | " + " | ".join(f"Δ {c} [95 % CI]" for c in corpora) + " |"
     lines = [head, "|" + "---|" * (4 + 2 * len(corpora) + 1)]
-    start, first = result["start"], next(iter(result["arms"]))
+    start, first = result["start"], reference or next(iter(result["arms"]))
     lines.append(f"| start | 0 | 0 | " + " | ".join(f"{start['per_corpus'][c]:.4f}" for c in corpora) +
                  f" | {start['bpb']:.4f} | | " + " | ".join("" for _ in corpora) + " |")
     for name, arm in result["arms"].items():
         for p in arm["curve"]:
-            d = p.get("vs_clm", {})
+            d = p.get("vs_clm", {}) if reference is None else p.get("vs", {}).get(reference, {})
             ci = lambda x: f"{x['value']:+.4f} [{x['low']:+.4f}, {x['high']:+.4f}]" if x and name != first else ""  # noqa: E731
             lines.append(
                 f"| {name} | {p['step']} | {p['tokens']} | " + " | ".join(f"{p['per_corpus'][c]:.4f}" for c in corpora)
@@ -415,10 +422,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated (default {DEFAULT_ARMS})")
     p.add_argument("--no-sources", action="store_true", help="skip evaluating the source models on the eval texts")
     p.add_argument("--cache", default=str(ROOT / "runs" / "quality-cache"), help="teacher-score cache ('' for none)")
+    p.add_argument("--vs", default="", help="comma-separated arms every arm is also compared with (paired "
+                   "bootstrap), e.g. distil:smollm (self-distillation)")
+    p.add_argument("--report", metavar="JSON", help="no training: recompute the comparisons (--vs) of a finished "
+                   "run's JSON and print its tables")
     p.add_argument("--out", default="quality.json")
     p.add_argument("--plot", default="quality.png")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    vs = [a for a in args.vs.split(",") if a]
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        _compare_and_print(result, vs)
+        return 0
     for name in ("fuseflow", "deepspeed", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -482,18 +498,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))  # every arm so far, should the run stop
     compare(result["arms"], groups)
+    for ref in vs:
+        compare(result["arms"], groups, reference=ref)
     result["total_seconds"] = time.perf_counter() - t_start
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if args.plot:
         plot(result, Path(args.plot))
-    print(sources_table(result))
-    print()
-    print(table(result))
+    _compare_and_print(result, vs, compared=True)
     print(f"\n{args.split} documents: {corpora}; train samples {mix}; "
           f"{result['total_seconds'] / 60:.1f} min (scoring {sum(score_seconds.values()):.0f} s)")
     return 0
+
+
+def _compare_and_print(result: dict, vs: Sequence[str], compared: bool = False) -> None:
+    """The sources' table, the arms against CLM, against each ``vs`` arm, and the teachers' statistics."""
+    for ref in vs:
+        if ref not in result["arms"]:
+            raise SystemExit(f"--vs {ref}: no such arm (arms: {list(result['arms'])})")
+        if not compared:
+            compare(result["arms"], result["eval_groups"], reference=ref)
+    print(sources_table(result))
+    print()
+    print(table(result))
+    for ref in vs:
+        print()
+        print(table(result, ref))
+    stats = teachers_table(result)
+    if stats:
+        print()
+        print(stats)
+
+
+def teachers_table(result: dict) -> str:
+    """Per arm and teacher, over the arm's run: the fidelity of its aligned rows and the fusion's choices."""
+    lines = ["| arm | teacher | coverage | gold missing | mean p(gold) | chosen (share of samples per corpus) |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, arm in result["arms"].items():
+        for teacher, st in (arm.get("teacher_stats") or {}).items():
+            chosen = ", ".join(f"{c} {v:.0%}" for c, v in st.get("chosen", {}).items())
+            lines.append(f"| {name} | {teacher} | {st['coverage']:.1%} | {st['miss_rate']:.1%} | {st['p_gold']:.3f} | "
+                         f"{chosen} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 if __name__ == "__main__":
