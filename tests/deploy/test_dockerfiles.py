@@ -139,3 +139,15 @@ def test_non_editable_install_carries_every_package():
                 on_disk.add(dotted)
     missing = sorted(on_disk - listed)
     assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}: `pip install .` drops them"
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_import_checks_cannot_import_the_source_tree(flavour):
+    """The build's WORKDIR /src holds fuseflow/ (the library) but not fuseflow.teacher (services/teacher): a plain
+    `python -c "import fuseflow.teacher…"` there imports the source tree and fails, which kept the CPU image from
+    ever building (issue 24). Isolated mode (-I) leaves the working directory off sys.path."""
+    checks = [a for i, a in instructions(DOCKERFILES[flavour]) if i == "RUN" and "import fuseflow" in a]
+    assert checks
+    for run in checks:
+        assert re.search(r"python -I -c \"import fuseflow", run), run
+
