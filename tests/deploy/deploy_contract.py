@@ -12,7 +12,7 @@ The contract (fixed by the lead; the commands are built in parallel):
     fuseflow stack up RUN.yaml [--redis URL] [--host H] [key=value ...]
 
 Secrets never on a command line: a bare ``--redis`` (teacher) or none (trainer) reads ``FUSEFLOW_REDIS_URL``.
-    fuseflow serve-ensemble ENSEMBLE.yaml [--port 8000]
+    fuseflow serve-ensemble ENSEMBLE.yaml [--host 0.0.0.0] [--port 8000]
     fuseflow fuse RUN.yaml [key=value ...]
     fuseflow merge MERGE.yaml
 """
@@ -45,6 +45,7 @@ CONTRACT_ENV = {
     "FUSEFLOW_TEACHER_TOKEN",
     "FUSEFLOW_LOG_FORMAT",
     "FUSEFLOW_CACHE",
+    "FUSEFLOW_GATEWAY_API_KEY",
 }
 # Read by the image's healthcheck module (services/teacher/healthcheck.py), not by the CLI.
 HEALTHCHECK_ENV = {"FUSEFLOW_TEACHER_PORT"}
@@ -77,7 +78,7 @@ CONTRACT = {
         ),
         Command(("train",), positionals=(1, 1), flags=frozenset({"--redis", "--metrics-host"}), overrides=True),
         Command(("stack", "up"), positionals=(1, 1), flags=frozenset({"--redis", "--host"}), overrides=True),
-        Command(("serve-ensemble",), positionals=(1, 1), flags=frozenset({"--port"})),
+        Command(("serve-ensemble",), positionals=(1, 1), flags=frozenset({"--host", "--port"})),
         Command(("fuse",), positionals=(1, 1), overrides=True),
         Command(("merge",), positionals=(1, 1)),
     ]
@@ -135,6 +136,14 @@ def fuseflow_argv(argv: list[str]) -> list[str] | None:
     if "fuseflow" in argv:
         return argv[argv.index("fuseflow") + 1 :]
     return None
+
+
+def compose_role(service: dict) -> str:
+    """``teacher``, ``trainer`` or ``gateway``: what a compose service of a fuseflow image runs."""
+    command = service.get("command", [])
+    if "serve-ensemble" in command:
+        return "gateway"
+    return "trainer" if "train" in command else "teacher"
 
 
 def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
@@ -232,6 +241,6 @@ def load_compose(env_overrides: dict[str, str] | None = None) -> dict:
     secrets filled in (the example leaves them empty on purpose)."""
     env = read_env_file(ENV_EXAMPLE)
     env.update({"REDIS_PASSWORD": "pw", "REDIS_TEACHER_PASSWORD": "tpw", "REDIS_TRAINER_PASSWORD": "rpw",
-                "FUSEFLOW_TEACHER_TOKEN": "tok"})
+                "FUSEFLOW_TEACHER_TOKEN": "tok", "FUSEFLOW_GATEWAY_API_KEY": "key"})
     env.update(env_overrides or {})
     return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)
