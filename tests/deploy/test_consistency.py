@@ -20,6 +20,7 @@ from deploy_contract import (
     CONTRACT_ENV,
     DEPLOY,
     ENV_EXAMPLE,
+    GATEWAY_PORT,
     HEALTHCHECK_ENV,
     OVERLAYS,
     ROOT,
@@ -28,6 +29,7 @@ from deploy_contract import (
     TEACHER_METRICS_PORT,
     TRAINER_METRICS_PORT,
     Invocation,
+    compose_role,
     env_of,
     find,
     fuseflow_argv,
@@ -110,12 +112,15 @@ def test_every_invocation_follows_the_contract(invocations):
         elif inv.command().words == ("serve-ensemble",):
             # Exposed on the pod's (container's) interfaces: its key from the environment (issue 26).
             assert positionals == ["/etc/fuseflow/ensemble.yaml"] and flags["--host"] == "0.0.0.0", inv.where
-            assert int(flags["--port"]) == GATEWAY_PORT, inv.where
-    assert {("teacher", "serve"), ("train",), ("serve-ensemble",)} >= seen >= {("teacher", "serve"), ("train",)}
-    # 2 teachers + 1 trainer per compose profile and per overlay; a gateway per overlay (compose: its own file's).
+            assert int(flags["--port"]) == GATEWAY_PORT and "--api-key" not in flags, inv.where
+    assert seen == {("teacher", "serve"), ("train",), ("serve-ensemble",)}
+    # 2 teachers + 1 trainer per compose profile and per overlay; a gateway per overlay and the compose cpu
+    # profile's (issues 24, 26).
     by_words = lambda words: [i for i in invocations if i.command().words == words]  # noqa: E731
     assert len(by_words(("teacher", "serve"))) + len(by_words(("train",))) == 3 * (2 + len(OVERLAYS))
-    assert len([i for i in by_words(("serve-ensemble",)) if i.where.startswith("k8s")]) == len(OVERLAYS)
+    gateways = [i.where for i in by_words(("serve-ensemble",))]
+    assert len([w for w in gateways if w.startswith("k8s")]) == len(OVERLAYS)
+    assert len([w for w in gateways if w.startswith("compose")]) == 1
 
 
 def _cli_parser_for(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, str]:
@@ -150,11 +155,14 @@ def test_compose_ports_match_the_contract(compose):
         if name == "redis":
             continue
         container_ports = {int(p.rsplit(":", 1)[1]) for p in s["ports"]}
-        is_trainer = "train" in s["command"]
-        expected = {TRAINER_METRICS_PORT} if is_trainer else {TEACHER_GRPC_PORT, TEACHER_METRICS_PORT}
+        role = compose_role(s)
+        expected = {"trainer": {TRAINER_METRICS_PORT}, "gateway": {GATEWAY_PORT}}.get(
+            role, {TEACHER_GRPC_PORT, TEACHER_METRICS_PORT})
         assert container_ports == expected, name
-        if is_trainer:
+        if role == "trainer":
             assert f"localhost:{TRAINER_METRICS_PORT}/metrics" in " ".join(s["healthcheck"]["test"])
+        elif role == "gateway":
+            assert f"localhost:{GATEWAY_PORT}/healthz" in " ".join(s["healthcheck"]["test"])
         else:
             assert "healthcheck" not in s  # the image's gRPC HEALTHCHECK, on its default port:
     from fuseflow.teacher.healthcheck import DEFAULT_PORT
@@ -296,7 +304,7 @@ def test_compose_teachers_serve_exactly_the_config_sources(compose, profile):
     mounts = {}
     sources = set()
     for name, s in compose["services"].items():
-        if profile not in s.get("profiles", []):
+        if profile not in s.get("profiles", []) or compose_role(s) == "gateway":
             continue
         (config,) = [v.split(":")[0] for v in s["volumes"] if v.split(":")[1] == "/etc/fuseflow/run.yaml"]
         mounts[name] = config
@@ -346,7 +354,7 @@ def test_compose_redis_urls_match_the_redis_service_and_the_roles_acl_users():
     c = load_compose({"REDIS_PASSWORD": "s3cret", "REDIS_TEACHER_PASSWORD": "t3", "REDIS_TRAINER_PASSWORD": "r3"})
     passwords = {"teacher": "t3", "trainer": "r3"}
     for name, s in c["services"].items():
-        if name == "redis":
+        if name == "redis" or compose_role(s) == "gateway":
             continue
         role = _role(name)
         url = urlparse(s["environment"]["FUSEFLOW_REDIS_URL"])

@@ -139,3 +139,32 @@ def test_non_editable_install_carries_every_package():
                 on_disk.add(dotted)
     missing = sorted(on_disk - listed)
     assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}: `pip install .` drops them"
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_import_checks_cannot_import_the_source_tree(flavour):
+    """The build's WORKDIR /src holds fuseflow/ (the library) but not fuseflow.teacher (services/teacher): a plain
+    `python -c "import fuseflow.teacher…"` there imports the source tree and fails, which kept the CPU image from
+    ever building (issue 24). Isolated mode (-I) leaves the working directory off sys.path."""
+    checks = [a for i, a in instructions(DOCKERFILES[flavour]) if i == "RUN" and "import fuseflow" in a]
+    assert checks
+    for run in checks:
+        assert re.search(r"python -I -c \"import fuseflow", run), run
+
+
+def test_compose_builds_the_cpu_image_on_the_dockerfiles_base_by_default():
+    """PYTHON_IMAGE: the compose default and .env.example's are the Dockerfile's (python:<version>-slim-<suite>);
+    only scripts/local_base_images.sh's stand-in differs, and only where FUSEFLOW_PYTHON_IMAGE names it."""
+    from deploy_contract import ENV_EXAMPLE, load_compose, read_env_file
+
+    args = dict(re.match(r"([A-Z0-9_]+)=?(.*)", a).groups() for i, a in instructions(DOCKERFILES["cpu"]) if i == "ARG")
+    default = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], args["PYTHON_IMAGE"])
+    assert default == "python:3.11.11-slim-bookworm"
+    compose = load_compose()
+    cpu = [s for s in compose["services"].values() if s.get("build", {}).get("dockerfile") == "deploy/docker/Dockerfile.cpu"]
+    assert cpu and {s["build"]["args"]["PYTHON_IMAGE"] for s in cpu} == {default}
+    assert read_env_file(ENV_EXAMPLE)["FUSEFLOW_PYTHON_IMAGE"] == default
+    stand_in = load_compose({"FUSEFLOW_PYTHON_IMAGE": "fuseflow-local/python:3.11-bookworm"})
+    assert {s["build"]["args"]["PYTHON_IMAGE"] for s in stand_in["services"].values() if s in cpu or
+            s.get("build", {}).get("dockerfile") == "deploy/docker/Dockerfile.cpu"} == {"fuseflow-local/python:3.11-bookworm"}
+    assert "fuseflow-local/python:3.11-bookworm" in (ROOT / "scripts" / "local_base_images.sh").read_text()

@@ -58,9 +58,6 @@ def test_k8s_redis_creates_the_stacks_acl_users(rendered):
         )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26: deploy/docker/docker-compose.yml is edited by another change this "
-                   "session; its redis service still has the issue-15 rules. Paste `python scripts/acl_lines.py "
-                   "--compose` there and drop this mark (strict: it fails once the file is updated)")
 def test_compose_redis_creates_the_stacks_acl_users():
     assert user_lines(compose_script()) == acl_lines()  # compose's $$ is $ once loaded
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from deploy_contract import load_compose
+from deploy_contract import compose_role, load_compose
 
 from fuseflow.cli import build_parser, commands
 from fuseflow.config import FuseConfig, load_config
@@ -32,7 +32,9 @@ def test_compose_cpu_profile_runs_the_stack_commands(engine):
     """With .env.example's settings, and with FUSEFLOW_CPU_ENGINE set: the compose teachers then run on that
     engine, as `fuseflow stack up CONFIG sources.<i>.engine=ENGINE` would."""
     compose = load_compose({} if engine is None else {"FUSEFLOW_CPU_ENGINE": engine})
-    services = {name: svc for name, svc in compose["services"].items() if "cpu" in svc.get("profiles", [])}
+    # The gateway is no part of `stack up` (it serves inference over the teachers).
+    services = {name: svc for name, svc in compose["services"].items()
+                if "cpu" in svc.get("profiles", []) and compose_role(svc) != "gateway"}
     mounted = next(v for svc in services.values() for v in svc.get("volumes", []) if v.endswith(":/etc/fuseflow/run.yaml:ro"))
     host_path, config_path = mounted.split(":")[:2]
     overrides = [] if engine is None else [f"sources.{i}.engine={engine}" for i in range(len(services) - 1)]
