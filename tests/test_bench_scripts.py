@@ -199,8 +199,14 @@ eval: {{max_length: 32}}
     monkeypatch.setattr("fuseflow.score.engine.engine_from_source", no_scoring)
     # ... and an arm with other alignment settings aligns the cached scores afresh (issue 21).
     arms = "clm,fuse:min_ce@fusion.lam=0.2,distil:gemma@align.vocab_map=mined@align.chain_rule=false"
-    assert quality.main(base + ["--arms", arms, "--no-sources", "--plot", ""]) == 0
+    ref = "distil:gemma@align.vocab_map=mined@align.chain_rule=false"
+    assert quality.main(base + ["--arms", arms, "--no-sources", "--plot", "", "--vs", ref]) == 0
     result = json.loads(out.read_text())
+    for name, a in result["arms"].items():  # compared with the other arm too, paired, at every budget
+        for p in a["curve"]:
+            d = p["vs"][ref]["overall"]
+            assert d["low"] <= d["value"] <= d["high"] and (d["value"] == 0.0) == (name == ref)
+    assert quality.main(["--report", str(out), "--vs", "fuse:min_ce@fusion.lam=0.2"]) == 0  # no training
     arm = result["arms"]["fuse:min_ce@fusion.lam=0.2"]
     assert arm["lam"] == 0.2 and arm["function"] == "min_ce" and arm["teachers"] == ["gemma", "self"]
     assert arm["align"]["chain_rule"] is True and set(arm["teacher_stats"]) == {"gemma", "self"}
