@@ -514,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _compare_and_print(result: dict, vs: Sequence[str], compared: bool = False) -> None:
     """The sources' table, the arms against CLM, against each ``vs`` arm, and the teachers' statistics."""
+    if not compared:  # a finished run's JSON, or one an interrupted run left (written after every arm)
+        compare(result["arms"], result["eval_groups"])
     for ref in vs:
         if ref not in result["arms"]:
             raise SystemExit(f"--vs {ref}: no such arm (arms: {list(result['arms'])})")
