@@ -159,7 +159,8 @@ class CorpusConfig(BaseModel):
     max_documents: PositiveInt | None = Field(None, description="read only the first N documents of the source")
     held_out_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     held_out_documents: NonNegativeInt | None = Field(None, description="exact held-out count (instead of a fraction)")
-    seed: int = 0
+    seed: int = Field(0, description="the held-out split's seed; in a run config, the run's seed unless set here (set "
+                      "it to keep the same held-out documents while the seed changes)")
 
     @model_validator(mode="after")
     def _one_held_out_rule(self) -> "CorpusConfig":

@@ -317,7 +317,7 @@ def run_online(
     try:
         result = train(
             target.model, target.tokenizer, feed,
-            teachers=teachers, train_cfg=cfg.train, fusion_cfg=cfg.fusion, total_steps=steps, run_dir=out,
+            teachers=teachers, train_cfg=cfg.train, fusion_cfg=cfg.fusion, total_steps=steps, run_dir=out, seed=cfg.seed,
             on_durable=feed.ack_durable, progress=progress, skip_consumed=False,
             on_log=metrics.observe_log if metrics is not None else None,
         )
