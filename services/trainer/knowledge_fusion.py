@@ -75,8 +75,9 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
 
 
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts=None):
-    """A :class:`~fuseflow.score.aligner.TeacherAligner` per source, on the engine the config describes
-    (:func:`~fuseflow.score.engine.engine_from_source`, as ``fuseflow teacher serve`` builds it). ``stats_texts``:
+    """A :class:`~fuseflow.score.aligner.TeacherAligner` per source, on the engine the config describes, built
+    as ``fuseflow teacher serve`` builds it (:func:`~fuseflow.score.engine.engine_from_source` with the serve
+    section's defaults), so in-process teachers score as served ones. ``stats_texts``:
     the ``stats`` vocab map's texts (default: :func:`fuseflow.score.aligner.stats_texts`, as served teachers)."""
     from fuseflow.score.aligner import TeacherAligner
     from fuseflow.score.aligner import stats_texts as run_stats_texts
@@ -84,7 +85,8 @@ def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_toke
 
     if stats_texts is None and sources:
         stats_texts = run_stats_texts(cfg)
-    return [TeacherAligner.for_run(cfg, src.key, engine_from_source(src, cfg.device), target_tokenizer, stats_texts)
+    return [TeacherAligner.for_run(cfg, src.key, engine_from_source(src, cfg.device, cfg.serve.engine_defaults()),
+                                 target_tokenizer, stats_texts)
             for src in sources]
 
 
