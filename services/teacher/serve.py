@@ -90,18 +90,13 @@ class EngineSpec:
     device: str | None = None
     serve: ServeConfig = field(default_factory=ServeConfig)
     config: FuseConfig | None = None  # with --config
+    name: str = field(init=False)  # the teacher's name in logs and on the wire
+    kind: str = field(init=False)
+    model: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.source.key if isinstance(self.source, SourceConfig) else self.source.model
-
-    @property
-    def kind(self) -> str:
-        return self.source.engine
-
-    @property
-    def model(self) -> str:
-        return self.source.model
+    def __post_init__(self) -> None:
+        self.name = self.source.key if isinstance(self.source, SourceConfig) else self.source.model
+        self.kind, self.model = self.source.engine, self.source.model
 
     @property
     def options(self) -> dict:
