@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fuseflow.fuse.loss import LOSS_IMPLS, clm_loss, fusion_loss
+from fuseflow.measure import PeakTensorBytes
 from loss_reference import dense_reference
 
 B, T, H, V, K = 2, 9, 6, 23, 5
@@ -282,26 +282,6 @@ def test_fused_holds_no_logits_between_the_passes():
     assert largest["chunked"] == (chunk * v, chunk * v)
 
 
-class PeakLiveBytes(TorchDispatchMode):
-    """The most bytes alive at once among the storages that (non-view, out-of-place) ops create while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not (func.is_view or func._schema.is_mutable):
-            for x in tree_leaves(out):
-                if isinstance(x, torch.Tensor):
-                    storage = x.untyped_storage()
-                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
-        return out
-
-
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fused_peak_is_three_logit_blocks_and_its_gradients(softcap):
     """Over forward + backward at τ = 2: the fused path holds at most 3 fp32 [c, V] blocks (logits, their two
@@ -318,7 +298,7 @@ def test_fused_peak_is_three_logit_blocks_and_its_gradients(softcap):
     peak = {}
     for impl in LOSS_IMPLS:
         hidden.grad = weight.grad = None
-        with PeakLiveBytes() as live:
+        with PeakTensorBytes() as live:
             fusion_loss(hidden, weight, labels, ids, lps, mask, temperature=2.0, logit_softcap=softcap,
                         chunk_tokens=chunk, impl=impl).loss.backward()
         peak[impl] = live.peak
