@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
-from fuseflow.sparse import Sample
+from fuseflow.sparse import Encoded, Sample
 
 log = logging.getLogger(__name__)
 
@@ -817,11 +817,11 @@ def make_samples(
                 continue
             check_text(text, where)  # the tokenizer would raise a bare TypeError
             bounds = _piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, block_chars, where)
-            for start, end in bounds:
+            for start, end, enc in bounds:
                 piece_text = text[start:end]
                 piece_spans = None if spans is None else _clip_spans(spans, start, end)
                 if piece_text.strip() and piece_spans != ():
-                    yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans)
+                    yield Sample(id=sample_id(doc, piece), text=piece_text, loss_spans=piece_spans, encoding=enc)
                 piece += 1
         except DocumentError as e:
             if tally is None:
@@ -882,22 +882,27 @@ def _blocks(text: str, block_chars: int) -> Iterator[int]:
         start = cut + 1 if cut >= 0 else start + block_chars
 
 
-def _piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, block_chars, where) -> Iterator[tuple[int, int]]:
+def _piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, block_chars, where) -> Iterator[tuple[int, int, Encoded]]:
     block_starts = list(_blocks(text, block_chars))
     for b, block_start in enumerate(block_starts):
         block_end = block_starts[b + 1] if b + 1 < len(block_starts) else len(text)
         block = text[block_start:block_end]
-        for s, e in _block_piece_bounds(block, tokenizer, budget, max_tokens, stride, newline_cuts, where):
-            yield block_start + s, block_start + e
+        for s, e, enc in _block_piece_bounds(block, tokenizer, budget, max_tokens, stride, newline_cuts, where):
+            yield block_start + s, block_start + e, enc
 
 
-def _block_piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, where) -> Iterator[tuple[int, int]]:
+def _block_piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cuts, where) -> Iterator[tuple[int, int, Encoded]]:
+    """``(start, end, encoding)`` of each piece: the encoding (:func:`fuseflow.models.encode`) is the call that
+    checked the piece fits, kept as the sample's (issue 25). A block that fits whole is tokenized once."""
+    from fuseflow.models import encode  # torch stays out of config loading, which imports this module
+
+    whole = encode(tokenizer, text)
+    if len(whole.ids) <= max_tokens:  # as len(text tokens) <= budget: the special tokens are the same count
+        yield 0, len(text), whole
+        return
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [L, 2]
     num_tokens = len(offsets)
-    if num_tokens <= budget:
-        yield 0, len(text)
-        return
     codepoints = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")  # [N]
     scores = cut_scores(codepoints, offsets, newline_cuts)  # [L]
     lookback = max(1, budget // 4)
@@ -909,14 +914,15 @@ def _block_piece_bounds(text, tokenizer, budget, max_tokens, stride, newline_cut
     while True:
         e = num_tokens if num_tokens - s <= budget else best_cut(scores, s + budget - lookback, s + budget, s + 1)
         while True:
-            n = len(tokenizer(text[char_at(s) : char_at(e)], add_special_tokens=True)["input_ids"])
+            piece = encode(tokenizer, text[char_at(s) : char_at(e)])
+            n = len(piece.ids)
             if n <= max_tokens:
                 break
             hi = min(e, num_tokens) - (n - max_tokens)
             if hi <= s:
                 raise DocumentError(where, f"cannot cut a piece of at most {max_tokens} tokens at token {s}")
             e = best_cut(scores, hi - lookback, hi, s + 1)
-        yield char_at(s), char_at(e)
+        yield char_at(s), char_at(e), piece
         if e >= num_tokens:
             return
         if stride is None:

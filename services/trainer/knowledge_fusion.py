@@ -97,25 +97,27 @@ WORKER_BATCH_SIZE = 8
 
 def train_in_process(
     cfg: FuseConfig, out: Path, samples: Sequence[Sample] | None = None, progress: bool = True,
-    worker_batch_size: int = WORKER_BATCH_SIZE, rejected: Sequence[Rejected] = (),
+    worker_batch_size: int = WORKER_BATCH_SIZE, rejected: Sequence[Rejected] = (), tokenizer=None,
 ):
     """The recipe over :class:`~fuseflow.wire.inprocess.InProcessTransport`: ``cfg.sources`` scored by worker
     threads (:class:`fuseflow.teacher.worker.WorkerThreads`) while this thread dispatches and trains; no sources is
     the CLM-only baseline. Writes ``out`` (model, checkpoints, logs, dead letters); returns the ``TrainResult``.
-    ``rejected``: the corpus documents set aside with ``samples`` (:class:`Corpus`), dead-lettered by the run."""
+    ``rejected``: the corpus documents set aside with ``samples`` (:class:`Corpus`), dead-lettered by the run.
+    ``tokenizer``: the target's, loaded once by the caller (else here)."""
     from fuseflow.models import load_tokenizer
     from fuseflow.teacher.worker import WorkerThreads
     from fuseflow.wire.inprocess import InProcessTransport
 
     from .online import default_window, run_online
 
-    teachers = build_teachers(cfg, cfg.sources, load_tokenizer(cfg.target.model))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.target.model)
+    teachers = build_teachers(cfg, cfg.sources, tokenizer)
     transport = InProcessTransport("fuse", [t.name for t in teachers], window=default_window(cfg, 1))
     try:
         # A worker thread that dies (its engine fails on every sample) ends the run with its error at once.
         with WorkerThreads(teachers, lambda: transport, batch_size=worker_batch_size) as workers:
             return run_online(cfg, transport, out=out, samples=list(samples) if samples is not None else None,
-                              progress=progress, check_teachers=workers.check, rejected=rejected)
+                              progress=progress, check_teachers=workers.check, rejected=rejected, tokenizer=tokenizer)
     finally:
         del teachers
         gc.collect()
@@ -165,7 +167,7 @@ def run_fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     if cfg.baseline == "clm":
         plan["baseline clm"] = ([], run_dir / "baseline-clm")
     runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus.train, progress,
-                                   rejected=corpus.rejected)
+                                   rejected=corpus.rejected, tokenizer=target_tok)
             for name, (sources, out) in plan.items()}
 
     return report_runs(cfg, corpus, runs, rows_before, progress)

@@ -294,7 +294,7 @@ def train(
     fusion_cfg: FusionConfig,
     total_steps: int,
     run_dir: Path,
-    seed: int,
+    seed: int = 0,
     on_durable: Callable[[list[str]], None] | None = None,
     progress: bool = True,
     skip_consumed: bool = True,
@@ -305,8 +305,8 @@ def train(
     Resumes from ``run_dir/checkpoints`` if one exists. With ``skip_consumed`` (deterministic in-process
     streams) the samples a checkpoint already covers are skipped; a Redis stream redelivers instead.
     An empty group is a micro-step without a sample on this rank (``empty_batch``). ``on_log`` gets every
-    metrics row (each ``train.log_every`` steps, on every rank). ``seed`` (the run config's) seeds every
-    generator before the first step, so a fused run and its CLM baseline start from the same state.
+    metrics row (each ``train.log_every`` steps, on every rank). ``seed`` (the run config's; the recipe
+    passes it) seeds every generator before the first step, so a fused run and its CLM baseline start alike.
     """
     import deepspeed
     from tqdm import tqdm

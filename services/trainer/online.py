@@ -35,9 +35,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fuseflow.config import ConfigError, FuseConfig, RunFailed, load_config
+from fuseflow.models import encode
 from fuseflow.wire.transport import ReadySample, Transport, TransportUnavailable, check_ready, retrying
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class ReadyFeed:
     on a missing rank. If none has, the epoch is over: the feed pads to the gradient-accumulation boundary
     with empty micro-steps (so the last samples reach an optimizer step) and ends, on every rank together.
 
+    ``tokenizer``: the target's; a sample that arrives without its target encoding (from Redis: the wire carries
+    the text) gets it here, once, for the check and the batch (issue 25).
+
     ``trained_log``: this rank's ``trained_samples*.log``, read on the first micro-step (the loop has then cut
     it to the checkpoint it resumed from): a redelivered sample listed there is already in the weights, and is
     acked instead of trained again. ``ack_durable`` is the loop's ``on_durable``.
@@ -100,8 +105,10 @@ class ReadyFeed:
         check: Callable[[ReadySample], dict[str, str]] | None = None,
         redispatch: bool = True,
         check_teachers: Callable[[], None] | None = None,
+        tokenizer=None,
     ):
         self.transport = transport
+        self.tokenizer = tokenizer  # the target's: encodes each received sample that carries no encoding, once
         self.consumer = consumer
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
@@ -167,7 +174,10 @@ class ReadyFeed:
                     self._skip.discard(r.sample.id)
                     self.skipped += 1
                     log.info("sample %s is in the checkpoint already: acked, not trained again", r.sample.id)
-                elif problems := (self.check(r) if self.check is not None else r.problems):
+                    continue
+                if self.tokenizer is not None and r.sample.encoding is None:
+                    r = replace(r, sample=replace(r.sample, encoding=encode(self.tokenizer, r.sample.text)))
+                if problems := (self.check(r) if self.check is not None else r.problems):
                     self._reject(r, problems)
                 else:
                     batch.append(r)
@@ -219,6 +229,7 @@ def run_online(
     poll_ms: int = 100,
     check_teachers: Callable[[], None] | None = None,
     rejected: Sequence = (),
+    tokenizer=None,
 ):
     """The one recipe (issue 13): dispatch the corpus into ``transport`` and train ``cfg.target`` on its ready
     samples until the epoch ends; returns the loop's ``TrainResult``. Teachers answer on the other side of the
@@ -234,7 +245,8 @@ def run_online(
     while the trainer waits for samples, raises to end the run (in-process teachers: the error a worker thread
     died of, :meth:`fuseflow.teacher.worker.WorkerThreads.check`; served teachers are replaced by their
     supervisor instead, their pending work reclaimed). ``rejected``: the corpus documents set aside with the given
-    ``samples`` (:class:`fuseflow.corpus.Rejected`); rank 0 dead-letters them, as those it sets aside itself."""
+    ``samples`` (:class:`fuseflow.corpus.Rejected`); rank 0 dead-letters them, as those it sets aside itself.
+    ``tokenizer``: the target's, when the caller has loaded it already."""
     import torch.distributed as dist
 
     from fuseflow.models import load
@@ -257,7 +269,8 @@ def run_online(
         )
     out = Path(out) if out is not None else Path(cfg.run_dir) / "fused"
     out.mkdir(parents=True, exist_ok=True)
-    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation)
+    target = load(cfg.target.model, device=cfg.device, attn_implementation=cfg.target.attn_implementation,
+                  tokenizer=tokenizer)
     local = transport.per_process  # this rank's own pipeline: it dispatches its own shard
     dispatching = local or rank == 0
 
@@ -313,6 +326,7 @@ def run_online(
         on_batch=metrics.observe_batch if metrics is not None else None,
         check=result_check(target.model, target.tokenizer, teachers),
         redispatch=cfg.train.rejected_results == "redispatch", check_teachers=check_teachers,
+        tokenizer=target.tokenizer,
     )
     try:
         result = train(
@@ -367,14 +381,14 @@ def sample_key(out: Path, fresh: bool) -> tuple[bytes, bool]:
 
 def result_check(model, tokenizer, teachers: list[str]) -> Callable[[ReadySample], dict[str, str]]:
     """The trainer's checks of a ready sample (:func:`fuseflow.wire.transport.check_ready`) against this
-    target: ids below its output vocabulary, one row per target position of the sample's text."""
-    from fuseflow.models import encode
-
+    target: ids below its output vocabulary, one row per target position of the sample's text (its encoding,
+    :class:`ReadyFeed` gives each sample one)."""
     head = model.get_output_embeddings()
     vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
     def check(item: ReadySample) -> dict[str, str]:
-        return check_ready(item, teachers, vocab_size, len(encode(tokenizer, item.sample.text).ids) - 1)
+        enc = item.sample.encoding if item.sample.encoding is not None else encode(tokenizer, item.sample.text)
+        return check_ready(item, teachers, vocab_size, len(enc.ids) - 1)
 
     return check
 
