@@ -43,14 +43,15 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_the_seed_drives_the_fuse_recipe(tmp_path, dropout_llama, tiny_gemma, tiny_qwen):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus, train_in_process
+    from fuseflow.trainer.data import prepare_corpus
+    from fuseflow.trainer.recipe import train_in_process
 
     config = write_run_config(tmp_path, dropout_llama, tiny_gemma, tiny_qwen, n_docs=8)
     weights, trained = {}, {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         cfg = load_config(FuseConfig, config, [*OVERRIDES, f"seed={seed}"])
         corpus = prepare_corpus(cfg, load_tokenizer(cfg.target.model))
-        res = train_in_process(cfg, tmp_path / name, corpus.train, progress=False, worker_batch_size=1)
+        res = train_in_process(cfg, tmp_path / name, corpus, progress=False, worker_batch_size=1)
         weights[name] = _weights(res.model_dir)
         trained[name] = (tmp_path / name / "trained_samples.log").read_text()
     assert trained["a"] == trained["b"] == trained["c"]  # the same samples: only the seed differs

@@ -25,7 +25,7 @@ def _run_config(tmp_path, tiny_llama, engine_options: dict, serve_top_k: int = 5
 
 def _fuse_engine(cfg):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import build_teachers
+    from fuseflow.trainer.teachers import build_teachers
 
     (aligner,) = build_teachers(cfg, cfg.sources, load_tokenizer(cfg.target.model))
     return aligner.engine

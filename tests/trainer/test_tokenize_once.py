@@ -51,7 +51,8 @@ def _count_target_loads(monkeypatch, target_path) -> list:
 
 
 def test_the_fuse_path_tokenizes_each_training_sample_once(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, monkeypatch):
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus, run_fuse
+    from fuseflow.trainer.data import prepare_corpus
+    from fuseflow.trainer.recipe import fuse
 
     # Short documents (one sample each) and a long one (cut into several samples).
     docs = [f"Document {i} holds a short sentence or two for the tiny target." for i in range(8)]
@@ -71,7 +72,7 @@ baseline: none
     cfg = load_config(FuseConfig, config)
     calls = _count_target_calls(monkeypatch, tiny_llama)
     loads = _count_target_loads(monkeypatch, tiny_llama)
-    run_fuse(cfg, progress=False)
+    fuse(cfg, progress=False)
     assert len(loads) == 1  # the target tokenizer, loaded once (three times before)
     trained = (tmp_path / "run" / "fused" / "trained_samples.log").read_text().split()
     from fuseflow.models import load_tokenizer

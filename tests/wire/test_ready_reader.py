@@ -263,7 +263,7 @@ _op = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, max_size=8), split=st.integers(0, len(HONEST)))
 def test_forged_fields_never_stop_the_feed_nor_reach_training(acl_server, tmp_path, ops, split):
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.ready import ReadyFeed
 
     name = f"p-{uuid.uuid4().hex[:8]}"
     admin = acl_server.client()
