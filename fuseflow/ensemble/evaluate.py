@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -401,13 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow eval-ensemble …`` (also ``python -m fuseflow.ensemble.evaluate``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("eval-ensemble", sys.argv[1:] if argv is None else argv)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
@@ -428,7 +420,3 @@ def run(args: argparse.Namespace) -> int:
         Path(out).write_text(json.dumps(report, indent=2, default=float))
         print(f"\nwrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -202,13 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fuseflow merge …`` (also ``python -m fuseflow.merge.run``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("merge", sys.argv[1:] if argv is None else argv)
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
@@ -226,7 +219,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"merged {len(config.models)} models with {config.method} into {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,6 @@ import ipaddress
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -505,13 +504,6 @@ class _KeyInArgv(argparse.Action):
                      f"in env {API_KEY_ENV} or in a file named by --api-key-file (server.api_key_file)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow serve-ensemble …`` (also ``python -m fuseflow.gateway.server``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("serve-ensemble", sys.argv[1:] if argv is None else argv)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(EnsembleConfig, args.config, args.overrides, flag_values(args))
     api_key = read_api_key(cfg.server)
@@ -531,7 +523,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         service.close()
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

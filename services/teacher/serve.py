@@ -17,9 +17,7 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,13 +103,6 @@ class EngineSpec:
 
     def build_engine(self):
         return engine_from_source(self.source, self.device, self.serve.engine_defaults())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow teacher serve …`` (also ``python -m fuseflow.teacher.serve``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("teacher serve", sys.argv[1:] if argv is None else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -353,7 +344,3 @@ def _install_signal_handlers(stop: threading.Event) -> dict:
 def _restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -284,7 +284,7 @@ def served_process(tiny_llama, tmp_path):
 
     def start(*flags):
         log = tmp_path / f"serve-{len(procs)}.log"
-        cmd = [sys.executable, "-m", "fuseflow.teacher.serve", "--model", str(tiny_llama), "--device", "cpu",
+        cmd = [sys.executable, "-m", "fuseflow.cli", "teacher", "serve", "--model", str(tiny_llama), "--device", "cpu",
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
         env = dict(os.environ, OMP_NUM_THREADS="1", FUSEFLOW_LOG_FORMAT="text")
         with open(log, "wb") as out:
