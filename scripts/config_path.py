@@ -1,7 +1,7 @@
 """The path of a run's config through the code (issue 25): ``fuseflow fuse`` on tiny random models, traced
 from the command to the first optimizer step. Every call of a fuseflow function (fuseflow/ or services/) that
 receives the config or one of its sections (a pydantic model of ``fuseflow.config`` / ``fuseflow.corpus``) as an
-argument is a stop; the config's own methods (``SourceConfig.key``: the config is their ``self``) are not, the
+argument is a stop (a generator once, not at each item it yields); the config's own methods (``SourceConfig.key``: the config is their ``self``) are not, the
 config does not travel there. Consecutive stops in one file are one pass through it.
 
     python scripts/config_path.py [--show]
@@ -14,6 +14,7 @@ in a temporary folder. ``FUSEFLOW_ROOT`` measures another checkout of the same i
 
 from __future__ import annotations
 
+import dis
 import os
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def trace_fuse(config: Path) -> list[tuple[str, str, str]]:
             done[0] = True
             sys.setprofile(None)
             return
-        if not code.co_filename.startswith(ours):
+        if not code.co_filename.startswith(ours) or not _fresh(frame):
             return
         names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         if names[:1] == ("self",) and isinstance(frame.f_locals.get("self"), types):
@@ -78,6 +79,16 @@ def trace_fuse(config: Path) -> list[tuple[str, str, str]]:
     if code != 0:
         raise SystemExit(f"fuseflow fuse exited {code}")
     return stops
+
+
+_RESUME = dis.opmap.get("RESUME")
+
+
+def _fresh(frame) -> bool:
+    """A new call, not a generator resumed (CPython 3.11+: a frame starts at ``RESUME 0``, resumes at ``RESUME n>0``):
+    a streamed generator that holds the config is one stop however many items it yields."""
+    code, i = frame.f_code.co_code, frame.f_lasti
+    return _RESUME is None or i < 0 or code[i] != _RESUME or code[i + 1] == 0
 
 
 def _rel(filename: str) -> str:
