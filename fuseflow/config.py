@@ -456,6 +456,17 @@ class _FieldFlag(argparse.Action):
         setattr(namespace, self.dest, (option_string, True if self.nargs == 0 else values))
 
 
+def config_parser(description: str, epilog: str, config_help: str, overrides_help: str, *,
+                  config_metavar: str | None = None, overrides_metavar: str | None = None,
+                  **kwargs) -> argparse.ArgumentParser:
+    """The parser of a command that reads a config file and ``key=value`` overrides of it (:func:`load_config`):
+    the two positional arguments every such command starts with, named alike; ``kwargs`` go to the parser."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, **kwargs)
+    parser.add_argument("config", metavar=config_metavar, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar=overrides_metavar, help=overrides_help)
+    return parser
+
+
 def add_field_flags(parser, section: type[BaseModel], prefix: str, names: Iterable[str] | None = None) -> None:
     """A flag per field of the config section at ``prefix`` (``--max-texts`` for ``serve.max_texts``), help from
     the field's description and default. A flag is an alias of the override ``prefix.field=value``: its value

@@ -13,12 +13,12 @@ import os
 class Fuse:
     @staticmethod
     def build_parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(
-            description="Knowledge fusion (FuseLLM) in one process: score, align, fuse, train, evaluate.",
-            epilog="example: fuseflow fuse examples/quickstart.yaml train.max_steps=20 baseline=none",
-        )
-        p.add_argument("config", help="run config YAML (see examples/quickstart.yaml)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5 fusion.function=avg_ce")
+        from fuseflow.config import config_parser
+
+        p = config_parser("Knowledge fusion (FuseLLM) in one process: score, align, fuse, train, evaluate.",
+                          "example: fuseflow fuse examples/quickstart.yaml train.max_steps=20 baseline=none",
+                          "run config YAML (see examples/quickstart.yaml)",
+                          "key=value overrides, e.g. train.lr=3e-5 fusion.function=avg_ce")
         p.add_argument("--baseline", choices=["clm", "none"], default=None, help="also train a CLM-only copy (default: config)")
         p.add_argument("--pairwise", action="store_true", help="FuseChat: one fused copy of the target per source")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,18 +41,16 @@ class Fuse:
 class Train:
     @staticmethod
     def build_parser() -> argparse.ArgumentParser:
-        from fuseflow.config import OnlineConfig, add_field_flags
+        from fuseflow.config import OnlineConfig, add_field_flags, config_parser
 
-        p = argparse.ArgumentParser(
-            description="Online knowledge fusion: train the target on aligned top-k distributions that teacher "
-            "services (`fuseflow teacher serve --redis`) stream through Redis. Rank 0 dispatches the corpus; "
-            "run N ranks with the deepspeed or torchrun launcher (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). "
-            "The flags below set the run config's `online` fields in brackets, as key=value overrides do.",
-            epilog="example: fuseflow train examples/quickstart.yaml --redis redis://:PASSWORD@localhost:6379/0 "
+        p = config_parser(
+            "Online knowledge fusion: train the target on aligned top-k distributions that teacher services "
+            "(`fuseflow teacher serve --redis`) stream through Redis. Rank 0 dispatches the corpus; run N ranks with "
+            "the deepspeed or torchrun launcher (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The flags below set "
+            "the run config's `online` fields in brackets, as key=value overrides do.",
+            "example: fuseflow train examples/quickstart.yaml --redis redis://:PASSWORD@localhost:6379/0 "
             "train.max_steps=20",
-        )
-        p.add_argument("config", help="run config YAML (see examples/quickstart.yaml)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5 online.window=512")
+            "run config YAML (see examples/quickstart.yaml)", "key=value overrides, e.g. train.lr=3e-5 online.window=512")
         add_field_flags(p, OnlineConfig, "online", ["redis", "run", "window", "metrics_host", "metrics_port"])
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         # The deepspeed launcher passes --local_rank to each rank (torchrun sets env LOCAL_RANK instead).
