@@ -259,17 +259,24 @@ def test_bf16_within_tolerance(chunk_tokens):
                                                                1e-2 * scale)
 
 
+def wide_vocab_inputs(v: int, h: int, n: int, seed: int):
+    """``n`` positions of a hidden size ``h`` head over ``v`` ids (``v`` ≫ chunk, so a [chunk, V] block is the
+    largest tensor), 4 teacher ids each: hidden [1, n, h] and weight [V, h] with gradients, labels, ids, logprobs,
+    mask."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (1, n), generator=g)  # [1, n]
+    ids = torch.randint(0, v, (1, n, 4), generator=g)  # [1, n, 4]
+    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)  # [1, n, 4]
+    return hidden, weight, labels, ids, lps, torch.ones(1, n, dtype=torch.bool)
+
+
 def test_fused_holds_no_logits_between_the_passes():
     """Forward: one chunk's [c, V] blocks and the [V, H] weight-gradient accumulator; backward: nothing as large
     as a chunk's logits (no recompute). The chunked path's backward makes [c, V] blocks again (control)."""
     v, h, chunk, n = 2048, 8, 16, 64
-    g = torch.Generator().manual_seed(12)
-    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (1, n), generator=g)
-    ids = torch.randint(0, v, (1, n, 4), generator=g)
-    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)
-    mask = torch.ones(1, n, dtype=torch.bool)
+    hidden, weight, labels, ids, lps, mask = wide_vocab_inputs(v, h, n, seed=12)
     largest = {}
     for impl in LOSS_IMPLS:
         with HeadMatmuls() as forward:
@@ -288,13 +295,7 @@ def test_fused_peak_is_three_logit_blocks_and_its_gradients(softcap):
     log-softmaxes) plus its gradients; the chunked path reaches 4 (``logits / τ`` besides) in the forward and
     more in the backward (control)."""
     v, h, chunk, n = 2048, 8, 16, 64
-    g = torch.Generator().manual_seed(13)
-    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (1, n), generator=g)
-    ids = torch.randint(0, v, (1, n, 4), generator=g)
-    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)
-    mask = torch.ones(1, n, dtype=torch.bool)
+    hidden, weight, labels, ids, lps, mask = wide_vocab_inputs(v, h, n, seed=13)
     peak = {}
     for impl in LOSS_IMPLS:
         hidden.grad = weight.grad = None
