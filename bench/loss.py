@@ -19,32 +19,9 @@ import platform
 import time
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from fuseflow.fuse.loss import LOSS_IMPLS, fusion_loss
-
-
-class PeakTensorBytes(TorchDispatchMode):
-    """The most bytes alive at once among the storages that ops return while the mode is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view or func._schema.is_mutable:  # no new storage: a view or in-place op on a known or input one
-            return out
-        for x in tree_leaves(out):
-            if isinstance(x, torch.Tensor):
-                storage = x.untyped_storage()
-                self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
-        return out
+from fuseflow.measure import PeakTensorBytes
 
 
 def make_inputs(n: int, v: int, h: int, k: int, dtype: torch.dtype, seed: int = 0):

@@ -8,7 +8,7 @@ memory scales with the largest tensor.
 
 Each method gets one mergekit YAML (``dtype: float32, out_dtype: bfloat16``: both compute in float32 and
 write bf16). mergekit runs it with ``mergekit.scripts.run_yaml`` (``--num-threads`` = ``--threads``,
-``--random-seed 0``); fuseflow runs the same file (``python -m fuseflow.merge.run FILE output=...
+``--random-seed 0``); fuseflow runs the same file (``python -m fuseflow.cli merge FILE output=...
 threads=...``). Each merge is a fresh subprocess: peak RSS is the kernel's (``ru_maxrss`` from ``wait4``;
 it includes the pages of memory-mapped inputs), peak RssAnon (the part that is not file-backed) is
 sampled every 20 ms. Inputs are read from the page cache once warm.
@@ -420,12 +420,12 @@ def main(argv: list[str] | None = None) -> int:
                     "parameters": FUSEFLOW_ONLY[method], "output": str(ours_out), "dtype": "bfloat16",
                     "shard_size": args.shard_size, "overwrite": True, "threads": args.threads,
                 }))
-                cmd = [sys.executable, "-m", "fuseflow.merge.run", str(cfg), "--no-progress"]
+                cmd = [sys.executable, "-m", "fuseflow.cli", "merge", str(cfg), "--no-progress"]
             else:
                 doc = {"merge_method": method, **METHODS[method](base, models, layers),
                        "dtype": "float32", "out_dtype": "bfloat16"}
                 cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-                cmd = [sys.executable, "-m", "fuseflow.merge.run", str(cfg), f"output={ours_out}", "overwrite=true",
+                cmd = [sys.executable, "-m", "fuseflow.cli", "merge", str(cfg), f"output={ours_out}", "overwrite=true",
                        f"threads={args.threads}", f"shard_size={args.shard_size}", "--no-progress"]
             m = run_measured(cmd, env)
             rows.append({"method": method, "tool": "fuseflow", **m})

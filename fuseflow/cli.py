@@ -179,13 +179,11 @@ def run_command(command: Command | str, argv: Sequence[str], global_args: argpar
 class ConfigCommand:
     @staticmethod
     def build_parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(
-            description="Print a run config with every default filled in, after validation.",
-            epilog="example: fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
-        )
-        p.add_argument("config", help="run config YAML")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
-        return p
+        from fuseflow.config import config_parser
+
+        return config_parser("Print a run config with every default filled in, after validation.",
+                             "example: fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
+                             "run config YAML", "key=value overrides, e.g. train.lr=3e-5")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

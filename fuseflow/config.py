@@ -244,6 +244,12 @@ class ServeConfig(_Strict):
     max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits to share a batch")
     grace_s: float = Field(30.0, ge=0, description="shutdown grace period for in-flight requests")
 
+    def engine_defaults(self) -> dict[str, Any]:
+        """What a served engine gets unless its source says otherwise (``fuseflow.score.engine.
+        source_engine_kwargs``): the largest top-k the server accepts. ``fuseflow fuse`` builds its in-process
+        teachers with the same, so they score as the served ones do."""
+        return {"max_top_k": self.max_top_k}
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeConfig":
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -298,7 +304,9 @@ class FuseConfig(_Strict):
     """``fuseflow fuse CONFIG``: knowledge fusion of ``sources`` into ``target`` (FuseLLM)."""
 
     run_dir: Path = Path("runs/fuse")
-    seed: int = 0
+    seed: int = Field(0, description="drives every random choice of the run (issue 25): which documents are held out "
+                      "(corpus.seed, unless set), the initialisation of anything new and dropout. Samples are "
+                      "trained in the corpus's own order, the same for every seed (streamed, resumable)")
     device: str = "cpu"
     target: ModelConfig
     sources: list[SourceConfig] = Field(min_length=1)
@@ -311,6 +319,12 @@ class FuseConfig(_Strict):
     pairwise: bool = Field(False, description="FuseChat: one fused copy of the target per source")
     serve: ServeConfig = ServeConfig()
     online: OnlineConfig = OnlineConfig()
+
+    @model_validator(mode="after")
+    def _corpus_seed(self) -> "FuseConfig":
+        if "seed" not in self.corpus.model_fields_set:
+            self.corpus = self.corpus.model_copy(update={"seed": self.seed})
+        return self
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "FuseConfig":
@@ -440,6 +454,17 @@ class _FieldFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, (option_string, True if self.nargs == 0 else values))
+
+
+def config_parser(description: str, epilog: str, config_help: str, overrides_help: str, *,
+                  config_metavar: str | None = None, overrides_metavar: str | None = None,
+                  **kwargs) -> argparse.ArgumentParser:
+    """The parser of a command that reads a config file and ``key=value`` overrides of it (:func:`load_config`):
+    the two positional arguments every such command starts with, named alike; ``kwargs`` go to the parser."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, **kwargs)
+    parser.add_argument("config", metavar=config_metavar, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar=overrides_metavar, help=overrides_help)
+    return parser
 
 
 def add_field_flags(parser, section: type[BaseModel], prefix: str, names: Iterable[str] | None = None) -> None:

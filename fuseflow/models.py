@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fuseflow.sparse import Encoded  # noqa: F401 - the record encode() returns, re-exported
+
 log = logging.getLogger(__name__)
 
 
@@ -165,16 +167,18 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    tokenizer=None,
 ) -> LoadedModel:
     """Load model and tokenizer for ``ref`` (see :func:`resolve`), in eval mode on ``device``.
 
     ``attn_implementation`` is transformers' (``sdpa``, ``eager``, ``flash_attention_2``, ``flex_attention``);
-    ``None`` keeps transformers' default (SDPA where supported).
+    ``None`` keeps transformers' default (SDPA where supported). ``tokenizer``: ``ref``'s, loaded already by the
+    caller (:func:`load_tokenizer`), so a run loads it once.
     """
     from transformers import AutoModelForCausalLM
 
     path = resolve(ref)
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -357,14 +361,6 @@ def split_head(model: torch.nn.Module) -> HeadSpec:
         )
     cap = getattr(config, "final_logit_softcapping", None)
     return HeadSpec(trunk=trunk, weight=head.weight, bias=getattr(head, "bias", None), logit_softcap=cap or None)
-
-
-@dataclass
-class Encoded:
-    """A text in one tokenizer: ids with the tokenizer's own special tokens, and character spans."""
-
-    ids: np.ndarray  # [L] int32
-    offsets: np.ndarray  # [L, 2] int32
 
 
 def encode(tokenizer, text: str) -> Encoded:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,13 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop-eos", action="store_true", help="stop at the tokenizer's EOS (needs the tokenizer locally)")
     gen.add_argument("--json", action="store_true", help="machine-readable JSON")
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow query …`` (also ``python -m fuseflow.query``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("query", sys.argv[1:] if argv is None else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,7 +197,3 @@ def _local_tokenizer(path: str):
         return load_tokenizer(path)
     except Exception:  # a path that is not a tokenizer: decoding is a nicety, not a requirement
         return None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

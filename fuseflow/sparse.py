@@ -17,6 +17,15 @@ import numpy as np
 PAD_LOGPROB = -np.inf
 
 
+@dataclass
+class Encoded:
+    """A text in one tokenizer: ids with the tokenizer's own special tokens, and character spans
+    (:func:`fuseflow.models.encode`)."""
+
+    ids: np.ndarray  # [L] int32
+    offsets: np.ndarray  # [L, 2] int32
+
+
 @dataclass(frozen=True)
 class Sample:
     """One unit of training text. ``id`` is unique in a run and is what deduplication keys on."""
@@ -26,6 +35,10 @@ class Sample:
     # Character spans (start, end) of the text whose target tokens the fusion loss applies to
     # (assistant turns of a chat sample); ``None`` means the whole text.
     loss_spans: tuple[tuple[int, int], ...] | None = None
+    # The text in the target tokenizer, made once where the sample is cut (issue 25: it was tokenized 3 + N
+    # times) and used by whatever in this process needs it: the in-process teachers' aligners, the trainer's
+    # check and the batch. Never on the wire: a process that receives the sample encodes it itself.
+    encoding: Encoded | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

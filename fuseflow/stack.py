@@ -37,8 +37,7 @@ from fuseflow.config import FuseConfig, dump_config, load_config
 log = logging.getLogger(__name__)
 
 # Each stack_commands argv starts with the `fuseflow` console script; locally it runs as this interpreter's
-# module (no PATH lookup, same environment). Keys: the argv words that name the command.
-_ENTRY_MODULES = {("teacher", "serve"): "fuseflow.teacher.serve", ("train",): "fuseflow.trainer.online"}
+# `python -m fuseflow.cli` (no PATH lookup, same environment), the one wrapper of every command.
 TEACHER_RESTARTS = 3  # a crashed teacher is restarted this often (its pending work is reclaimed meanwhile)
 
 
@@ -83,12 +82,9 @@ def stack_commands(
 
 
 def runnable(argv: list[str]) -> list[str]:
-    """A :func:`stack_commands` argv as this interpreter runs it: ``python -m <module> <args>``."""
+    """A :func:`stack_commands` argv as this interpreter runs it: ``python -m fuseflow.cli <args>``."""
     if not argv or argv[0] != "fuseflow":
         raise ValueError(f"not a fuseflow command: {argv}")
-    for words, module in _ENTRY_MODULES.items():
-        if tuple(argv[1 : 1 + len(words)]) == words:
-            return [sys.executable, "-m", module, *argv[1 + len(words) :]]
     return [sys.executable, "-m", "fuseflow.cli", *argv[1:]]
 
 
@@ -368,13 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fuseflow stack …`` (also ``python -m fuseflow.stack``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("stack", sys.argv[1:] if argv is None else argv)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(FuseConfig, args.config, args.overrides)
     stop = threading.Event()
@@ -393,7 +382,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

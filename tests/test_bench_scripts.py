@@ -56,7 +56,7 @@ def test_train_script_writes_every_mode(train_bench, tmp_path):
         for key in ("step_s", "tokens_per_s", "mfu", "mfu_issue_convention", "mfu_with_recompute",
                     "peak_memory_bytes", "loss_last"):
             assert _positive(row[key]), (mode, key, row[key])
-        assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"], rel=1e-3)
+        assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"], rel=1e-3, abs=0.05)  # written to 0.1
     assert math.isfinite(result["modes"]["fusion"]["overhead_vs_clm"])
     assert result["environment"]["torch"] == torch.__version__
 

@@ -21,10 +21,22 @@ def test_register_lookup_and_errors():
 
 
 def test_builtins_are_imported_on_first_lookup():
-    from fuseflow.score.engine import ENGINES
+    """In a fresh interpreter (this one has imported the engines long ago): importing the registry's module
+    imports no built-in engine, a lookup imports that one alone. An eager import of either fails it (issue 25)."""
+    import subprocess
+    import sys
 
-    assert ENGINES.names() == sorted(set(ENGINES.names()) | {"hf", "vllm"})
-    assert ENGINES.lookup("hf").kind == "hf"
+    code = """
+import sys
+from fuseflow.score.engine import ENGINES
+eager = [m for m in ("fuseflow.score.hf_engine", "fuseflow.score.vllm_engine") if m in sys.modules]
+assert not eager, f"imported before any lookup: {eager}"
+assert ENGINES.names() == sorted(set(ENGINES.names()) | {"hf", "vllm"})
+assert ENGINES.lookup("hf").kind == "hf"
+assert "fuseflow.score.hf_engine" in sys.modules and "fuseflow.score.vllm_engine" not in sys.modules
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_the_families_share_the_type():

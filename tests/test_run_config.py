@@ -195,3 +195,16 @@ def test_alignment_defaults_and_the_scored_candidates_bound(tmp_path):
     assert (cfg.align.vocab_map, cfg.align.chain_rule, cfg.align.score_top_k) == ("first-token", True, 64)
     with pytest.raises(ConfigError, match=r"align\.score_top_k \(8\) must be at least fusion\.top_k \(10\)"):
         load_config(FuseConfig, _write(tmp_path, BASE), ["align.score_top_k=8"])
+
+
+def test_the_held_out_split_follows_the_seed_unless_pinned(tmp_path):
+    """Issue 25: the run's seed drives every random choice, the held-out split too; corpus.seed pins the split."""
+    from fuseflow.config import dump_config
+
+    path = _write(tmp_path, BASE)
+    assert load_config(FuseConfig, path).corpus.seed == 0
+    assert load_config(FuseConfig, path, ["seed=7"]).corpus.seed == 7
+    assert load_config(FuseConfig, path, ["seed=7", "corpus.seed=3"]).corpus.seed == 3
+    # run_dir/config.yaml re-validates to the same split
+    dumped = _write(tmp_path, dump_config(load_config(FuseConfig, path, ["seed=7"])))
+    assert load_config(FuseConfig, dumped).corpus.seed == 7

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -386,26 +385,20 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuseflow eval-ensemble",
-        description="Each source alone vs Cool-Fusion: task accuracy, latency per generated token, held-out "
-        "bits per byte. Prints a markdown table and writes JSON.",
-        epilog="example: fuseflow eval-ensemble examples/ensemble.yaml eval.num_problems=5 --out ensemble.json",
+    from fuseflow.config import config_parser
+
+    p = config_parser(
+        "Each source alone vs Cool-Fusion: task accuracy, latency per generated token, held-out bits per byte. "
+        "Prints a markdown table and writes JSON.",
+        "example: fuseflow eval-ensemble examples/ensemble.yaml eval.num_problems=5 --out ensemble.json",
+        "ensemble config (see examples/ensemble.yaml)",
+        "key=value overrides, e.g. eval.num_problems=5 eval.task=arithmetic-1step",
+        config_metavar="ENSEMBLE.yaml", prog="fuseflow eval-ensemble",
     )
-    p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
-    p.add_argument("overrides", nargs="*",
-                   help="key=value overrides, e.g. eval.num_problems=5 eval.task=arithmetic-1step")
     p.add_argument("--out", default=None, help="JSON results file (default: eval.out)")
     p.add_argument("--systems", nargs="+", default=None, help="evaluate only these: source names and/or cool-fusion")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow eval-ensemble …`` (also ``python -m fuseflow.ensemble.evaluate``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("eval-ensemble", sys.argv[1:] if argv is None else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -428,7 +421,3 @@ def run(args: argparse.Namespace) -> int:
         Path(out).write_text(json.dumps(report, indent=2, default=float))
         print(f"\nwrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fuseflow.kernels.head import DEFAULT_BLOCK, LogitTransform
+from fuseflow.kernels.common import DEFAULT_BLOCK, LogitTransform
 
 __all__ = ["head_epilogue", "interpreted"]
 

@@ -7,7 +7,7 @@ method into output shards; ``run`` is the ``fuseflow merge CONFIG`` command.
 
 from .methods import MERGE_METHODS, MergeMethod, get_method, merge_method
 from .plan import MergeCheckError, MergePlan, build_plan, inspect_model
-from .run import load_config, main, run_merge
+from .run import load_config, run_merge
 
 __all__ = [
     "MERGE_METHODS",
@@ -18,7 +18,6 @@ __all__ = [
     "get_method",
     "inspect_model",
     "load_config",
-    "main",
     "merge_method",
     "run_merge",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fuseflow.config import ConfigError
+from fuseflow.config import ConfigError, config_parser
 from fuseflow.config import load_config as load_run_config
 from fuseflow.models import ModelLoadError, resolve
 
@@ -182,31 +182,16 @@ def _methods_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fuseflow merge",
-        description="Merge fine-tuned copies of one base model in parameter space, one tensor at a time "
-        "(FuseChat: the fused target models, onto the pivot). Config reference: examples/merge.yaml; a "
-        "mergekit YAML (merge_method:) is read as mergekit reads it, with output=DIR added (docs/merge.md).",
-        epilog=_methods_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("config", help="YAML merge config")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override config fields, e.g. parameters.select_topk=0.1 output=out/",
+    parser = config_parser(
+        "Merge fine-tuned copies of one base model in parameter space, one tensor at a time (FuseChat: the fused "
+        "target models, onto the pivot). Config reference: examples/merge.yaml; a mergekit YAML (merge_method:) is "
+        "read as mergekit reads it, with output=DIR added (docs/merge.md).",
+        _methods_help(), "YAML merge config", "override config fields, e.g. parameters.select_topk=0.1 output=out/",
+        overrides_metavar="KEY=VALUE", prog="fuseflow merge", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dry-run", action="store_true", help="check the models and print the plan; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fuseflow merge …`` (also ``python -m fuseflow.merge.run``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("merge", sys.argv[1:] if argv is None else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -226,7 +211,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"merged {len(config.models)} models with {config.method} into {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

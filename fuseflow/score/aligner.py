@@ -124,8 +124,10 @@ class TeacherAligner:
         return score_samples(self.engine, samples, self.score_top_k, self.temperature)
 
     def align(self, sample: Sample, scored) -> AlignedDist:
-        """``scored`` (:meth:`score`'s) on the target's positions and vocabulary (raises ``ValueError``)."""
-        tgt = encode(self.target_tokenizer, sample.text)
+        """``scored`` (:meth:`score`'s) on the target's positions and vocabulary (raises ``ValueError``). The
+        sample's target encoding when it carries one (an in-process teacher: made once where the sample was cut,
+        issue 25), else this teacher's own (a sample from the wire carries none)."""
+        tgt = sample.encoding if sample.encoding is not None else encode(self.target_tokenizer, sample.text)
         tgt_tokens = [self._tgt_strings[i] for i in tgt.ids] if self._tgt_strings is not None else None
         src_tokens = scored.tokens
         if self._src_strings is not None:

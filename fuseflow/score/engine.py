@@ -259,9 +259,30 @@ def create_engine(kind: str, model: str, **options) -> Engine:
     return cls(model, **options)
 
 
-def engine_from_source(source, device: str | None = None, **overrides) -> Engine:
-    """The one construction of a configured source's engine — ``fuseflow fuse``, ``fuseflow teacher serve
-    --config`` and in-process Cool-Fusion sources all call it. ``source`` is a run config's ``SourceConfig`` or
-    an ensemble's ``SourceSpec`` (both give ``engine``, ``model`` and ``engine_kwargs(device)``: their fields,
-    then their ``engine_options``, which win); ``overrides`` (the server's ``max_top_k``) win over both."""
-    return create_engine(source.engine, source.model, **{**source.engine_kwargs(device), **overrides})
+def source_engine_kwargs(source, device: str | None = None, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments :func:`engine_from_source` builds ``source``'s engine with. One precedence, the most
+    specific last (issue 25): ``defaults`` (what the caller serves with: ``serve.max_top_k``), then the source's
+    own fields, then its ``engine_options``. A source that sets ``max_top_k`` in its ``engine_options`` (vLLM
+    caps prompt logprobs at 20) keeps it wherever it is built."""
+    return {**dict(defaults or {}), **source.engine_kwargs(device)}
+
+
+def engine_from_source(source, device: str | None = None, defaults: Mapping[str, Any] | None = None) -> Engine:
+    """The one construction of a configured source's engine: ``fuseflow fuse``'s in-process teachers,
+    ``fuseflow teacher serve`` (with ``--config`` or ``--model``) and in-process Cool-Fusion sources all call it,
+    with the precedence of :func:`source_engine_kwargs`. ``source`` gives ``engine``, ``model`` and
+    ``engine_kwargs(device)``: a run config's ``SourceConfig``, an ensemble's ``SourceSpec`` or a model served
+    on its own (:class:`ModelSource`)."""
+    return create_engine(source.engine, source.model, **source_engine_kwargs(source, device, defaults))
+
+
+class ModelSource(NamedTuple):
+    """A model served on its own (``fuseflow teacher serve --model M``): no run config, so no source fields;
+    ``options`` are its engine keyword arguments (``--dtype``), as a source's ``engine_options``."""
+
+    model: str
+    engine: str = "hf"
+    options: Mapping[str, Any] = {}
+
+    def engine_kwargs(self, device: str | None = None) -> dict[str, Any]:
+        return {"name": self.model, **({"device": device} if device and self.engine == "hf" else {}), **self.options}

@@ -26,7 +26,6 @@ import ipaddress
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow.auth import bearer_credential, bearer_matches
-from fuseflow.config import ConfigError, add_field_flags, flag_values, load_config
+from fuseflow.config import ConfigError, add_field_flags, config_parser, flag_values, load_config
 from fuseflow.ensemble.config import EnsembleConfig, ServerConfig, build_decoder, build_sources
 from fuseflow.ensemble.decoder import Completion, DecodeParams, StreamEvent, stream_single
 from fuseflow.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -483,15 +482,14 @@ def create_app(service: EnsembleService, api_key: str | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuseflow serve-ensemble",
-        description="Serve a Cool-Fusion ensemble (training-free fusion at inference, arXiv 2407.19807) as an "
-        "OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics.",
-        epilog="example: fuseflow serve-ensemble examples/ensemble.yaml --host 0.0.0.0 --port 8000 --api-key-file "
+    p = config_parser(
+        "Serve a Cool-Fusion ensemble (training-free fusion at inference, arXiv 2407.19807) as an OpenAI-compatible "
+        "API: /v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics.",
+        "example: fuseflow serve-ensemble examples/ensemble.yaml --host 0.0.0.0 --port 8000 --api-key-file "
         "gateway.key decoding.rerank=mean_logprob (the key: env FUSEFLOW_GATEWAY_API_KEY or that file, never argv)",
+        "ensemble config (see examples/ensemble.yaml)", "key=value overrides, e.g. decoding.segment_max_tokens=4",
+        config_metavar="ENSEMBLE.yaml", prog="fuseflow serve-ensemble",
     )
-    p.add_argument("config", metavar="ENSEMBLE.yaml", help="ensemble config (see examples/ensemble.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. decoding.segment_max_tokens=4")
     add_field_flags(p, ServerConfig, "server")  # --port 8001 = server.port=8001
     # Not a flag: a key on the command line is visible to every local user (ps). Without this, argparse would
     # take `--api-key KEY` for the abbreviation of --api-key-file and print the key in its error.
@@ -503,13 +501,6 @@ class _KeyInArgv(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"the API key is never given on the command line (every local user can read it there): put it "
                      f"in env {API_KEY_ENV} or in a file named by --api-key-file (server.api_key_file)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow serve-ensemble …`` (also ``python -m fuseflow.gateway.server``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
-
-    return run_command("serve-ensemble", sys.argv[1:] if argv is None else argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -531,7 +522,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         service.close()
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,15 +17,14 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from fuseflow.config import ConfigError, FuseConfig, ServeConfig, SourceConfig, flag_values, load_config
+from fuseflow.score.engine import ModelSource, engine_from_source, source_engine_kwargs
 
 log = logging.getLogger("fuseflow.teacher.serve")
 
@@ -81,54 +80,44 @@ class StandaloneConfig(BaseModel):
 
 @dataclass
 class EngineSpec:
-    """What to load, resolved from the flags and the run config."""
+    """What to load, resolved from the flags and the run config: ``source`` (a run config's source, or the
+    ``--model`` served on its own) built by :func:`fuseflow.score.engine.engine_from_source` on ``device`` with
+    the serve section's defaults, the one construction ``fuseflow fuse`` and the ensemble use too."""
 
-    name: str
-    kind: str
-    model: str
-    options: dict = field(default_factory=dict)
+    source: SourceConfig | ModelSource
+    device: str | None = None
     serve: ServeConfig = field(default_factory=ServeConfig)
     config: FuseConfig | None = None  # with --config
-    source: SourceConfig | None = None  # its source
+    name: str = field(init=False)  # the teacher's name in logs and on the wire
+    kind: str = field(init=False)
+    model: str = field(init=False)
 
+    def __post_init__(self) -> None:
+        self.name = self.source.key if isinstance(self.source, SourceConfig) else self.source.model
+        self.kind, self.model = self.source.engine, self.source.model
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fuseflow teacher serve …`` (also ``python -m fuseflow.teacher.serve``), through the one CLI wrapper (:mod:`fuseflow.cli`)."""
-    from fuseflow.cli import run_command
+    @property
+    def options(self) -> dict:
+        """The engine's keyword arguments, by the one precedence (:func:`~fuseflow.score.engine.source_engine_kwargs`)."""
+        return source_engine_kwargs(self.source, self.device, self.serve.engine_defaults())
 
-    return run_command("teacher serve", sys.argv[1:] if argv is None else argv)
+    def build_engine(self):
+        return engine_from_source(self.source, self.device, self.serve.engine_defaults())
 
 
 def run(args: argparse.Namespace) -> int:
-    from fuseflow.teacher.server import ServerOptions, build_server
+    from fuseflow.teacher.server import build_server
 
     spec = resolve_spec(args)
     serve = spec.serve
-    options = ServerOptions(
-        host=serve.host,
-        port=serve.port,
-        max_texts=serve.max_texts,
-        max_tokens=serve.max_tokens,
-        max_text_bytes=serve.max_text_bytes,
-        max_concurrent_rpcs=serve.max_concurrent_rpcs,
-        max_tokenizing=serve.max_tokenizing,
-        max_top_k=serve.max_top_k,
-        token=read_token(serve.token_file),
-        max_wait_ms=serve.max_wait_ms,
-        **read_tls(serve.tls_cert, serve.tls_key),
-    )
-    try:
-        options.validate()
-    except ValueError as e:
-        raise UsageError(str(e).replace("server option ", "serve.")) from None
+    options = server_options(serve)
     run_worker = import_worker() if serve.worker else None  # fail before loading a model for minutes
 
-    from fuseflow.score.engine import create_engine
     from fuseflow.teacher.metrics import TeacherMetrics
     from fuseflow.teacher.request_batcher import RequestBatcher
 
     log.info("loading %s (%s engine) from %s", spec.name, spec.kind, spec.model)
-    engine = create_engine(spec.kind, spec.model, **spec.options)
+    engine = spec.build_engine()
     metrics = TeacherMetrics()
     batcher = RequestBatcher(
         engine, options.max_batch_tokens, options.max_wait_ms, observer=metrics, max_tokenizing=options.max_tokenizing
@@ -199,12 +188,8 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
         if serve.worker:
             raise UsageError("serve.worker needs --config (the run's target, align and top_k); --model serves standalone")
         kind = args.engine or "hf"
-        options = {"max_top_k": serve.max_top_k}
-        if args.dtype:
-            options["dtype"] = args.dtype
-        if kind == "hf":
-            options["device"] = args.device or _default_device()
-        return EngineSpec(name=args.model, kind=kind, model=args.model, options=options, serve=serve)
+        source = ModelSource(args.model, kind, {"dtype": args.dtype} if args.dtype else {})
+        return EngineSpec(source, device=args.device or _default_device(), serve=serve)
 
     cfg = load_config(FuseConfig, args.config, args.overrides, flags)
     names = [s.key for s in cfg.sources]
@@ -229,11 +214,27 @@ def resolve_spec(args: argparse.Namespace) -> EngineSpec:
     if cfg.serve.worker and not cfg.online.redis_url():
         raise UsageError("serve.worker (--redis) needs a Redis URL: --redis URL, online.redis, or env FUSEFLOW_REDIS_URL "
                          "(e.g. redis://:PASSWORD@redis:6379/0)")
-    # The source's engine as `fuseflow fuse` builds it (SourceConfig.engine_kwargs: its fields, then its
-    # engine_options, which win over the server's max_top_k too).
-    options = {"max_top_k": cfg.serve.max_top_k, **source.engine_kwargs(args.device or cfg.device)}
-    return EngineSpec(name=source.key, kind=source.engine, model=source.model, options=options, serve=cfg.serve,
-                      config=cfg, source=source)
+    return EngineSpec(source, device=args.device or cfg.device, serve=cfg.serve, config=cfg)
+
+
+# ServeConfig fields that are the process's, not the gRPC server's: read here (token_file, tls_* as bytes) or
+# used by `run` (metrics, the worker, the drain). Every other field is a ServerOptions field of the same name.
+PROCESS_FIELDS = frozenset({"metrics_port", "token_file", "tls_cert", "tls_key", "worker", "grace_s"})
+
+
+def server_options(serve: ServeConfig):
+    """The gRPC server's options from the ``serve`` section: every field they share by name, the token and the
+    TLS files read (issue 25: derived, not copied field by field). A limit the server rejects is named as the
+    section's field (``serve.max_texts``)."""
+    from fuseflow.teacher.server import ServerOptions
+
+    shared = {name: getattr(serve, name) for name in ServeConfig.model_fields if name not in PROCESS_FIELDS}
+    options = ServerOptions(**shared, token=read_token(serve.token_file), **read_tls(serve.tls_cert, serve.tls_key))
+    try:
+        options.validate()
+    except ValueError as e:
+        raise UsageError(str(e).replace("server option ", "serve.")) from None
+    return options
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -343,7 +344,3 @@ def _install_signal_handlers(stop: threading.Event) -> dict:
 def _restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -260,7 +260,7 @@ class WorkerThreads:
 
     def check(self) -> None:
         """Raise the first error a worker thread died of: the run cannot get that teacher's answers any more, so
-        the trainer calls this while it waits for them (``run_online(check_teachers=…)``) and ends at once."""
+        the trainer calls this while it waits for them (``fuseflow.trainer.recipe.run(check_teachers=…)``) and ends at once."""
         if self.errors:
             raise self.errors[0]
 

@@ -1,5 +1,6 @@
-"""``fuseflow.trainer``: the knowledge-fusion recipe's processes (dispatcher, consumer, DeepSpeed loop,
-checkpoints, evaluation, report) and their commands."""
+"""``fuseflow.trainer``: the knowledge-fusion recipe (:mod:`.recipe`, read top to bottom) and its parts (corpus,
+dispatcher, in-process teachers, ready feed, DeepSpeed loop and checkpoints, evaluation and report), and their
+commands."""
 
 from fuseflow.cli import Command
 
@@ -8,5 +9,5 @@ COMMANDS = (
             "fuseflow.trainer.commands:Fuse"),
     Command(("evaluate",), "held-out bits/byte and perplexity of models on a run config's held-out documents",
             "fuseflow.trainer.commands:Evaluate"),
-    Command(("train",), "online DeepSpeed trainer consuming aligned distributions from Redis", "fuseflow.trainer.online"),
+    Command(("train",), "online DeepSpeed trainer consuming aligned distributions from Redis", "fuseflow.trainer.commands:Train"),
 )

@@ -78,20 +78,22 @@ def collate(
     attn_implementation: str | None = None,
 ) -> FusionBatch:
     """Lay ``samples`` (target tokens) out in rows and stack each teacher's distributions the same way.
-    ``dists=None`` → CLM only.
+    ``dists=None`` → CLM only. Each sample's encoding is its own (``Sample.encoding``) unless ``encodings`` are
+    given; ``dists`` are checked already (one row per target position: the ready feed's ``check_ready``), and a
+    distribution that does not fit its sample raises :class:`BatchError`.
 
     ``pack=False``: one sample per row, right-padded, with an attention mask. ``pack=True``: samples are
     packed first-fit-decreasing into rows (:func:`fuseflow.packing.row_capacity` for
     ``attn_implementation``: one row for varlen kernels, rows no longer than the longest sample otherwise)
     with restarted ``position_ids`` and no attention mask, so no FLOP goes to padding.
     """
-    encs = list(encodings) if encodings is not None else [encode(tokenizer, s.text) for s in samples]
+    if encodings is None:  # each sample's own (issue 25: made once, where it was cut or received)
+        encodings = [s.encoding if s.encoding is not None else encode(tokenizer, s.text) for s in samples]
+    encs = list(encodings)
     lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)  # [S]
     too_short = [s.id for s, n in zip(samples, lengths) if n < 2]
     if too_short:
         raise BatchError(f"samples {too_short} have fewer than 2 target tokens")
-    if dists is not None and teachers:
-        _check_dists(samples, encs, dists, teachers)
     if pack and len(samples) > 1:
         # Varlen kernels get the whole micro-batch as one row (flash-attention reads packed position ids only
         # from a batch of one row); dense masks get rows no longer than the longest sample.
@@ -150,12 +152,18 @@ def collate(
     for i, per_teacher in enumerate(dists):
         r, o, n = row_of[i], offset[i], lengths[i] - 1
         for j, name in enumerate(teachers):
-            d = per_teacher[name]
-            kk = min(top_k, d.top_k)
-            t_ids[j, r, o : o + n, :kk] = d.ids[:, :kk]
-            t_lp[j, r, o : o + n, :kk] = d.logprobs[:, :kk]
-            t_gold[j, r, o : o + n] = d.gold_logprobs
-            t_al[j, r, o : o + n] = d.aligned
+            try:
+                d = per_teacher[name]
+                kk = min(top_k, d.top_k)
+                # reshape, not broadcasting: rows that are not the sample's n positions raise ValueError
+                t_ids[j, r, o : o + n, :kk] = d.ids[:, :kk].reshape(n, kk)
+                t_lp[j, r, o : o + n, :kk] = d.logprobs[:, :kk].reshape(n, kk)
+                t_gold[j, r, o : o + n] = d.gold_logprobs.reshape(n)
+                t_al[j, r, o : o + n] = d.aligned.reshape(n)
+            except (KeyError, ValueError) as e:
+                # The ready feed's check (check_ready) counted the positions, once; a caller that skipped it gets
+                # this instead of numpy's error.
+                raise BatchError(_unfit(samples[i].id, name, per_teacher.get(name), n)) from e
             if with_nll:
                 t_text[j, r, o : o + n] = float(d.meta["nll"]) / n
     out.teacher_ids = torch.from_numpy(t_ids)
@@ -166,15 +174,8 @@ def collate(
     return out
 
 
-def _check_dists(samples, encs, dists, teachers) -> None:
-    for s, e, per_teacher in zip(samples, encs, dists):
-        n = len(e.ids) - 1
-        for name in teachers:
-            d = per_teacher.get(name)
-            if d is None:
-                raise BatchError(f"sample {s.id}: no distribution from teacher {name!r}")
-            if d.num_positions != n:
-                raise BatchError(
-                    f"sample {s.id}: teacher {name!r} sent {d.num_positions} positions, the target tokenizer "
-                    f"gives {n}: teacher and trainer must use the same target tokenizer"
-                )
+def _unfit(sample_id: str, teacher: str, dist: AlignedDist | None, positions: int) -> str:
+    if dist is None:
+        return f"sample {sample_id}: no distribution from teacher {teacher!r}"
+    return (f"sample {sample_id}: teacher {teacher!r} sent {dist.num_positions} positions, the target tokenizer gives "
+            f"{positions}: teacher and trainer must use the same target tokenizer")

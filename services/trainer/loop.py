@@ -14,12 +14,14 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fuseflow.align.fidelity import FIDELITY_FIELDS, fidelity_summary
@@ -106,6 +108,22 @@ def announce_op_builds() -> None:
             "deepspeed, after torch), or keep TORCH_EXTENSIONS_DIR on a persistent volume",
             name, build_dir, accelerator, build_var,
         )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (Python's, numpy's, torch's on every device) with the run
+    config's ``seed``: dropout and the initialisation of anything new follow it (issue 25)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(train_cfg: TrainConfig, n_samples: int, world: int = 1) -> int:
+    """Optimizer steps of a run over ``n_samples`` on ``world`` ranks: ``train.epochs`` passes, cut to
+    ``train.max_steps`` when set."""
+    per_step = train_cfg.micro_batch_size * train_cfg.grad_accum * world
+    steps = math.ceil(n_samples * train_cfg.epochs / per_step)
+    return min(steps, train_cfg.max_steps) if train_cfg.max_steps else steps
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
@@ -284,6 +302,7 @@ def train(
     fusion_cfg: FusionConfig,
     total_steps: int,
     run_dir: Path,
+    seed: int = 0,
     on_durable: Callable[[list[str]], None] | None = None,
     progress: bool = True,
     skip_consumed: bool = True,
@@ -294,7 +313,8 @@ def train(
     Resumes from ``run_dir/checkpoints`` if one exists. With ``skip_consumed`` (deterministic in-process
     streams) the samples a checkpoint already covers are skipped; a Redis stream redelivers instead.
     An empty group is a micro-step without a sample on this rank (``empty_batch``). ``on_log`` gets every
-    metrics row (each ``train.log_every`` steps, on every rank).
+    metrics row (each ``train.log_every`` steps, on every rank). ``seed`` (the run config's; the recipe
+    passes it) seeds every generator before the first step, so a fused run and its CLM baseline start alike.
     """
     import deepspeed
     from tqdm import tqdm
@@ -303,7 +323,7 @@ def train(
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    seed_everything(seed)
 
     model.train()
     if train_cfg.activation_checkpointing:

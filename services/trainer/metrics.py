@@ -10,9 +10,15 @@ Useful queries: tokens/s ``rate(fuseflow_trainer_tokens_total[1m])``; samples wa
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fuseflow.metrics import MetricsEndpoint
+from fuseflow.wire.transport import TransportUnavailable
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "fuseflow_trainer"
 LOSS_PARTS = ("loss", "clm", "kl")
@@ -101,3 +107,18 @@ class TrainerMetrics(MetricsEndpoint):
 
     # -- exposition: fuseflow.metrics.MetricsEndpoint (value, start_http, stop_http) ---------------------------------------------------------------------------------------------
 
+
+def poll_queue(transport, metrics: TrainerMetrics, every_s: float = 2.0) -> threading.Event:
+    """Update ``metrics``' queue gauges from ``transport.stats()`` every ``every_s`` on a daemon thread; set the
+    returned event to stop it."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                metrics.observe_queue(transport.stats())
+            except TransportUnavailable as e:  # an outage: the trainer's own retries report it
+                log.debug("queue poll failed: %s", e)
+
+    threading.Thread(target=poll, daemon=True, name="queue-poll").start()
+    return stop

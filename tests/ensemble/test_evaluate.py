@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from fuseflow.ensemble.evaluate import common_cuts, heldout_bits_per_byte, main, run_task
+from fuseflow.cli import main as cli
+from fuseflow.ensemble.evaluate import common_cuts, heldout_bits_per_byte, run_task
 from fuseflow.ensemble.decoder import CoolFusionDecoder
 from fuseflow.ensemble.tasks import get_task
 from fuseflow.models import builtin_text
+
+
+def main(argv):
+    """``fuseflow eval-ensemble ARGV``, through the one CLI wrapper."""
+    return cli(["eval-ensemble", *argv])
 
 
 @pytest.fixture(scope="module")

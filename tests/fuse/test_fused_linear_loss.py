@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fuseflow.fuse.loss import LOSS_IMPLS, clm_loss, fusion_loss
+from fuseflow.measure import PeakTensorBytes
 from loss_reference import dense_reference
 
 B, T, H, V, K = 2, 9, 6, 23, 5
@@ -259,17 +259,24 @@ def test_bf16_within_tolerance(chunk_tokens):
                                                                1e-2 * scale)
 
 
+def wide_vocab_inputs(v: int, h: int, n: int, seed: int):
+    """``n`` positions of a hidden size ``h`` head over ``v`` ids (``v`` ≫ chunk, so a [chunk, V] block is the
+    largest tensor), 4 teacher ids each: hidden [1, n, h] and weight [V, h] with gradients, labels, ids, logprobs,
+    mask."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (1, n), generator=g)  # [1, n]
+    ids = torch.randint(0, v, (1, n, 4), generator=g)  # [1, n, 4]
+    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)  # [1, n, 4]
+    return hidden, weight, labels, ids, lps, torch.ones(1, n, dtype=torch.bool)
+
+
 def test_fused_holds_no_logits_between_the_passes():
     """Forward: one chunk's [c, V] blocks and the [V, H] weight-gradient accumulator; backward: nothing as large
     as a chunk's logits (no recompute). The chunked path's backward makes [c, V] blocks again (control)."""
     v, h, chunk, n = 2048, 8, 16, 64
-    g = torch.Generator().manual_seed(12)
-    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (1, n), generator=g)
-    ids = torch.randint(0, v, (1, n, 4), generator=g)
-    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)
-    mask = torch.ones(1, n, dtype=torch.bool)
+    hidden, weight, labels, ids, lps, mask = wide_vocab_inputs(v, h, n, seed=12)
     largest = {}
     for impl in LOSS_IMPLS:
         with HeadMatmuls() as forward:
@@ -282,43 +289,17 @@ def test_fused_holds_no_logits_between_the_passes():
     assert largest["chunked"] == (chunk * v, chunk * v)
 
 
-class PeakLiveBytes(TorchDispatchMode):
-    """The most bytes alive at once among the storages that (non-view, out-of-place) ops create while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not (func.is_view or func._schema.is_mutable):
-            for x in tree_leaves(out):
-                if isinstance(x, torch.Tensor):
-                    storage = x.untyped_storage()
-                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
-        return out
-
-
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fused_peak_is_three_logit_blocks_and_its_gradients(softcap):
     """Over forward + backward at τ = 2: the fused path holds at most 3 fp32 [c, V] blocks (logits, their two
     log-softmaxes) plus its gradients; the chunked path reaches 4 (``logits / τ`` besides) in the forward and
     more in the backward (control)."""
     v, h, chunk, n = 2048, 8, 16, 64
-    g = torch.Generator().manual_seed(13)
-    hidden = torch.randn(1, n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (1, n), generator=g)
-    ids = torch.randint(0, v, (1, n, 4), generator=g)
-    lps = torch.randn(1, n, 4, generator=g).log_softmax(-1)
-    mask = torch.ones(1, n, dtype=torch.bool)
+    hidden, weight, labels, ids, lps, mask = wide_vocab_inputs(v, h, n, seed=13)
     peak = {}
     for impl in LOSS_IMPLS:
         hidden.grad = weight.grad = None
-        with PeakLiveBytes() as live:
+        with PeakTensorBytes() as live:
             fusion_loss(hidden, weight, labels, ids, lps, mask, temperature=2.0, logit_softcap=softcap,
                         chunk_tokens=chunk, impl=impl).loss.backward()
         peak[impl] = live.peak

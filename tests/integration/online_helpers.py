@@ -64,7 +64,7 @@ baseline: none
 
 def build_aligners(cfg, names=None):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import build_teachers
+    from fuseflow.trainer.teachers import build_teachers
 
     sources = [s for s in cfg.sources if names is None or s.key in names]
     return build_teachers(cfg, sources, load_tokenizer(cfg.target.model))
@@ -72,10 +72,10 @@ def build_aligners(cfg, names=None):
 
 def start_trainer(config: Path, redis_url: str, run: str, log_path: Path, rank: int = 0, world: int = 1,
                   master_port: int | None = None, extra_args=()) -> subprocess.Popen:
-    """``python -m fuseflow.trainer.online`` as rank ``rank`` of ``world`` (the env a launcher would set)."""
+    """``fuseflow train`` (``python -m fuseflow.cli train``) as rank ``rank`` of ``world`` (the env a launcher would set)."""
     env = dict(os.environ, **CHILD_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port or free_port()))
-    cmd = [sys.executable, "-m", "fuseflow.trainer.online", str(config), "--redis", redis_url, "--run", run,
+    cmd = [sys.executable, "-m", "fuseflow.cli", "train", str(config), "--redis", redis_url, "--run", run,
            "--metrics-port", "0", "--no-progress", *extra_args]
     with log_path.open("ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -87,7 +87,7 @@ from fuseflow.config import FuseConfig, load_config
 from fuseflow.wire.redis_streams import RedisTransport
 from fuseflow.teacher.worker import run_worker
 from fuseflow.models import load_tokenizer
-from fuseflow.trainer.knowledge_fusion import build_teachers
+from fuseflow.trainer.teachers import build_teachers
 cfg = load_config(FuseConfig, {config!r})
 aligner, = build_teachers(cfg, [s for s in cfg.sources if s.key == {source!r}], load_tokenizer(cfg.target.model))
 stop = threading.Event()

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture
 def setup(tmp_path, tiny_llama, tiny_gemma, tiny_qwen):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.trainer.data import prepare_corpus
 
     config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40)
     cfg = load_config(FuseConfig, config)

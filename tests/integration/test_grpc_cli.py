@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fuseflow import query
+from fuseflow.cli import main as cli_main
 from fuseflow.teacher import serve as serve_cli
 from fuseflow.score.engine import create_engine
 from fuseflow.teacher.server import ServerOptions, build_server
@@ -54,7 +54,7 @@ def run(capsys, monkeypatch, address):
     monkeypatch.setenv("FUSEFLOW_TEACHER_TOKEN", "tok")
 
     def call(*args, addr=address):
-        code = query.main(["--address", addr, *args])
+        code = cli_main(["query", "--address", addr, *args])
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -166,7 +166,7 @@ def serve_in_this_process(argv: list[str], port: int, probe) -> int:
     before = signal.getsignal(signal.SIGTERM)
     prober = threading.Thread(target=run_probe)
     prober.start()
-    code = serve_cli.main(argv)
+    code = cli_main(["teacher", "serve", *argv])
     prober.join(60)
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     if failure:
@@ -298,15 +298,15 @@ def test_serve_usage_errors_exit_2_before_loading(tiny_llama, tiny_gemma, tmp_pa
                                                   message):
     monkeypatch.delenv("FUSEFLOW_REDIS_URL", raising=False)
     config = write_config(tmp_path, tiny_llama, tiny_gemma)
-    code = serve_cli.main(["--config", config, *argv])
+    code = cli_main(["teacher", "serve", "--config", config, *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_serve_help_names_the_command(capsys):
     with pytest.raises(SystemExit) as done:
-        serve_cli.main(["--help"])
+        cli_main(["teacher", "serve", "--help"])
     assert done.value.code == 0 and "usage: fuseflow teacher serve" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        query.main(["--help"])
+        cli_main(["query", "--help"])
     assert "usage: fuseflow query" in capsys.readouterr().out

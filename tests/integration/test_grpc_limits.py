@@ -19,8 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_grpc_server import GatedEngine
 
 from fuseflow.models import builtin_text
-from fuseflow.score.engine import create_engine
-from fuseflow.teacher.server import TEXT_BYTES_PER_TOKEN, ServerOptions, build_server
+from fuseflow.teacher.server import TEXT_BYTES_PER_TOKEN, ServerOptions
 from fuseflow.wire.client import BUSY_KEY, TeacherBusy, TeacherClient, TeacherRequestError
 from fuseflow.wire.codec import encode_array
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
@@ -30,27 +29,6 @@ pytestmark = pytest.mark.integration
 
 INV, RES = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 PROSE = "the quick brown fox " * 5  # 100 bytes
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return create_engine("hf", str(tiny_llama), max_top_k=32)
-
-
-@pytest.fixture
-def serve():
-    """``serve(engine, **options) -> (server, address)``; every server is stopped at teardown."""
-    servers = []
-
-    def start(engine, **options):
-        server, port = build_server(engine, ServerOptions(host="127.0.0.1", port=0, **options))
-        server.start()
-        servers.append(server)
-        return server, f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(0).wait(10)
 
 
 def test_the_receive_limit_fits_the_largest_request_the_limits_accept():
@@ -306,7 +284,7 @@ def served_process(tiny_llama, tmp_path):
 
     def start(*flags):
         log = tmp_path / f"serve-{len(procs)}.log"
-        cmd = [sys.executable, "-m", "fuseflow.teacher.serve", "--model", str(tiny_llama), "--device", "cpu",
+        cmd = [sys.executable, "-m", "fuseflow.cli", "teacher", "serve", "--model", str(tiny_llama), "--device", "cpu",
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
         env = dict(os.environ, OMP_NUM_THREADS="1", FUSEFLOW_LOG_FORMAT="text")
         with open(log, "wb") as out:

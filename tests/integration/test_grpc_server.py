@@ -17,8 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from google.protobuf import descriptor_pb2
 
 from fuseflow.models import builtin_text
-from fuseflow.score.engine import create_engine
-from fuseflow.teacher.server import SERVICE_NAME, ServerOptions, build_server
+from fuseflow.teacher.server import SERVICE_NAME
 from fuseflow.wire.client import TeacherClient, TeacherRequestError, TeacherUnavailable
 from fuseflow.wire.codec import encode_array
 from fuseflow.wire.gen.fuseflow.v1 import teacher_pb2 as pb
@@ -30,33 +29,12 @@ FIELDS = ("token_ids", "offsets", "topk_ids", "topk_logprobs", "gold_logprobs")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return create_engine("hf", str(tiny_llama), max_top_k=32)
-
-
-@pytest.fixture(scope="module")
 def texts():
     text = builtin_text(20_000)
     rng = np.random.default_rng(0)
     sizes = [120, 7, 400, 35, 1, 260, 60, 15]
     starts = rng.integers(0, len(text) - 400, size=len(sizes))
     return [text[s : s + n] for s, n in zip(starts, sizes)]
-
-
-@pytest.fixture
-def serve():
-    """``serve(engine, **options) -> (server, address)``; every server is stopped at teardown."""
-    servers = []
-
-    def start(engine, **options):
-        server, port = build_server(engine, ServerOptions(host="127.0.0.1", port=0, **options))
-        server.start()
-        servers.append(server)
-        return server, f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(0).wait(10)
 
 
 def assert_same(got, ref, exact: bool = True):

@@ -32,8 +32,9 @@ def _weights(model_dir):
 def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_llama, tiny_gemma, tiny_qwen,
                                                                    redis_server):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus, train_in_process
-    from fuseflow.trainer.online import default_window, run_online
+    from fuseflow.trainer.data import prepare_corpus
+    from fuseflow.trainer.ready import default_window
+    from fuseflow.trainer import recipe
     from fuseflow.wire.redis_streams import RedisTransport
 
     config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40,
@@ -43,7 +44,7 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
 
     # `fuseflow fuse`'s run: teacher threads on the in-process transport. One sample per teacher batch on both
     # sides: a forward pass's fp32 rounding depends on what it is batched with.
-    local = train_in_process(cfg, tmp_path / "inprocess", corpus.train, progress=False, worker_batch_size=1)
+    local = recipe.train_in_process(cfg, tmp_path / "inprocess", corpus, progress=False, worker_batch_size=1)
 
     # The online run: the same recipe over Redis, teachers as workers of the run (threads here, processes in a
     # deployment), the corpus prepared by the recipe itself as `fuseflow train` does.
@@ -51,7 +52,7 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
     factory = lambda: RedisTransport(redis_server.url, run, teachers)  # noqa: E731
     with RedisTransport(redis_server.url, run, teachers, window=default_window(cfg, 1)) as tr:
         with WorkerThreads(build_aligners(cfg), factory, batch_size=1):
-            online = run_online(cfg, tr, out=tmp_path / "redis", progress=False)
+            online = recipe.run(cfg, tr, out=tmp_path / "redis", progress=False)
         assert tr.is_finished()
 
     assert local.steps == online.steps == len(PINNED_LOSSES)

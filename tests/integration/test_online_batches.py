@@ -27,7 +27,7 @@ def feed_groups(transport, transport_factory, samples, aligners, micro, tmp_path
     """Dispatch ``samples``, then let the teachers answer in micro-batch-sized batches (a forward pass's float
     results depend on what it is batched with) and read the trainer's micro-batches; every step acked."""
     from fuseflow.trainer.dispatcher import Dispatcher, dispatch_sequence
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.ready import ReadyFeed
 
     dispatcher = Dispatcher(transport, dispatch_sequence(samples), chunk=5)
     dispatcher.start()
@@ -46,7 +46,7 @@ def feed_groups(transport, transport_factory, samples, aligners, micro, tmp_path
 def test_redis_batches_equal_the_in_process_batches(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.trainer.batches import collate
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.trainer.data import prepare_corpus
     from fuseflow.wire.inprocess import InProcessTransport
     from fuseflow.wire.redis_streams import RedisTransport
 
@@ -96,7 +96,7 @@ def test_feed_keeps_ranks_in_lockstep_and_pads_the_accumulation(monkeypatch, tmp
     """A rank without data yields ``[]`` while another still trains; the epoch ends on a gradient-accumulation
     boundary. Two ranks are simulated by threads sharing an in-process transport and a fake all-reduce."""
     from fuseflow.sparse import Sample
-    from fuseflow.trainer import online
+    from fuseflow.trainer import ready
     from fuseflow.wire.inprocess import InProcessTransport
 
     tr = InProcessTransport("lockstep", ["t"], window=64)
@@ -122,12 +122,12 @@ def test_feed_keeps_ranks_in_lockstep_and_pads_the_accumulation(monkeypatch, tmp
         barrier.wait()
         return out
 
-    monkeypatch.setattr(online, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(ready, "all_reduce", fake_all_reduce)
     seen: dict[int, list[list[str]]] = {0: [], 1: []}
 
     def rank(r, micro):
         rank_of[threading.get_ident()] = r
-        feed = online.ReadyFeed(tr, f"rank{r}", micro_batch=micro, grad_accum=2, trained_log=tmp_path / "none",
+        feed = ready.ReadyFeed(tr, f"rank{r}", micro_batch=micro, grad_accum=2, trained_log=tmp_path / "none",
                                 poll_ms=10)
         for g in feed:
             seen[r].append([s.id for s, _ in g])
@@ -155,7 +155,7 @@ def test_feed_pads_the_last_accumulation_and_skips_checkpointed_samples(tmp_path
     """The epoch ends on a gradient-accumulation boundary; a redelivered sample listed in the rank's trained
     log (covered by the checkpoint) is acked, not trained again."""
     from fuseflow.sparse import Sample
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.ready import ReadyFeed
     from fuseflow.wire.inprocess import InProcessTransport
 
     tr = InProcessTransport("pad", ["t"], window=64)

@@ -115,7 +115,7 @@ def test_dispatcher_rides_out_a_redis_outage(restartable_redis_server):
 def test_feed_reports_a_window_too_small_for_a_checkpoint_interval():
     """Samples are acked only at checkpoints: a window that fills before one stalls the run; the feed says what
     to change instead of hanging."""
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.ready import ReadyFeed
 
     tr = InProcessTransport("small", TEACHERS, window=2)
     d = Dispatcher(tr, samples(6), chunk=1, poll_s=0.05)
@@ -139,7 +139,7 @@ def test_feed_reports_a_window_too_small_for_a_checkpoint_interval():
 
 def test_required_window_covers_a_checkpoint_interval():
     from fuseflow.config import FuseConfig
-    from fuseflow.trainer.online import required_window
+    from fuseflow.trainer.ready import required_window
 
     cfg = FuseConfig.model_validate({"target": {"model": "x"}, "sources": [{"model": "y"}],
                                      "train": {"micro_batch_size": 4, "grad_accum": 2, "checkpoint_every": 10}})

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_two_ranks_train_every_sample_exactly_once(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, redis_server):
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.trainer.data import prepare_corpus
     from fuseflow.wire.redis_streams import RedisTransport
 
     config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40)

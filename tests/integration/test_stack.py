@@ -48,10 +48,10 @@ def test_stack_ports_never_collide():
         assert len(used) == len(set(used)), ports
 
 
-def test_runnable_uses_this_interpreter_and_the_entry_modules():
+def test_runnable_uses_this_interpreter_and_the_one_cli():
     assert runnable(["fuseflow", "teacher", "serve", "--port", "1"]) == [
-        sys.executable, "-m", "fuseflow.teacher.serve", "--port", "1"]
-    assert runnable(["fuseflow", "train", "run.yaml"]) == [sys.executable, "-m", "fuseflow.trainer.online", "run.yaml"]
+        sys.executable, "-m", "fuseflow.cli", "teacher", "serve", "--port", "1"]
+    assert runnable(["fuseflow", "train", "run.yaml"]) == [sys.executable, "-m", "fuseflow.cli", "train", "run.yaml"]
     assert runnable(["fuseflow", "merge", "m.yaml"]) == [sys.executable, "-m", "fuseflow.cli", "merge", "m.yaml"]
     with pytest.raises(ValueError):
         runnable(["python", "x.py"])

@@ -13,9 +13,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from fuseflow.cli import main as cli
 from fuseflow.merge.mergekit import ConditionalParameter, MergekitConfig, evaluate_setting
 from fuseflow.merge.methods import MERGE_METHODS
-from fuseflow.merge.run import load_config, main
+from fuseflow.merge.run import load_config
+
+
+def main(argv):
+    """``fuseflow merge ARGV``, through the one CLI wrapper."""
+    return cli(["merge", *argv])
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

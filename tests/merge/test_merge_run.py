@@ -12,11 +12,18 @@ import yaml
 from merge_helpers import perturbed_copy, toy_tensors, write_model
 from safetensors.torch import load_file
 
+from fuseflow.cli import main as cli
 from fuseflow.config import ConfigError
 from fuseflow.merge.config import MergeConfig, method_parameters, parse_size
 from fuseflow.merge.execute import tensor_seed
 from fuseflow.merge.methods import MERGE_METHODS
-from fuseflow.merge.run import load_config, main
+from fuseflow.merge.run import load_config
+
+
+def main(argv):
+    """``fuseflow merge ARGV``, through the one CLI wrapper."""
+    return cli(["merge", *argv])
+
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "merge.yaml"
 

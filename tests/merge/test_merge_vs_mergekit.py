@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from merge_helpers import MERGEKIT_PYTHON_ENV, mergekit_python
 from merge_helpers import run_mergekit as _run_mergekit
 
-from fuseflow.merge.run import main
+from fuseflow.cli import main as fuseflow
 
 MERGEKIT = mergekit_python()
 pytestmark = [
@@ -100,7 +100,7 @@ def test_same_yaml_same_merge(name, method, base, per_model, params, n, atol, ll
     cfg = tmp_path / "mergekit.yml"
     cfg.write_text(yaml.safe_dump(doc))
     run_mergekit(doc, tmp_path / "mk")
-    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    assert fuseflow(["merge", str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
     ours, theirs = _weights(tmp_path / "ff"), _weights(tmp_path / "mk")
     assert ours.keys() == theirs.keys()
     for k in ours:
@@ -129,7 +129,7 @@ def test_gradient_slerp_and_frankenmerge_examples_match(llama5, llama5_finetuned
         cfg = tmp_path / name
         cfg.write_text(text)
         run_mergekit({**yaml.safe_load(text), "dtype": "float32", "out_dtype": "float16"}, tmp_path / f"mk-{name}")
-        assert main([str(cfg), f"output={tmp_path / f'ff-{name}'}", "--no-progress"]) == 0
+        assert fuseflow(["merge", str(cfg), f"output={tmp_path / f'ff-{name}'}", "--no-progress"]) == 0
         ours, theirs = _weights(tmp_path / f"ff-{name}"), _weights(tmp_path / f"mk-{name}")
         assert ours.keys() == theirs.keys(), name
         for k in ours:
@@ -152,7 +152,7 @@ def test_sce_with_realistic_update_sizes_uses_mergekits_equal_weight_fallback(ll
     cfg = tmp_path / "sce.yml"
     cfg.write_text(yaml.safe_dump(doc))
     run_mergekit(doc, tmp_path / "mk")
-    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    assert fuseflow(["merge", str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
     ours, theirs, base = _weights(tmp_path / "ff"), _weights(tmp_path / "mk"), _weights(llama5)
     inputs = [_weights(m) for m in ft]
     worst_paper = 0.0
@@ -238,7 +238,7 @@ def test_bf16_merges_differ_only_where_scores_tie_at_the_trim_threshold(method, 
     cfg = tmp_path / f"{method}.yml"
     cfg.write_text(yaml.safe_dump(doc))
     run_mergekit(doc, tmp_path / "mk")
-    assert main([str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
+    assert fuseflow(["merge", str(cfg), f"output={tmp_path / 'ff'}", "--no-progress"]) == 0
     ours, theirs = _weights(tmp_path / "ff"), _weights(tmp_path / "mk")
     inputs = [_weights(m) for m in ft]
     differing = 0

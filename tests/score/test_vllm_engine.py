@@ -669,7 +669,7 @@ def test_real_vllm_teacher_serves_grpc_and_is_the_runs_redis_worker(real_models,
     from fuseflow.models import load_tokenizer
     from fuseflow.score.aligner import TeacherAligner
     from fuseflow.sparse import Sample
-    from fuseflow.teacher import serve as serve_cli
+    from fuseflow.cli import main as cli_main
     from fuseflow.wire.client import TeacherClient
     from fuseflow.wire.redis_streams import RedisTransport
 
@@ -711,8 +711,8 @@ def test_real_vllm_teacher_serves_grpc_and_is_the_runs_redis_worker(real_models,
     prober = threading.Thread(target=probe)
     prober.start()
     try:
-        code = serve_cli.main([
-            "--config", str(config), "--source", "llama", "--engine", "vllm", "--redis", redis_server.url,
+        code = cli_main([
+            "teacher", "serve", "--config", str(config), "--source", "llama", "--engine", "vllm", "--redis", redis_server.url,
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--grace-s", "5",
         ])
     finally:
@@ -770,7 +770,7 @@ def test_real_vllm_pretrained_scores_equal_hf_engine(name):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_real_vllm_teacher_is_the_redis_worker_of_an_online_run(real_engines, real_models, tmp_path, redis_server):
-    """``fuseflow.trainer.online`` (one DeepSpeed rank, its own process) trains on what a vLLM teacher, as the
+    """``fuseflow train`` (one DeepSpeed rank, its own process) trains on what a vLLM teacher, as the
     run's Redis worker, scores: every training sample is trained once, with a finite loss and KL > 0."""
     import json
     import math
@@ -810,7 +810,7 @@ def test_real_vllm_teacher_is_the_redis_worker_of_an_online_run(real_engines, re
                LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with log.open("ab") as out:
         trainer = subprocess.Popen(
-            [sys.executable, "-m", "fuseflow.trainer.online", str(config), "--redis", redis_server.url, "--run", "vllm",
+            [sys.executable, "-m", "fuseflow.cli", "train", str(config), "--redis", redis_server.url, "--run", "vllm",
              "--metrics-port", "0", "--no-progress"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         with WorkerThreads([aligner], lambda: RedisTransport(redis_server.url, "vllm", ["llama"])):

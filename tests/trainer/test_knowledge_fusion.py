@@ -50,10 +50,10 @@ PINNED_BPB = {"source gemma": 3.474384375276643, "source qwen": 4.12223501163536
 
 @pytest.mark.slow
 def test_fuse_end_to_end(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, capsys):
-    from fuseflow.trainer.knowledge_fusion import run_fuse
+    from fuseflow.trainer.recipe import fuse
 
     cfg = _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen)
-    report = run_fuse(cfg, progress=False)
+    report = fuse(cfg, progress=False)
     run = tmp_path / "run"
     names = [r["model"] for r in report["rows"]]
     assert names == ["source gemma", "source qwen", "source self", "target before", "target fused", "target baseline clm"]
@@ -105,17 +105,17 @@ def test_resume_trains_every_sample_exactly_once(tmp_path, tiny_llama, tiny_gemm
     """Interrupt the in-process recipe after a checkpoint, resume: the union of trained ids equals an
     uninterrupted run's (the redelivered samples the checkpoint covers are acked, not trained again)."""
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer import knowledge_fusion as kf
-    from fuseflow.trainer import online
+    from fuseflow.trainer import ready, recipe
+    from fuseflow.trainer.data import prepare_corpus
 
     cfg = _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, baseline="none", **{"eval.before": "false"})
-    corpus = kf.prepare_corpus(cfg, load_tokenizer(cfg.target.model))
+    corpus = prepare_corpus(cfg, load_tokenizer(cfg.target.model))
     out = tmp_path / "interrupted"
 
     class Crash(RuntimeError):
         pass
 
-    real = online.ReadyFeed.__iter__
+    real = ready.ReadyFeed.__iter__
 
     def crashing(self):
         for i, g in enumerate(real(self)):
@@ -123,11 +123,11 @@ def test_resume_trains_every_sample_exactly_once(tmp_path, tiny_llama, tiny_gemm
                 raise Crash()
             yield g
 
-    monkeypatch.setattr(online.ReadyFeed, "__iter__", crashing)
+    monkeypatch.setattr(ready.ReadyFeed, "__iter__", crashing)
     with pytest.raises(Crash):
-        kf.train_in_process(cfg, out, corpus.train, progress=False)
+        recipe.train_in_process(cfg, out, corpus, progress=False)
     monkeypatch.undo()
-    res = kf.train_in_process(cfg, out, corpus.train, progress=False)
+    res = recipe.train_in_process(cfg, out, corpus, progress=False)
     assert res.steps == 4
     ids = (out / "trained_samples.log").read_text().split()
     expected = [s.id for s in corpus.train][: 4 * 2]
@@ -142,7 +142,7 @@ def test_resume_trains_every_sample_exactly_once(tmp_path, tiny_llama, tiny_gemm
 def test_zero_stages_train_like_plain_data_parallel(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, zero_stage, impl):
     """ZeRO-2/3 (CPU, gloo) with either loss path gives the per-step losses of ZeRO-0: the head weight used
     outside its module (registered as an external parameter under ZeRO-3) gets its gradient either way."""
-    from fuseflow.trainer.knowledge_fusion import run_fuse
+    from fuseflow.trainer.recipe import fuse
 
     losses = {}
     for stage in (0, zero_stage):
@@ -152,7 +152,7 @@ def test_zero_stages_train_like_plain_data_parallel(tmp_path, tiny_llama, tiny_g
             **{"train.zero_stage": stage, "train.loss_impl": impl, "train.max_steps": 3, "baseline": "none",
                "eval.before": "false"},
         )
-        run_fuse(cfg, progress=False)
+        fuse(cfg, progress=False)
         rows = (tmp_path / f"z{stage}" / "run" / "fused" / "metrics.jsonl").read_text().splitlines()
         losses[stage] = [json.loads(line)["loss"] for line in rows]
     assert len(losses[0]) == 3
@@ -181,15 +181,15 @@ class _BrokenTeacher:
 def test_a_dead_teacher_thread_ends_the_run_with_its_error(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, monkeypatch):
     """A teacher worker thread that dies ends `fuseflow fuse` with the worker's own error, instead of the trainer
     waiting for answers that cannot come until its stall timeout (issue 13)."""
-    import fuseflow.trainer.knowledge_fusion as kf
     from fuseflow.teacher.worker import EngineFailure
+    from fuseflow.trainer import recipe, teachers
 
-    build = kf.build_teachers
-    monkeypatch.setattr(kf, "build_teachers", lambda cfg, sources, tok, stats_texts=None: [
+    build = teachers.build_teachers
+    monkeypatch.setattr(teachers, "build_teachers", lambda cfg, sources, tok, stats_texts=None: [
         _BrokenTeacher(t.name) if t.name == "qwen" else t for t in build(cfg, sources, tok, stats_texts)])
     cfg = _config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, baseline="none", **{"eval.before": "false"})
     with pytest.raises(EngineFailure, match="teacher qwen fails on every sample: RuntimeError..CUDA error: device lost"):
-        kf.run_fuse(cfg, progress=False)
+        recipe.fuse(cfg, progress=False)
     assert not (tmp_path / "run" / "fused" / "model").exists()
 
 
@@ -201,7 +201,7 @@ def test_held_out_documents_n_evaluates_n_and_only_training_documents_are_dead_l
     from the training part only."""
     from fuseflow.corpus import split_keys
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.trainer.data import prepare_corpus
 
     keys = split_keys(np.arange(30), 0)
     first = [int(i) for i in np.argsort(keys)[:3]]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fuseflow.sparse import AlignedDist, Sample
-from fuseflow.trainer.online import ReadyFeed, check_dead_letters
+from fuseflow.trainer.ready import ReadyFeed
+from fuseflow.trainer.report import check_dead_letters
 from fuseflow.wire.transport import REDISPATCH_LIMIT, check_ready
 
 TEACHERS = ["alpha", "beta"]
@@ -143,7 +144,7 @@ def test_the_sample_key_is_the_runs_own_across_restarts(tmp_path):
     same on a resume (samples in flight stay valid), a new one when a resume finds none (they get re-signed)."""
     import stat
 
-    from fuseflow.trainer.online import SAMPLE_KEY_FILE, sample_key
+    from fuseflow.trainer.dispatcher import SAMPLE_KEY_FILE, sample_key
 
     key, new = sample_key(tmp_path, fresh=True)
     assert new and len(key) == 32

@@ -8,6 +8,7 @@ would; the property-based test at the end writes random field sets and values.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -45,25 +46,35 @@ def acl_server():
         yield server
 
 
-@pytest.fixture
-def run(acl_server):
-    """A fresh run with its own ACL users: ``(trainer transport, teacher transport, teacher's raw client)``."""
-    name = f"r-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def acl_run(acl_server, prefix: str):
+    """A fresh run with its own ACL users: ``(name, trainer transport (signing with KEY), teacher transport, the
+    teacher's raw client)``; its keys and users are removed after."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     admin = acl_server.client()
     for role in ("teacher", "trainer"):
         admin.execute_command("ACL", "SETUSER", f"{role}-{name}", "on", f">pw-{role}", *run_acl_rules(name, role).split())
     url = f"redis://{{user}}:{{pw}}@127.0.0.1:{acl_server.port}/0"
     trainer = RedisTransport(url.format(user=f"trainer-{name}", pw="pw-trainer"), name, TEACHERS, window=64,
                              poll_s=0.01)
-    trainer.authenticate(KEY)
     teacher = RedisTransport(url.format(user=f"teacher-{name}", pw="pw-teacher"), name, TEACHERS)
     forger = redis.Redis.from_url(url.format(user=f"teacher-{name}", pw="pw-teacher"))
-    yield trainer, teacher, forger
-    trainer.reset()
-    for c in (trainer, teacher, forger):
-        c.close()
-    for role in ("teacher", "trainer"):
-        admin.execute_command("ACL", "DELUSER", f"{role}-{name}")
+    try:
+        trainer.authenticate(KEY)
+        yield name, trainer, teacher, forger
+    finally:
+        trainer.reset()
+        for c in (trainer, teacher, forger):
+            c.close()
+        for role in ("teacher", "trainer"):
+            admin.execute_command("ACL", "DELUSER", f"{role}-{name}")
+
+
+@pytest.fixture
+def run(acl_server):
+    """A fresh run with its own ACL users: ``(trainer transport, teacher transport, teacher's raw client)``."""
+    with acl_run(acl_server, "r") as (_, trainer, teacher, forger):
+        yield trainer, teacher, forger
 
 
 def answer_all(teacher: RedisTransport, n: int) -> None:
@@ -263,19 +274,9 @@ _op = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, max_size=8), split=st.integers(0, len(HONEST)))
 def test_forged_fields_never_stop_the_feed_nor_reach_training(acl_server, tmp_path, ops, split):
-    from fuseflow.trainer.online import ReadyFeed
+    from fuseflow.trainer.ready import ReadyFeed
 
-    name = f"p-{uuid.uuid4().hex[:8]}"
-    admin = acl_server.client()
-    for role in ("teacher", "trainer"):
-        admin.execute_command("ACL", "SETUSER", f"{role}-{name}", "on", f">pw-{role}", *run_acl_rules(name, role).split())
-    url = f"redis://{{user}}:{{pw}}@127.0.0.1:{acl_server.port}/0"
-    trainer = RedisTransport(url.format(user=f"trainer-{name}", pw="pw-trainer"), name, TEACHERS, window=64,
-                             poll_s=0.01)
-    teacher = RedisTransport(url.format(user=f"teacher-{name}", pw="pw-teacher"), name, TEACHERS)
-    forger = redis.Redis.from_url(url.format(user=f"teacher-{name}", pw="pw-teacher"))
-    try:
-        trainer.authenticate(KEY)
+    with acl_run(acl_server, "p") as (name, trainer, teacher, forger):
         trainer.submit(HONEST)
         trainer.finish_submissions()
 
@@ -310,9 +311,3 @@ def test_forged_fields_never_stop_the_feed_nor_reach_training(acl_server, tmp_pa
         stats = trainer.stats()
         assert stats["submitted"] == stats["done"] == len(HONEST) and stats["dead_letters"] == 0
         assert trainer.is_finished()
-    finally:
-        trainer.reset()
-        for c in (trainer, teacher, forger):
-            c.close()
-        for role in ("teacher", "trainer"):
-            admin.execute_command("ACL", "DELUSER", f"{role}-{name}")
