@@ -172,7 +172,7 @@ def score_all(cfg, samples, tokenizer, cache: Path | None) -> tuple[dict[str, di
         todo = [s for s in samples if stored.get(s.id, ("",))[0] != _text_hash(s.text)]
         t0 = time.perf_counter()
         if todo:
-            engine = engine_from_source(src, cfg.device)
+            engine = engine_from_source(src, cfg.device, cfg.serve.engine_defaults())  # as fuseflow fuse builds it
             for start in range(0, len(todo), 8):
                 chunk = todo[start : start + 8]
                 for s, sc in zip(chunk, score_samples(engine, chunk, cfg.align.score_top_k)):
@@ -285,7 +285,7 @@ def train_arm(arm: Arm, cfg, samples, aligned_for, texts, groups, budgets: Seque
     t0 = time.perf_counter()
     result = train(
         target.model, target.tokenizer, groups_iter(), teachers=list(arm.teachers), train_cfg=cfg.train,
-        fusion_cfg=fusion, total_steps=max(budgets), run_dir=run_dir, progress=False, on_log=on_log,
+        fusion_cfg=fusion, total_steps=max(budgets), run_dir=run_dir, progress=False, on_log=on_log, seed=cfg.seed,
     )
     seconds = time.perf_counter() - t0
     history, teachers_summary = result.history, result.teachers

@@ -251,7 +251,7 @@ def e2e(engine, request, tiny_llama, tiny_gemma, tiny_qwen):
     """Run config, corpus, secrets, environment and the expected sample ids of the compose runs."""
     from fuseflow.config import FuseConfig, load_config
     from fuseflow.models import load_tokenizer
-    from fuseflow.trainer.knowledge_fusion import prepare_corpus
+    from fuseflow.trainer.data import prepare_corpus
 
     if COPY_DEST.exists():
         pytest.fail(f"{COPY_DEST} exists (a copy from an earlier compose run): move it away, the README's "
