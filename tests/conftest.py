@@ -181,3 +181,31 @@ def gemma_source(gemma_engine):
     from fuseflow.ensemble.sources import EnsembleSource
 
     return EnsembleSource.from_engine(gemma_engine, name="gemma")
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """``with serve_app(app) as url``: an ASGI app on a real uvicorn server (port 0) in a thread, as
+    ``fuseflow serve-ensemble`` runs the gateway; stopped on exit."""
+    import contextlib
+    import threading
+    import time
+
+    @contextlib.contextmanager
+    def serve(app):
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    return serve

@@ -5,8 +5,6 @@ OpenAI's error shape otherwise, ``/healthz`` and ``/metrics`` open; the key from
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -115,21 +113,10 @@ def test_the_cli_refuses_an_open_exposed_gateway_and_a_key_in_argv(tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def served(service):
+def served(service, serve_app):
     """The app with a key on a real uvicorn server (port 0), as ``fuseflow serve-ensemble`` runs it."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=KEY), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(create_app(service, api_key=KEY)) as url:
+        yield url
 
 
 def test_the_openai_client_with_the_right_key_and_without(served):

@@ -4,8 +4,6 @@ completions, chat, streaming, errors — and compared with the same engines deco
 
 from __future__ import annotations
 
-import threading
-import time
 
 import pytest
 
@@ -52,9 +50,7 @@ def teachers(engines):
 
 
 @pytest.fixture(scope="module")
-def gateway(teachers, tiny_llama, tiny_gemma, tmp_path_factory):
-    import uvicorn
-
+def gateway(teachers, tiny_llama, tiny_gemma, tmp_path_factory, serve_app):
     from fuseflow.ensemble.config import build_sources, load_ensemble_config
     from fuseflow.gateway.server import EnsembleService, create_app
 
@@ -69,17 +65,8 @@ def gateway(teachers, tiny_llama, tiny_gemma, tmp_path_factory):
     )
     cfg = load_ensemble_config(cfg_path)
     service = EnsembleService(cfg, build_sources(cfg))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", service
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(create_app(service)) as url:
+        yield url, service
     service.close()
 
 
