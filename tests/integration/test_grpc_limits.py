@@ -125,9 +125,9 @@ def test_calls_over_the_concurrency_cap_are_busy_and_health_still_answers(engine
             results[i] = c.score_texts([f"held call {i}"], top_k=2)
 
     held = [threading.Thread(target=score, args=(i,)) for i in range(2)]
-    for t in held:
-        t.start()
+    held[0].start()
     assert gated.entered.wait(30)  # the first call is in the engine
+    held[1].start()  # only now: started together, the batcher may take both into one batch (no queue)
     deadline = time.monotonic() + 30
     while server.metrics.value("queue_depth") < 1:  # the second waits for it in the batcher's queue
         assert time.monotonic() < deadline, "the second call never reached the batcher"
