@@ -69,22 +69,24 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
+def parse_arm(item: str, teachers: Sequence[str]) -> Arm:
+    """``"fuse:min_ce@fusion.lam=0.5@train.lr=1e-4"`` → one arm (``@`` adds the arm's own overrides, so one run
+    compares settings against one CLM baseline); ``distil:NAME`` needs a source NAME."""
+    head, *overrides = item.split("@")
+    kind, _, arg = head.partition(":")
+    if kind == "clm" and not arg:
+        return Arm(item, "clm", overrides=tuple(overrides))
+    if kind == "distil" and arg in teachers:
+        return Arm(item, "distil", (arg,), overrides=tuple(overrides))
+    if kind == "fuse" and arg:
+        return Arm(item, "fuse", tuple(teachers), arg, tuple(overrides))
+    raise SystemExit(f"--arms: cannot read {item!r} (clm, distil:SOURCE with SOURCE in {list(teachers)}, "
+                     "fuse:FUNCTION, each optionally @key=value…)")
+
+
 def parse_arms(spec: str, teachers: Sequence[str]) -> list[Arm]:
-    """``"clm,distil:gemma,fuse:min_ce,fuse:min_ce@fusion.lam=0.5@train.lr=1e-4"`` → arms (``@`` adds an arm's
-    own overrides, so one run compares settings against one CLM baseline); ``distil:NAME`` needs a source NAME."""
-    arms = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        head, *overrides = item.split("@")
-        kind, _, arg = head.partition(":")
-        if kind == "clm" and not arg:
-            arms.append(Arm(item, "clm", overrides=tuple(overrides)))
-        elif kind == "distil" and arg in teachers:
-            arms.append(Arm(item, "distil", (arg,), overrides=tuple(overrides)))
-        elif kind == "fuse" and arg:
-            arms.append(Arm(item, "fuse", tuple(teachers), arg, tuple(overrides)))
-        else:
-            raise SystemExit(f"--arms: cannot read {item!r} (clm, distil:SOURCE with SOURCE in {list(teachers)}, "
-                             "fuse:FUNCTION, each optionally @key=value…)")
+    """``"clm,distil:gemma,fuse:min_ce,fuse:min_ce@fusion.lam=0.5"`` → arms (:func:`parse_arm`); clm first."""
+    arms = [parse_arm(item, teachers) for item in (s.strip() for s in spec.split(",")) if item]
     if not arms or arms[0].kind != "clm":
         raise SystemExit("--arms: the first arm must be clm (every other arm is compared with it)")
     return arms
@@ -242,9 +244,11 @@ def evaluate(model, tokenizer, texts, groups, cfg) -> dict:
             "text_nll": res["text_nll"], "text_bytes": res["text_bytes"], "eval_tokens": res["tokens"]}
 
 
-def train_arm(arm: Arm, cfg, samples, aligned_for, texts, groups, budgets: Sequence[int], work: Path) -> dict:
+def train_arm(arm: Arm, cfg, samples, aligned_for, texts, groups, budgets: Sequence[int], work: Path,
+              keep: bool = False) -> dict:
     """Train a fresh copy of the target on ``samples`` as ``arm``; evaluate at every step in ``budgets``.
-    ``aligned_for(cfg)`` gives the teachers' distributions under the arm's alignment settings."""
+    ``aligned_for(cfg)`` gives the teachers' distributions under the arm's alignment settings. ``keep``: leave
+    the trained model (an HF directory, ``model_dir`` in the result) under ``work`` (FuseChat merges it)."""
     import torch
 
     from fuseflow.models import load
@@ -289,10 +293,12 @@ def train_arm(arm: Arm, cfg, samples, aligned_for, texts, groups, budgets: Seque
     )
     seconds = time.perf_counter() - t0
     history, teachers_summary = result.history, result.teachers
+    model_dir = str(result.model_dir) if keep else None
     del target, result
     gc.collect()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return {"kind": arm.kind, "teachers": list(arm.teachers), "function": fusion.function if arm.teachers else None,
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"model_dir": model_dir, "kind": arm.kind, "teachers": list(arm.teachers), "function": fusion.function if arm.teachers else None,
             "overrides": list(arm.overrides), "lam": fusion.lam, "temperature": fusion.temperature, "top_k": k,
             "align": cfg.align.model_dump(mode="json"), "teacher_stats": teachers_summary,
             "lr": cfg.train.lr, "min_lr_ratio": cfg.train.min_lr_ratio,

@@ -181,15 +181,18 @@ class ConfigCommand:
     def build_parser() -> argparse.ArgumentParser:
         from fuseflow.config import config_parser
 
-        return config_parser("Print a run config with every default filled in, after validation.",
-                             "example: fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
-                             "run config YAML", "key=value overrides, e.g. train.lr=3e-5")
+        p = config_parser("Print a run config with every default filled in, after validation.",
+                          "example: fuseflow config examples/quickstart.yaml fusion.function=avg_ce",
+                          "run config YAML", "key=value overrides, e.g. train.lr=3e-5")
+        p.add_argument("--finetune", action="store_true", help="validate as `fuseflow finetune` does (sources optional)")
+        return p
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from fuseflow.config import FuseConfig, dump_config, load_config
+        from fuseflow.config import FinetuneConfig, FuseConfig, dump_config, load_config
 
-        print(dump_config(load_config(FuseConfig, args.config, args.overrides)), end="")
+        kind = FinetuneConfig if args.finetune else FuseConfig
+        print(dump_config(load_config(kind, args.config, args.overrides)), end="")
         return EXIT_OK
 
 

@@ -129,6 +129,20 @@ class FusionConfig(_Strict):
         description="what min_ce / avg_ce rank teachers by: aligned: mean CE over the teacher's aligned positions "
         "(FuseLLM); text: the teacher's nll of the whole sample text per target position (docs/quality.md)",
     )
+    student_candidate: bool = Field(
+        False,
+        description="the student itself, as it is at each step, is one more fusion candidate (its top-k rows, its CE "
+        "by the same criterion): where no teacher beats it, MinCE picks its own rows and the KL and its gradient "
+        "are zero there, so a teacher pulls the student only where it knows better (issue 22). Needs kl: tail "
+        "(with renormalised rows the KL of the student against its own top-k is not zero: it would sharpen it)",
+    )
+
+    @model_validator(mode="after")
+    def _student_candidate_needs_tail(self) -> "FusionConfig":
+        if self.student_candidate and self.kl != "tail":
+            raise ValueError("fusion.student_candidate needs fusion.kl: tail: against its own top-k rows renormalised, "
+                             "the student's KL is not zero (it would pull the student toward a sharper copy of itself)")
+        return self
 
     @field_validator("function")
     @classmethod
@@ -345,6 +359,15 @@ class FuseConfig(_Strict):
 
         return given or self.online.run or os.environ.get("FUSEFLOW_RUN") or self.run_dir.resolve().name
 
+
+
+class FinetuneConfig(FuseConfig):
+    """``fuseflow finetune CONFIG``: the recipe with no teachers — CLM-fine-tune ``target`` on the corpus and write
+    an HF directory (``run_dir/finetuned/model``): how a domain expert for fusion is made (issue 22). The run
+    config of ``fuseflow fuse``; its ``sources``, ``align``, ``fusion``, ``baseline`` and ``pairwise`` are not used
+    (``sources`` may be left out)."""
+
+    sources: list[SourceConfig] = Field(default_factory=list, description="not used by finetune (may be left out)")
 
 C = TypeVar("C", bound=BaseModel)
 

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,69 @@ def test_align_script_reports_fidelity_and_cost_on_tiny_models(tmp_path):
         assert plain["linked"] == chained["linked"]  # the chain rule leaves the linked positions as they were
     assert all(_positive(r["tokens_per_s"]) for r in result["cost"])
     assert result["dtw"]["tokens"] == [40, 40]
+
+
+@pytest.mark.slow
+def test_experts_script_builds_experts_once_and_compares_every_method(tmp_path, tiny_llama, tiny_gemma, capsys):
+    """bench/experts.py (issue 22) on tiny models: each expert is made by `fuseflow finetune` from its own corpus
+    (never from an evaluation split) and cached; the arms, FuseChat's pairs and their merges are evaluated alike."""
+    experts = _load("experts")
+    for name, words in (("en", "The quick brown fox jumps over the lazy dog."), ("de", "Der schnelle braune Fuchs springt.")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(110):  # the experts never train on the dev documents of any size (100 at most)
+            (folder / f"{i:03d}.txt").write_text(f"{words} Nummer {i}.\n\n" + f"{words} " * (8 + i % 10))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"""
+target: {{model: {tiny_llama}}}
+sources: [{{name: unused, model: {tiny_llama}}}]
+corpus:
+  sources: [{{name: en, source: {tmp_path / 'en'}}}, {{name: de, source: {tmp_path / 'de'}}}]
+  held_out_documents: 2
+fusion: {{top_k: 4, lam: 0.5}}
+train: {{max_length: 32, micro_batch_size: 2, lr: 1.0e-3, warmup_ratio: 0.0}}
+eval: {{max_length: 32}}
+""")
+    out = tmp_path / "experts.json"
+    spec = f"g-de={tiny_gemma}:de:2:1e-3,l-en={tiny_llama}:en:3:1e-3"
+    base = ["--config", str(run), "--size", "tiny", "--experts", spec, "--experts-cache", str(tmp_path / "experts"),
+            "--cache", str(tmp_path / "cache"), "--out", str(out), "--split", "dev"]
+    assert experts.main(base + ["--merges", "linear,varm", "--plot", str(tmp_path / "experts.png")]) == 0
+    result = json.loads(out.read_text())
+    built = result["experts"]
+    assert {e["name"]: e["cached"] for e in built.values()} == {"g-de": False, "l-en": False}
+    evaluated = _eval_texts(experts, run)
+    for e in built.values():
+        home = Path(e["model_dir"]).parents[2]
+        trained = {json.loads(line)["text"] for line in (home / "corpus.jsonl").read_text().splitlines()}
+        assert len(trained) == 110 - 2 - 100 and not trained & evaluated
+        assert e["steps"] in (2, 3) and e["train_bytes"] > 0 and e["seconds"] > 0
+    want = ["clm", "distil:target", "distil:g-de", "distil:g-de@align.vocab_map=mined", "distil:l-en", "fuse:min_ce",
+            "fuse:avg_ce", "pair:g-de", "pair:l-en", "merge:linear", "merge:varm"]
+    assert list(result["arms"]) == want
+    assert result["arms"]["pair:g-de"]["teachers"] == ["g-de", "target"]
+    assert result["arms"]["fuse:min_ce"]["teachers"] == ["g-de", "l-en", "target"]
+    for name in ("merge:linear", "merge:varm"):  # the merged pairwise targets: one point, at the final budget
+        (point,) = result["arms"][name]["curve"]
+        assert point["step"] == 4 and "distil:target" in point["vs"] and math.isfinite(point["vs_clm"]["overall"]["value"])
+    assert set(result["sources"]) == {"source g-de", "source l-en", "target (start)"}
+    printed = capsys.readouterr().out
+    assert "| g-de (" in printed and "Δ vs distil:target overall" in printed and "tokens to reach CLM's final" in printed
+    # the experts are cached: a second run builds none
+    assert experts.main(base + ["--experts-only"]) == 0
+    assert all(e["cached"] for e in json.loads(out.read_text())["experts"].values())
+
+
+def _eval_texts(experts, run) -> set[str]:
+    """Every text of an evaluation split the bench can use (held-out documents; dev documents of every size)."""
+    from fuseflow.config import FuseConfig, load_config
+    from fuseflow.corpus import iter_documents
+
+    cfg = load_config(FuseConfig, run)
+    texts = {d.text for d in iter_documents(cfg.corpus, "held_out")}
+    for name, _, sub in cfg.corpus.corpora():
+        docs = list(iter_documents(sub, "train"))
+        n = max(s["dev_documents"] for s in experts.q.SIZES.values())
+        dev = experts.q.dev_indices(np.array([d.index for d in docs]), cfg.corpus.seed, n)
+        texts |= {d.text for d in docs if d.index in dev}
+    return texts

@@ -8,7 +8,7 @@ import pytest
 from fuseflow.cli import commands, main
 
 ROOT = Path(__file__).resolve().parents[1]
-EVERY_COMMAND = ["config", "eval-ensemble", "evaluate", "fuse", "merge", "models", "query", "serve-ensemble", "stack",
+EVERY_COMMAND = ["config", "eval-ensemble", "evaluate", "finetune", "fuse", "merge", "models", "query", "serve-ensemble", "stack",
                  "teacher serve", "train"]
 
 

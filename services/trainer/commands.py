@@ -1,4 +1,4 @@
-"""``fuseflow fuse``, ``fuseflow train`` and ``fuseflow evaluate``: the knowledge-fusion recipe
+"""``fuseflow fuse``, ``fuseflow finetune``, ``fuseflow train`` and ``fuseflow evaluate``: the knowledge-fusion recipe
 (:mod:`fuseflow.trainer.recipe`) in one process and over Redis, and the held-out evaluation of models, as commands of
 the one CLI (:mod:`fuseflow.cli`, which wraps them all alike; registered in ``pyproject.toml``). Light at import: the
 recipe is imported when the command runs."""
@@ -35,6 +35,29 @@ class Fuse:
         if args.pairwise:
             overrides.append("pairwise=true")
         fuse(load_config(FuseConfig, args.config, overrides), progress=not args.no_progress)
+        return 0
+
+
+class Finetune:
+    @staticmethod
+    def build_parser() -> argparse.ArgumentParser:
+        from fuseflow.config import config_parser
+
+        p = config_parser("CLM-fine-tune a model on a corpus and write an HF directory (run_dir/finetuned/model): the "
+                          "recipe of `fuseflow fuse` with no teachers, e.g. to make a domain expert to fuse. Takes a "
+                          "fuse run config; its sources, align and fusion sections are not used.",
+                          "example: fuseflow finetune examples/finetune-expert.yaml train.max_steps=150",
+                          "run config YAML (see examples/finetune-expert.yaml)",
+                          "key=value overrides, e.g. target.model=gemma3-270m corpus.source=manpages:de")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return p
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from fuseflow.config import FinetuneConfig, load_config
+        from fuseflow.trainer.recipe import finetune
+
+        finetune(load_config(FinetuneConfig, args.config, list(args.overrides)), progress=not args.no_progress)
         return 0
 
 

@@ -26,8 +26,8 @@ import torch
 
 from fuseflow.align.fidelity import FIDELITY_FIELDS, fidelity_summary
 from fuseflow.config import FusionConfig, TrainConfig
-from fuseflow.fuse.fusion import FUSIONS
-from fuseflow.fuse.loss import LossParts, fusion_loss
+from fuseflow.fuse.fusion import FUSIONS, segment_ce, sequence_ce
+from fuseflow.fuse.loss import LossParts, fusion_loss, student_rows
 from fuseflow.fuse.stats import TeacherStats, teacher_stats
 from fuseflow.models import split_head
 from fuseflow.sparse import AlignedDist, Sample
@@ -205,12 +205,17 @@ class FusionObjective(torch.nn.Module):
                                      "'nll', sent by fuseflow's aligner); a teacher's results carry none")
                 ce = batch.teacher_text_ce
             with torch.no_grad():
+                ids, lps, gold, aligned = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold,
+                                           batch.teacher_aligned)
+                if self.fusion.student_candidate:  # the student as it is now: one more candidate
+                    ids, lps, gold, aligned, ce = self._with_student(hidden, batch, ids, lps, gold, aligned, ce)
                 fused_ids, fused_lp = FUSIONS[self.fusion.function](
-                    batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
-                    batch.loss_mask,
+                    ids, lps, gold, aligned, batch.loss_mask,
                     top_k=self.fusion.top_k, segments=batch.segment_ids,
                     renormalise=self.fusion.kl == "renormalised", ce=ce,
                 )  # [B, L-1, k] each
+                if self.fusion.student_candidate:  # the teachers' statistics are of the teachers alone
+                    ce = ce[:-1] if ce is not None else None
                 stats = teacher_stats(
                     batch.teacher_ids, batch.teacher_logprobs, batch.teacher_gold, batch.teacher_aligned,
                     batch.labels, batch.loss_mask, self.fusion.function, segments=batch.segment_ids,
@@ -234,6 +239,24 @@ class FusionObjective(torch.nn.Module):
             tail=self.fusion.kl == "tail",
         )
         return parts, stats
+
+    def _with_student(self, hidden, batch: FusionBatch, ids, lps, gold, aligned, ce):
+        """The teachers' inputs with the student's own top-k rows appended as candidate N+1 (``fusion.
+        student_candidate``): aligned wherever the loss counts; its CE by the criterion's rule (``text``: its mean
+        nll over the sample's positions, as a teacher's whole-text nll per target position)."""
+        mask = batch.loss_mask
+        s_ids, s_lp, s_gold = student_rows(hidden.detach(), self._head.weight, batch.labels, mask, ids.shape[-1],
+                                           self.chunk_tokens, self._softcap, getattr(self._head, "bias", None))
+        ids = torch.cat([ids, s_ids.unsqueeze(0).to(ids.dtype)])
+        lps = torch.cat([lps, s_lp.unsqueeze(0).to(lps.dtype)])
+        gold = torch.cat([gold, s_gold.unsqueeze(0).to(gold.dtype)])
+        aligned = torch.cat([aligned, mask.unsqueeze(0)])
+        if ce is not None:
+            g, m = s_gold.unsqueeze(0), mask.unsqueeze(0)
+            own = sequence_ce(g, m, mask).unsqueeze(-1) if batch.segment_ids is None else \
+                segment_ce(g, m, mask, batch.segment_ids)  # [1, B, 1] or [1, B, T]
+            ce = torch.cat([ce, own.expand(1, *ce.shape[1:]).to(ce.dtype)])
+        return ids, lps, gold, aligned, ce
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
     corpus → dispatch → teachers → ready feed → train step → checkpoint → report
 
 :func:`run` is the one recipe, over any :class:`~fuseflow.wire.transport.Transport`: teachers on its other side
-stream aligned top-k distributions in (no logits cache is ever written). Two commands run it:
+stream aligned top-k distributions in (no logits cache is ever written). Three commands run it:
 
 - ``fuseflow fuse`` (:func:`fuse`): in one process, the teachers as worker threads on the in-process transport
   (:func:`train_in_process`); each run of the config (the fused target, FuseChat's pairwise copies, the CLM
   baseline: the recipe without teachers) on the same samples, then one report;
+- ``fuseflow finetune`` (:func:`finetune`): the recipe with no teachers, CLM only: how an expert is made;
 - ``fuseflow train`` (:func:`train_over_redis`): the same recipe over Redis, the teachers ``fuseflow teacher serve
   --redis`` processes, on N DeepSpeed ranks; rank 0 reports.
 
@@ -80,6 +81,29 @@ def fuse(cfg: FuseConfig, progress: bool = True) -> dict:
                                    tokenizer=tokenizer)
             for name, (sources, out) in plan.items()}
     return report_runs(cfg, corpus, runs, rows_before, progress)
+
+
+def finetune(cfg: FuseConfig, progress: bool = True) -> dict:
+    """``fuseflow finetune``: the recipe with no teachers — CLM on the corpus, the target written as an HF directory
+    (``run_dir/finetuned/model``), evaluated before and after on the held-out documents; returns the report (also
+    ``run_dir/report.json``). How an expert for fusion is made (issue 22): the same corpus, train loop,
+    checkpoints and resume as ``fuseflow fuse``, so there is no second trainer. The config's sources are not used."""
+    from fuseflow.models import load_tokenizer
+
+    if cfg.sources:
+        log.info("finetune: the config's %d sources are not used (CLM on the text alone)", len(cfg.sources))
+    cfg = cfg.model_copy(update={"sources": [], "baseline": "none", "pairwise": False})
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    tokenizer = load_tokenizer(cfg.target.model)
+    corpus = prepare_corpus(cfg, tokenizer)
+    log.info("corpus: %d training samples, %d held-out documents", len(corpus.train), len(corpus.held_out))
+    rows_before = evaluate_before(cfg, corpus, progress)
+    result = train_in_process(cfg, run_dir / "finetuned", corpus, progress, tokenizer=tokenizer)
+    log.info("finetuned model: %s", result.model_dir)
+    return report_runs(cfg, corpus, {"finetuned": result}, rows_before, progress)
 
 
 def train_over_redis(cfg: FuseConfig, progress: bool = True) -> TrainResult:
