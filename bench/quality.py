@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_steps": steps, "checkpoint_every": steps + 1, "log_every": 1, "epochs": 1})})
     teachers = [s.key for s in cfg.sources]
     arms = parse_arms(args.arms, teachers)
-    num_samples = steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+    num_samples = steps * cfg.train.samples_per_step()
 
     tokenizer = load_tokenizer(cfg.target.model)
     samples, texts, groups = prepare(cfg, size, args.split, num_samples, tokenizer)

@@ -8,6 +8,7 @@ resolved config.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -204,6 +205,27 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
+
+    def samples_per_step(self, world: int = 1) -> int:
+        """Samples in one optimizer step on ``world`` ranks: micro-batch × gradient accumulation × ranks."""
+        return self.micro_batch_size * self.grad_accum * world
+
+    def total_steps(self, n_samples: int, world: int = 1) -> int:
+        """Optimizer steps of a run over ``n_samples`` on ``world`` ranks: ``epochs`` passes, cut to ``max_steps``
+        when set."""
+        steps = math.ceil(n_samples * self.epochs / self.samples_per_step(world))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def required_window(self, world: int) -> int:
+        """Samples in flight that a checkpoint interval needs: samples are acked only at a checkpoint, so the
+        dispatch window must hold every sample trained since the last one plus a micro-batch per rank, or the
+        dispatcher waits on acks that wait on samples."""
+        return (self.checkpoint_every * self.grad_accum + 1) * self.micro_batch_size * world
+
+    def default_window(self, world: int) -> int:
+        """Samples in flight by default (``online.window`` unset, and every in-process run): twice what a
+        checkpoint interval needs, at least 256."""
+        return max(256, 2 * self.required_window(world))
 
     @model_validator(mode="after")
     def _zero3_needs_fused_loss(self) -> "TrainConfig":

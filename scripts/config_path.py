@@ -15,6 +15,7 @@ in a temporary folder. ``FUSEFLOW_ROOT`` measures another checkout of the same i
 from __future__ import annotations
 
 import dis
+import inspect
 import os
 import sys
 import tempfile
@@ -82,13 +83,18 @@ def trace_fuse(config: Path) -> list[tuple[str, str, str]]:
 
 
 _RESUME = dis.opmap.get("RESUME")
+_GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def _fresh(frame) -> bool:
     """A new call, not a generator resumed (CPython 3.11+: a frame starts at ``RESUME 0``, resumes at ``RESUME n>0``):
-    a streamed generator that holds the config is one stop however many items it yields."""
+    a streamed generator that holds the config is one stop however many items it yields. Nor a generator closed:
+    ``close()`` (or the generator's collection) throws ``GeneratorExit`` in at its ``yield``, a profile "call" whose
+    frame stands on the ``YIELD_VALUE`` (``RETURN_GENERATOR`` if it never started), not on a ``RESUME``."""
     code, i = frame.f_code.co_code, frame.f_lasti
-    return _RESUME is None or i < 0 or code[i] != _RESUME or code[i + 1] == 0
+    if _RESUME is None or i < 0 or not frame.f_code.co_flags & _GENERATOR:
+        return True
+    return code[i] == _RESUME and code[i + 1] == 0
 
 
 def _rel(filename: str) -> str:

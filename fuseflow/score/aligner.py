@@ -50,12 +50,15 @@ class TeacherAligner:
     @classmethod
     def for_run(cls, cfg, name: str, engine, target_tokenizer, texts: Sequence[str] | None = None) -> "TeacherAligner":
         """Teacher ``name`` of run config ``cfg`` (a ``FuseConfig``): its align and fusion settings, the
-        ``stats`` texts of :func:`stats_texts` (pass ``texts`` to reuse them across teachers). The fusion
-        temperature is applied once, in the trainer's loss, so the teacher scores at temperature 1."""
+        ``stats`` texts of :func:`stats_texts` (pass ``texts`` to reuse them across teachers; read here only for
+        the ``stats`` map, the one that counts them). The fusion temperature is applied once, in the trainer's
+        loss, so the teacher scores at temperature 1."""
+        if texts is None and cfg.align.vocab_map == "stats":
+            texts = stats_texts(cfg)
         return cls(
             name, engine, target_tokenizer, vocab_map_method=cfg.align.vocab_map, sequence_method=cfg.align.sequence,
-            top_k=cfg.fusion.top_k, temperature=1.0, stats_texts=texts if texts is not None else stats_texts(cfg),
-            chain_rule=cfg.align.chain_rule, score_top_k=cfg.align.score_top_k,
+            top_k=cfg.fusion.top_k, temperature=1.0, stats_texts=texts, chain_rule=cfg.align.chain_rule,
+            score_top_k=cfg.align.score_top_k,
         )
 
     def __init__(

@@ -32,7 +32,7 @@ def prepare_corpus(cfg: FuseConfig, target_tokenizer) -> Corpus:
     samples = corpus_samples(cfg.corpus, target_tokenizer, cfg.train.max_length, tally=tally)
     if cfg.train.max_steps:  # cut no more than the run can train on (a large corpus takes minutes to cut)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        samples = itertools.islice(samples, cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * world)
+        samples = itertools.islice(samples, cfg.train.max_steps * cfg.train.samples_per_step(world))
     samples = list(samples)
     if tally.rejected or tally.empty:
         log.warning("corpus: %d documents set aside (dead-lettered), %d empty documents skipped%s",

@@ -151,7 +151,7 @@ def new_dispatcher(transport: Transport, samples: Sequence[Sample], rejected: Se
     if rejected and rank == 0:
         items = [(r.id, r.reason, r.text) for r in rejected]
         retrying(lambda: transport.dead_letter_inputs(items), "dead letters")
-    per_step = train.micro_batch_size * train.grad_accum * (1 if local else world)
+    per_step = train.samples_per_step(1 if local else world)
     sequence = dispatch_sequence(samples[rank::world] if local else samples, train.epochs,
                                  steps * per_step if train.max_steps else None)
     log.info("online run %r: %d samples to dispatch, %d steps, %d ranks, window %d", transport.run,

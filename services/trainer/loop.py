@@ -118,14 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(train_cfg: TrainConfig, n_samples: int, world: int = 1) -> int:
-    """Optimizer steps of a run over ``n_samples`` on ``world`` ranks: ``train.epochs`` passes, cut to
-    ``train.max_steps`` when set."""
-    per_step = train_cfg.micro_batch_size * train_cfg.grad_accum * world
-    steps = math.ceil(n_samples * train_cfg.epochs / per_step)
-    return min(steps, train_cfg.max_steps) if train_cfg.max_steps else steps
-
-
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
     """Linear warmup then cosine decay to ``min_lr_ratio`` (FuseLLM: warmup 0.008 of the steps, cosine)."""
     warm = max(1, round(warmup_ratio * total_steps))
@@ -153,7 +145,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world,
+        "train_batch_size": cfg.samples_per_step(world),
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 10**9,

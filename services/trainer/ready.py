@@ -168,25 +168,14 @@ class ReadyFeed:
             retrying(lambda: self.transport.ack_ready(items), "ack")
 
 
-def required_window(cfg: FuseConfig, world: int) -> int:
-    """Samples in flight that a checkpoint interval needs: samples are acked only at a checkpoint, so the
-    window must hold every sample trained since the last one plus a micro-batch per rank, or the dispatcher
-    waits on acks that wait on samples."""
-    t = cfg.train
-    return (t.checkpoint_every * t.grad_accum + 1) * t.micro_batch_size * world
-
-
-def default_window(cfg: FuseConfig, world: int) -> int:
-    """Samples in flight by default: twice what a checkpoint interval needs, at least 256."""
-    return max(256, 2 * required_window(cfg, world))
-
 def check_transport(cfg: FuseConfig, transport: Transport, world: int) -> None:
     """The transport's teachers are the config's sources, and its window holds what a checkpoint interval needs
-    (:func:`required_window`; per process for an in-process transport, which serves one rank)."""
+    (:meth:`~fuseflow.config.TrainConfig.required_window`; per process for an in-process transport, which serves
+    one rank)."""
     teachers = [s.key for s in cfg.sources]
     if list(transport.teachers) != teachers:
         raise ValueError(f"transport teachers {transport.teachers} != the config's sources {teachers}")
-    need = required_window(cfg, 1 if transport.per_process else world)
+    need = cfg.train.required_window(1 if transport.per_process else world)
     if transport.window < need:
         raise ValueError(
             f"transport window {transport.window} < {need} samples, what train.checkpoint_every="

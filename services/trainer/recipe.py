@@ -34,8 +34,8 @@ from fuseflow.wire.transport import Transport
 
 from .data import Corpus, prepare_corpus
 from .dispatcher import new_dispatcher, share_corpus
-from .loop import TrainResult, init_distributed, seed_everything, total_steps, train, trained_ids_path
-from .ready import ReadyFeed, check_transport, default_window, result_check
+from .loop import TrainResult, init_distributed, seed_everything, train, trained_ids_path
+from .ready import ReadyFeed, check_transport, result_check
 from .report import (ONLINE_BASELINE_NOTE, check_dead_letters, evaluate_before, report_runs,
                      write_dead_letters)
 from .teachers import WORKER_BATCH_SIZE, in_process_teachers
@@ -119,7 +119,7 @@ def train_over_redis(cfg: FuseConfig, progress: bool = True) -> TrainResult:
     if not url:
         raise ConfigError("no Redis URL: pass --redis URL, set online.redis, or set env FUSEFLOW_REDIS_URL")
     rank, world = init_distributed()
-    window = cfg.online.window if cfg.online.window is not None else default_window(cfg, world)
+    window = cfg.online.window if cfg.online.window is not None else cfg.train.default_window(world)
     teachers = [s.key for s in cfg.sources]
     tokenizer = load_tokenizer(cfg.target.model) if rank == 0 else None
     cut: list[Corpus] = []  # rank 0's corpus: the training samples, and the report's held-out documents
@@ -153,7 +153,7 @@ def train_in_process(cfg: FuseConfig, out: Path, corpus: Corpus | None = None, p
     from fuseflow.models import load_tokenizer
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.target.model)
-    with in_process_teachers(cfg, tokenizer, default_window(cfg, 1), worker_batch_size) as (transport, check):
+    with in_process_teachers(cfg, tokenizer, cfg.train.default_window(1), worker_batch_size) as (transport, check):
         return run(cfg, transport, out=out, corpus=corpus, tokenizer=tokenizer, progress=progress,
                    check_teachers=check)
 
@@ -206,7 +206,7 @@ def run(
     prepare = given if callable(given) else lambda: given if given is not None else prepare_corpus(cfg, target.tokenizer)
     corpus, n_samples = share_corpus(transport, out, prepare, fresh=fresh, dispatching=dispatching,
                                      broadcast=world > 1 and not transport.per_process)
-    steps = total_steps(cfg.train, n_samples, world)
+    steps = cfg.train.total_steps(n_samples, world)
 
     # 2. Dispatch: the samples go to the teachers in order, through the transport's bounded window.
     dispatcher = None

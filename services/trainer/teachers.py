@@ -18,17 +18,18 @@ WORKER_BATCH_SIZE = 8
 def build_teachers(cfg: FuseConfig, sources: Sequence[SourceConfig], target_tokenizer, stats_texts=None):
     """A :class:`~fuseflow.score.aligner.TeacherAligner` per source, on the engine the config describes, built
     as ``fuseflow teacher serve`` builds it (:func:`~fuseflow.score.engine.engine_from_source` with the serve
-    section's defaults), so in-process teachers score as served ones. ``stats_texts``: the ``stats`` vocab map's
-    texts (default: :func:`fuseflow.score.aligner.stats_texts`, as served teachers)."""
+    section's defaults), so in-process teachers score as served ones. The engines first, then the aligners over
+    them, all with the same ``stats`` vocab map texts, read once for every source (``stats_texts``, default
+    :func:`fuseflow.score.aligner.stats_texts`, as served teachers)."""
     from fuseflow.score.aligner import TeacherAligner
     from fuseflow.score.aligner import stats_texts as run_stats_texts
     from fuseflow.score.engine import engine_from_source
 
+    engines = [engine_from_source(src, cfg.device, cfg.serve.engine_defaults()) for src in sources]
     if stats_texts is None and sources:
         stats_texts = run_stats_texts(cfg)
-    return [TeacherAligner.for_run(cfg, src.key, engine_from_source(src, cfg.device, cfg.serve.engine_defaults()),
-                                   target_tokenizer, stats_texts)
-            for src in sources]
+    return [TeacherAligner.for_run(cfg, src.key, engine, target_tokenizer, stats_texts)
+            for src, engine in zip(sources, engines)]
 
 
 @contextlib.contextmanager

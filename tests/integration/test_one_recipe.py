@@ -33,7 +33,6 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
                                                                    redis_server):
     from fuseflow.models import load_tokenizer
     from fuseflow.trainer.data import prepare_corpus
-    from fuseflow.trainer.ready import default_window
     from fuseflow.trainer import recipe
     from fuseflow.wire.redis_streams import RedisTransport
 
@@ -50,7 +49,7 @@ def test_fuse_and_online_over_redis_train_bit_identical_weights(tmp_path, tiny_l
     # deployment), the corpus prepared by the recipe itself as `fuseflow train` does.
     run, teachers = "one-recipe", [s.key for s in cfg.sources]
     factory = lambda: RedisTransport(redis_server.url, run, teachers)  # noqa: E731
-    with RedisTransport(redis_server.url, run, teachers, window=default_window(cfg, 1)) as tr:
+    with RedisTransport(redis_server.url, run, teachers, window=cfg.train.default_window(1)) as tr:
         with WorkerThreads(build_aligners(cfg), factory, batch_size=1):
             online = recipe.run(cfg, tr, out=tmp_path / "redis", progress=False)
         assert tr.is_finished()

@@ -139,8 +139,7 @@ def test_feed_reports_a_window_too_small_for_a_checkpoint_interval():
 
 def test_required_window_covers_a_checkpoint_interval():
     from fuseflow.config import FuseConfig
-    from fuseflow.trainer.ready import required_window
 
     cfg = FuseConfig.model_validate({"target": {"model": "x"}, "sources": [{"model": "y"}],
                                      "train": {"micro_batch_size": 4, "grad_accum": 2, "checkpoint_every": 10}})
-    assert required_window(cfg, world=2) == (10 * 2 + 1) * 4 * 2
+    assert cfg.train.required_window(world=2) == (10 * 2 + 1) * 4 * 2
