@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                if gemma is not None and s.name.startswith("gemma") else s for s in sources]
     cfg = cfg.model_copy(update={"sources": sources})
     arms = parse_arms(args.arms or default_arms(experts, cfg.target.model), [e.name for e in experts])
-    num_samples = steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+    num_samples = steps * cfg.train.samples_per_step()
 
     tokenizer = load_tokenizer(cfg.target.model)
     samples, texts, groups = q.prepare(cfg, size, args.split, num_samples, tokenizer)
