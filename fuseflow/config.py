@@ -132,18 +132,11 @@ class FusionConfig(_Strict):
     )
     student_candidate: bool = Field(
         False,
-        description="the student itself, as it is at each step, is one more fusion candidate (its top-k rows, its CE "
-        "by the same criterion): where no teacher beats it, MinCE picks its own rows and the KL and its gradient "
-        "are zero there, so a teacher pulls the student only where it knows better (issue 22). Needs kl: tail "
-        "(with renormalised rows the KL of the student against its own top-k is not zero: it would sharpen it)",
+        description="the student, as it is at each step, is one more fusion candidate, ranked by its own CE (by the "
+        "same criterion); its row is the text itself (the gold token, as FuseLLM's rows where a teacher is not "
+        "aligned), so where no teacher beats the student the loss is plain CLM there and a teacher pulls the "
+        "student only where it knows better (issue 22)",
     )
-
-    @model_validator(mode="after")
-    def _student_candidate_needs_tail(self) -> "FusionConfig":
-        if self.student_candidate and self.kl != "tail":
-            raise ValueError("fusion.student_candidate needs fusion.kl: tail: against its own top-k rows renormalised, "
-                             "the student's KL is not zero (it would pull the student toward a sharper copy of itself)")
-        return self
 
     @field_validator("function")
     @classmethod

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LOSS_IMPLS", "LossParts", "clm_loss", "fusion_loss", "per_teacher_ce", "sparse_kl", "student_rows"]
+__all__ = ["LOSS_IMPLS", "LossParts", "clm_loss", "fusion_loss", "per_teacher_ce", "sparse_kl", "student_gold"]
 
 LOSS_IMPLS = ("chunked", "fused")
 
@@ -170,28 +170,22 @@ def _head_logits(
 
 
 @torch.no_grad()
-def student_rows(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int,
+def student_gold(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     chunk_tokens: int = 1024, logit_softcap: float | None = None, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The student's own rows as a fusion candidate (config ``fusion.student_candidate``), without gradient:
-    ``(ids [B, T, k], logprobs [B, T, k], gold [B, T])`` — its top-``k`` of ``log_softmax(logits)`` (sorted) and the
-    logprob of ``labels``, at the counted positions (``mask``; elsewhere ids 0, logprobs −inf, gold 0).
+) -> torch.Tensor:
+    """``[B, T]``: the student's logprob of ``labels`` (``log_softmax(logits)``, no gradient) at the counted
+    positions (``mask``; 0 elsewhere): its CE as a fusion candidate (config ``fusion.student_candidate``).
     ``[B, T, V]`` logits never exist: the head is applied by chunks of ``chunk_tokens`` counted positions."""
-    b, t = labels.shape
-    ids = labels.new_zeros(b, t, k)
-    logprobs = torch.full((b, t, k), -math.inf, dtype=torch.float32, device=hidden.device)
-    gold = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
+    gold = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     where = mask.nonzero(as_tuple=True)
     rows, want = hidden[where], labels[where]  # [M, H], [M]
     for start in range(0, rows.shape[0], chunk_tokens):
         sel = slice(start, start + chunk_tokens)
-        lp = torch.log_softmax(_head_logits(rows[sel], weight, bias, logit_softcap), dim=-1)  # [c, V]
-        top = lp.topk(k, dim=-1)
+        logits = _head_logits(rows[sel], weight, bias, logit_softcap)  # [c, V]
         picked = tuple(w[sel] for w in where)
-        ids[picked], logprobs[picked] = top.indices.to(ids.dtype), top.values
-        gold[picked] = lp.gather(-1, want[sel].unsqueeze(-1)).squeeze(-1)
-    return ids, logprobs, gold
+        gold[picked] = logits.gather(-1, want[sel].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return gold
 
 
 def _sums_from_logits(

@@ -27,7 +27,7 @@ import torch
 from fuseflow.align.fidelity import FIDELITY_FIELDS, fidelity_summary
 from fuseflow.config import FusionConfig, TrainConfig
 from fuseflow.fuse.fusion import FUSIONS, segment_ce, sequence_ce
-from fuseflow.fuse.loss import LossParts, fusion_loss, student_rows
+from fuseflow.fuse.loss import LossParts, fusion_loss, student_gold
 from fuseflow.fuse.stats import TeacherStats, teacher_stats
 from fuseflow.models import split_head
 from fuseflow.sparse import AlignedDist, Sample
@@ -233,14 +233,19 @@ class FusionObjective(torch.nn.Module):
         return parts, stats
 
     def _with_student(self, hidden, batch: FusionBatch, ids, lps, gold, aligned, ce):
-        """The teachers' inputs with the student's own top-k rows appended as candidate N+1 (``fusion.
-        student_candidate``): aligned wherever the loss counts; its CE by the criterion's rule (``text``: its mean
-        nll over the sample's positions, as a teacher's whole-text nll per target position)."""
+        """The teachers' inputs with the student as candidate N+1 (``fusion.student_candidate``): ranked by its own
+        logprob of the text (aligned wherever the loss counts; ``text``: its mean nll over the sample's positions,
+        as a teacher's whole-text nll per target position), its row the gold token alone. Where it is picked the
+        KL is the CE of the gold token (either KL), so the loss there is CLM alone."""
         mask = batch.loss_mask
-        s_ids, s_lp, s_gold = student_rows(hidden.detach(), self._head.weight, batch.labels, mask, ids.shape[-1],
-                                           self.chunk_tokens, self._softcap, getattr(self._head, "bias", None))
-        ids = torch.cat([ids, s_ids.unsqueeze(0).to(ids.dtype)])
-        lps = torch.cat([lps, s_lp.unsqueeze(0).to(lps.dtype)])
+        s_gold = student_gold(hidden.detach(), self._head.weight, batch.labels, mask, self.chunk_tokens,
+                              self._softcap, getattr(self._head, "bias", None))  # [B, T]
+        s_ids = torch.zeros_like(ids[0])  # [B, T, k]: the gold id first, nothing else
+        s_ids[..., 0] = batch.labels
+        s_lp = torch.full_like(lps[0], -math.inf)
+        s_lp[..., 0] = 0.0
+        ids = torch.cat([ids, s_ids.unsqueeze(0)])
+        lps = torch.cat([lps, s_lp.unsqueeze(0)])
         gold = torch.cat([gold, s_gold.unsqueeze(0).to(gold.dtype)])
         aligned = torch.cat([aligned, mask.unsqueeze(0)])
         if ce is not None:
