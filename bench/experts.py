@@ -292,16 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experts-only", action="store_true", help="build (or find) the experts, evaluate them, stop")
     p.add_argument("--experts-cache", default=str(ROOT / "runs" / "experts"), help="where the experts are kept")
     p.add_argument("--cache", default=str(ROOT / "runs" / "quality-cache"), help="teacher-score cache ('' for none)")
-    p.add_argument("--vs", default="distil:target", help="arms every arm is also compared with (default: "
-                   "self-distillation)")
+    p.add_argument("--vs", help="comma-separated arms every arm is also compared with (default: distil:target, "
+                   "self-distillation, when it is an arm)")
     p.add_argument("--report", metavar="JSON", help="no training: print a finished run's tables anew")
     p.add_argument("--out", default="experts.json")
     p.add_argument("--plot", default="experts.png")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    vs = [a for a in args.vs.split(",") if a]
+    vs = [a for a in (args.vs or "").split(",") if a]
     if args.report:
         result = json.loads(Path(args.report).read_text())
+        vs = vs if args.vs is not None else [a for a in (f"distil:{TARGET}",) if a in result["arms"]]
         _print(result, vs, compared=False)
         return 0
     for name in ("fuseflow", "deepspeed", "DeepSpeed"):
@@ -328,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                if gemma is not None and s.name.startswith("gemma") else s for s in sources]
     cfg = cfg.model_copy(update={"sources": sources})
     arms = parse_arms(args.arms or default_arms(experts, cfg.target.model), [e.name for e in experts])
+    if args.vs is None:  # self-distillation, the control to beat, when it is an arm
+        vs = [a.name for a in arms if a.name == f"distil:{TARGET}"]
     num_samples = steps * cfg.train.samples_per_step()
 
     tokenizer = load_tokenizer(cfg.target.model)
