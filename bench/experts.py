@@ -20,8 +20,8 @@ different places — FuseLLM, FuseChat and single-teacher distillation against C
 Tune on ``--split dev`` (documents of the training part kept out of training and out of the experts); run
 ``--split held_out`` once for the chosen settings.
 
-    python bench/experts.py --split dev                       # tuning runs
-    python bench/experts.py                                   # held-out, the default size
+    python bench/experts.py --split dev --arms …              # tuning runs
+    python bench/experts.py                                   # held-out, the default size and arms
     python bench/experts.py --experts-only                    # build (or find) the experts, print their lead
     python bench/experts.py --experts en=HF_DIR:en:200:1e-4,…   # other experts (NAME=BASE:DOMAIN:STEPS:LR)
 
@@ -89,16 +89,24 @@ def parse_experts(spec: str) -> list[Expert]:
 TARGET = "target"  # the frozen target as a source: self-distillation, and MinCE's candidate of its own
 
 
+# The settings tuned on the dev documents (docs/quality.md, "Experts"): MinCE by each candidate's whole-text nll,
+# the student itself a candidate (where no teacher beats it the loss is CLM alone), the tail KL, λ 0.5.
+TUNED = "@fusion.criterion=text@fusion.kl=tail@fusion.student_candidate=true@fusion.lam=0.5"
+
+
 def default_arms(experts: Sequence[Expert], target_model: str) -> str:
-    """clm, self-distillation, each expert (through FuseLLM's MinED map too, when its base is another model than the
-    target: what the faithful projection carries across tokenizers), MinCE and AvgCE, FuseChat's pairs."""
-    arms = ["clm", f"distil:{TARGET}"]
+    """clm; self-distillation and FuseLLM's MinCE at their own settings (λ 0.9); then at the tuned settings each
+    expert (through FuseLLM's MinED map too, when its base is another model than the target: what the faithful
+    projection carries across tokenizers), MinCE and AvgCE over all, and FuseChat's pairs."""
+    arms = ["clm", f"distil:{TARGET}", "fuse:min_ce"]
     for e in experts:
-        arms.append(f"distil:{e.name}")
+        arms.append(f"distil:{e.name}{TUNED}")
         if e.base != target_model:
-            arms.append(f"distil:{e.name}@align.vocab_map=mined")
-    return ",".join([*arms, "fuse:min_ce", "fuse:avg_ce", *(f"pair:{e.name}" for e in experts)])
-MERGES = {"varm": {}, "sce": {"select_topk": 0.1}, "linear": {}}
+            arms.append(f"distil:{e.name}{TUNED}@align.vocab_map=mined")
+    return ",".join([*arms, f"fuse:min_ce{TUNED}", f"fuse:avg_ce{TUNED}", *(f"pair:{e.name}{TUNED}" for e in experts)])
+
+
+MERGES = {"varm": {}, "sce": {"select_topk": 0.1}, "linear": {}}  # parameters of each merge method (FuseChat-2: 0.1)
 EXPERT_VERSION = "expert-v1"
 
 
@@ -284,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budgets", help="comma-separated steps to evaluate at (default: the size's)")
     p.add_argument("--split", choices=("held_out", "dev"), default="held_out", help="tune on dev, report held_out")
     p.add_argument("--arms", help="comma-separated: clm, distil:SOURCE, fuse:FUNCTION, pair:EXPERT, each optionally "
-                   "@key=value… (default: clm, distil:target, distil:EXPERT each, fuse:min_ce, fuse:avg_ce, pair:EXPERT "
-                   "each)")
+                   "@key=value… (default: clm, distil:target, fuse:min_ce, then at the settings tuned on dev: "
+                   "distil:EXPERT each, fuse:min_ce, fuse:avg_ce, pair:EXPERT each)")
     p.add_argument("--merges", default="varm,sce,linear", help="fuseflow merge methods for the pairwise targets ('' none)")
     p.add_argument("--experts", default=DEFAULT_EXPERTS, help=f"NAME=BASE:DOMAIN:STEPS:LR,… (default {DEFAULT_EXPERTS}); "
                    "DOMAIN: a corpus of the run config's corpus.sources")

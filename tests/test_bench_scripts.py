@@ -252,7 +252,7 @@ sources: [{{name: unused, model: {tiny_llama}}}]
 corpus:
   sources: [{{name: en, source: {tmp_path / 'en'}}}, {{name: de, source: {tmp_path / 'de'}}}]
   held_out_documents: 2
-fusion: {{top_k: 4, lam: 0.5}}
+fusion: {{top_k: 4, lam: 0.9}}
 train: {{max_length: 32, micro_batch_size: 2, lr: 1.0e-3, warmup_ratio: 0.0}}
 eval: {{max_length: 32}}
 """)
@@ -270,11 +270,14 @@ eval: {{max_length: 32}}
         trained = {json.loads(line)["text"] for line in (home / "corpus.jsonl").read_text().splitlines()}
         assert len(trained) == 110 - 2 - 100 and not trained & evaluated
         assert e["steps"] in (2, 3) and e["train_bytes"] > 0 and e["seconds"] > 0
-    want = ["clm", "distil:target", "distil:g-de", "distil:g-de@align.vocab_map=mined", "distil:l-en", "fuse:min_ce",
-            "fuse:avg_ce", "pair:g-de", "pair:l-en", "merge:linear", "merge:varm"]
+    t = experts.TUNED
+    want = ["clm", "distil:target", "fuse:min_ce", f"distil:g-de{t}", f"distil:g-de{t}@align.vocab_map=mined",
+            f"distil:l-en{t}", f"fuse:min_ce{t}", f"fuse:avg_ce{t}", f"pair:g-de{t}", f"pair:l-en{t}", "merge:linear",
+            "merge:varm"]
     assert list(result["arms"]) == want
-    assert result["arms"]["pair:g-de"]["teachers"] == ["g-de", "target"]
+    assert result["arms"][f"pair:g-de{t}"]["teachers"] == ["g-de", "target"]
     assert result["arms"]["fuse:min_ce"]["teachers"] == ["g-de", "l-en", "target"]
+    assert result["arms"][f"fuse:min_ce{t}"]["lam"] == 0.5 and result["arms"]["fuse:min_ce"]["lam"] == 0.9  # config's
     for name in ("merge:linear", "merge:varm"):  # the merged pairwise targets: one point, at the final budget
         (point,) = result["arms"][name]["curve"]
         assert point["step"] == 4 and "distil:target" in point["vs"] and math.isfinite(point["vs_clm"]["overall"]["value"])
