@@ -134,8 +134,8 @@ class FusionConfig(_Strict):
         False,
         description="the student, as it is at each step, is one more fusion candidate, ranked by its own CE (by the "
         "same criterion); its row is the text itself (the gold token, as FuseLLM's rows where a teacher is not "
-        "aligned), so where no teacher beats the student the loss is plain CLM there and a teacher pulls the "
-        "student only where it knows better (issue 22)",
+        "aligned), so where no teacher beats the student the loss is plain CLM there (at temperature 1) and a "
+        "teacher pulls the student only where it knows better (issue 22)",
     )
 
     @field_validator("function")
@@ -375,7 +375,6 @@ class FuseConfig(_Strict):
         return given or self.online.run or os.environ.get("FUSEFLOW_RUN") or self.run_dir.resolve().name
 
 
-
 class FinetuneConfig(FuseConfig):
     """``fuseflow finetune CONFIG``: the recipe with no teachers — CLM-fine-tune ``target`` on the corpus and write
     an HF directory (``run_dir/finetuned/model``): how a domain expert for fusion is made (issue 22). The run
@@ -383,6 +382,7 @@ class FinetuneConfig(FuseConfig):
     (``sources`` may be left out)."""
 
     sources: list[SourceConfig] = Field(default_factory=list, description="not used by finetune (may be left out)")
+
 
 C = TypeVar("C", bound=BaseModel)
 

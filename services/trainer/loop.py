@@ -236,7 +236,8 @@ class FusionObjective(torch.nn.Module):
         """The teachers' inputs with the student as candidate N+1 (``fusion.student_candidate``): ranked by its own
         logprob of the text (aligned wherever the loss counts; ``text``: its mean nll over the sample's positions,
         as a teacher's whole-text nll per target position), its row the gold token alone. Where it is picked the
-        KL is the CE of the gold token (either KL), so the loss there is CLM alone."""
+        KL is the CE of the gold token (either KL; × τ² at ``log_softmax(logits / τ)``), so at temperature 1 the
+        loss there is CLM alone."""
         mask = batch.loss_mask
         s_gold = student_gold(hidden.detach(), self._head.weight, batch.labels, mask, self.chunk_tokens,
                               self._softcap, getattr(self._head, "bias", None))  # [B, T]
