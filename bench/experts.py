@@ -86,6 +86,8 @@ def parse_experts(spec: str) -> list[Expert]:
     if len({e.name for e in out}) != len(out) or not out:
         raise SystemExit(f"--experts: {spec!r}: give one or more experts with unique names")
     return out
+
+
 TARGET = "target"  # the frozen target as a source: self-distillation, and MinCE's candidate of its own
 
 
@@ -95,7 +97,8 @@ TUNED = "@fusion.criterion=text@fusion.kl=tail@fusion.student_candidate=true@fus
 
 
 def default_arms(experts: Sequence[Expert], target_model: str) -> str:
-    """clm; self-distillation and FuseLLM's MinCE at their own settings (λ 0.9); then at the tuned settings each
+    """clm; self-distillation and FuseLLM's MinCE at the run config's settings (the quickstart's: λ 0.9); then at
+    the tuned settings each
     expert (through FuseLLM's MinED map too, when its base is another model than the target: what the faithful
     projection carries across tokenizers), MinCE and AvgCE over all, and FuseChat's pairs."""
     arms = ["clm", f"distil:{TARGET}", "fuse:min_ce"]
