@@ -98,9 +98,9 @@ TUNED = "@fusion.criterion=text@fusion.kl=tail@fusion.student_candidate=true@fus
 
 def default_arms(experts: Sequence[Expert], target_model: str) -> str:
     """clm; self-distillation and FuseLLM's MinCE at the run config's settings (the quickstart's: λ 0.9); then at
-    the tuned settings each
-    expert (through FuseLLM's MinED map too, when its base is another model than the target: what the faithful
-    projection carries across tokenizers), MinCE and AvgCE over all, and FuseChat's pairs."""
+    the tuned settings each expert (through FuseLLM's MinED map too, when its base is another model than the
+    target: what the faithful projection carries across tokenizers), MinCE and AvgCE over all, and FuseChat's
+    pairs."""
     arms = ["clm", f"distil:{TARGET}", "fuse:min_ce"]
     for e in experts:
         arms.append(f"distil:{e.name}{TUNED}")
