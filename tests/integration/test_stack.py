@@ -91,11 +91,35 @@ def readme_stack_command() -> list[str]:
     return line.split("#")[0].split()
 
 
+def _free_ports_in_a_row(n: int) -> int:
+    """The first of ``n`` consecutive ports free on 127.0.0.1 now. The stack derives its teachers' ports from a base
+    (teacher i on base + i), so one free port is not enough: CI once found base + 1 taken by another process."""
+    import socket
+
+    from fuseflow.wire.redis_server import free_port
+
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        held = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
 def _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen) -> tuple[subprocess.Popen, object]:
     """The README's command, run from a folder laid out as the repository (examples/quickstart.yaml with its
     relative run_dir: runs/quickstart), on tiny models: relative paths are what broke it (issue 15)."""
-    from fuseflow.wire.redis_server import free_port
-
     words = readme_stack_command()
     assert words[:3] == ["fuseflow", "stack", "up"]
     config = write_run_config(tmp_path, tiny_llama, tiny_gemma, tiny_qwen, gemma_max_length=40)
@@ -103,7 +127,8 @@ def _stack(tmp_path, tiny_llama, tiny_gemma, tiny_qwen) -> tuple[subprocess.Pope
     (tmp_path / words[3]).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / words[3]).write_text(text)
     log = tmp_path / "stack.log"
-    ports = [str(free_port()) for _ in range(3)]
+    base = _free_ports_in_a_row(5)  # teacher i serves on teacher-port + i: every port the stack uses checked free
+    ports = [str(base), str(base + 2), str(base + 4)]  # gRPC base+0, +1; metrics +2, +3 (teachers), +4 (trainer)
     cmd = [sys.executable, "-m", "fuseflow.cli", *words[1:], "--teacher-port", ports[0],
            "--teacher-metrics-port", ports[1], "--trainer-metrics-port", ports[2], "train.log_every=1",
            "baseline=clm"]  # as the quickstart's: the stack says it trains no baseline (issue 26)
