@@ -55,17 +55,7 @@ def fuse(cfg: FuseConfig, progress: bool = True) -> dict:
     With ``pairwise: true`` (FuseChat, arXiv 2402.16107 §3.2) each source is fused *separately* into the target
     (with the target's own distribution as the other candidate when the target is listed among the sources):
     one fused copy of the target per source, ready for ``fuseflow merge``."""
-    from fuseflow.models import load_tokenizer
-
-    seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    tokenizer = load_tokenizer(cfg.target.model)  # the target's, loaded once for every run
-    corpus = prepare_corpus(cfg, tokenizer)
-    log.info("corpus: %d training samples, %d held-out documents", len(corpus.train), len(corpus.held_out))
-    rows_before = evaluate_before(cfg, corpus, progress)
-
     # Each run is the recipe on a config whose sources are that run's teachers (model_copy: not re-validated,
     # so the baseline's empty list is allowed).
     plan: dict[str, tuple[list[SourceConfig], Path]] = {}
@@ -77,10 +67,7 @@ def fuse(cfg: FuseConfig, progress: bool = True) -> dict:
         plan["fused"] = (list(cfg.sources), run_dir / "fused")
     if cfg.baseline == "clm":
         plan["baseline clm"] = ([], run_dir / "baseline-clm")
-    runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus, progress,
-                                   tokenizer=tokenizer)
-            for name, (sources, out) in plan.items()}
-    return report_runs(cfg, corpus, runs, rows_before, progress)
+    return _run_in_process(cfg, plan, progress)
 
 
 def finetune(cfg: FuseConfig, progress: bool = True) -> dict:
@@ -88,22 +75,32 @@ def finetune(cfg: FuseConfig, progress: bool = True) -> dict:
     (``run_dir/finetuned/model``), evaluated before and after on the held-out documents; returns the report (also
     ``run_dir/report.json``). How an expert for fusion is made (issue 22): the same corpus, train loop,
     checkpoints and resume as ``fuseflow fuse``, so there is no second trainer. The config's sources are not used."""
-    from fuseflow.models import load_tokenizer
-
     if cfg.sources:
         log.info("finetune: the config's %d sources are not used (CLM on the text alone)", len(cfg.sources))
     cfg = cfg.model_copy(update={"sources": [], "baseline": "none", "pairwise": False})
+    report = _run_in_process(cfg, {"finetuned": ([], Path(cfg.run_dir) / "finetuned")}, progress)
+    log.info("finetuned model: %s", report["runs"]["finetuned"]["model_dir"])
+    return report
+
+
+def _run_in_process(cfg: FuseConfig, plan: dict[str, tuple[list[SourceConfig], Path]], progress: bool) -> dict:
+    """What ``fuse`` and ``finetune`` share: cut the corpus once, evaluate the models the runs start from, train
+    each run of ``plan`` (name → (its teachers, its output folder)) in this process on the same samples, and
+    report them all."""
+    from fuseflow.models import load_tokenizer
+
     seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    tokenizer = load_tokenizer(cfg.target.model)
+    tokenizer = load_tokenizer(cfg.target.model)  # the target's, loaded once for every run
     corpus = prepare_corpus(cfg, tokenizer)
     log.info("corpus: %d training samples, %d held-out documents", len(corpus.train), len(corpus.held_out))
     rows_before = evaluate_before(cfg, corpus, progress)
-    result = train_in_process(cfg, run_dir / "finetuned", corpus, progress, tokenizer=tokenizer)
-    log.info("finetuned model: %s", result.model_dir)
-    return report_runs(cfg, corpus, {"finetuned": result}, rows_before, progress)
+    runs = {name: train_in_process(cfg.model_copy(update={"sources": sources}), out, corpus, progress,
+                                   tokenizer=tokenizer)
+            for name, (sources, out) in plan.items()}
+    return report_runs(cfg, corpus, runs, rows_before, progress)
 
 
 def train_over_redis(cfg: FuseConfig, progress: bool = True) -> TrainResult:
