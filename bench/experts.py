@@ -323,13 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fuseflow.models import load, load_tokenizer
 
     t_start = time.perf_counter()
-    cfg = load_config(FuseConfig, args.config, list(args.overrides))
-    size = dict(q.SIZES[args.size])
-    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else size["budgets"]
-    steps = args.steps or max(budgets)
-    budgets = tuple(b for b in budgets if b <= steps) or (steps,)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_steps": steps, "checkpoint_every": steps + 1, "log_every": 1, "epochs": 1})})
+    cfg, size, steps, budgets = q.schedule(load_config(FuseConfig, args.config, list(args.overrides)), args.size,
+                                           args.steps, args.budgets)
 
     experts = parse_experts(args.experts)
     built = {e.name: build_expert(cfg, e, Path(args.experts_cache)) for e in experts}
@@ -346,10 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(cfg.target.model)
     samples, texts, groups = q.prepare(cfg, size, args.split, num_samples, tokenizer)
-    corpora = {g: {"documents": groups.count(g), "bytes": sum(len(t.encode()) for t, x in zip(texts, groups) if x == g)}
-               for g in dict.fromkeys(groups)}
-    mix = {g: sum(1 for s in samples if s.id.partition("/")[0] == g) for g in corpora}
-    train_bytes = {g: sum(len(s.text.encode()) for s in samples if s.id.partition("/")[0] == g) for g in corpora}
+    corpora, mix = q.describe(samples, texts, groups)
+    train_bytes = {g: sum(len(s.text.encode()) for s in samples if q.corpus_of(s) == g) for g in corpora}
     log.info("%d training samples %s; %d %s documents %s", len(samples), mix, len(texts), args.split, corpora)
 
     result: dict = {
@@ -359,19 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_samples": len(samples), "train_mix": mix, "train_bytes": train_bytes, "corpora": corpora,
         "eval_groups": groups, "sources": {}, "arms": {},
     }
-    for src in cfg.sources:
-        if src.name == TARGET:
-            continue
-        lm = load(src.model, device=cfg.device)
-        r = q.evaluate(lm.model, lm.tokenizer, texts, groups, cfg)
-        result["sources"][f"source {src.key}"] = {"bpb": r["bpb"], "per_corpus": r["per_corpus"]}
-        del lm
-        gc.collect()
-    target = load(cfg.target.model, device=cfg.device)
-    result["start"] = q.evaluate(target.model, target.tokenizer, texts, groups, cfg)
-    result["sources"]["target (start)"] = {"bpb": result["start"]["bpb"], "per_corpus": result["start"]["per_corpus"]}
-    del target
-    gc.collect()
+    q.evaluate_start(cfg, texts, groups, result)  # the experts (the target source is the start)
     print(q.sources_table(result), flush=True)
     if args.experts_only:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -380,13 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     needs = {t for a in arms for t in a.teachers}
     scored = cfg.model_copy(update={"sources": [s for s in cfg.sources if s.key in needs]})
     raw, result["score_seconds"] = q.score_all(scored, samples, tokenizer, Path(args.cache) if args.cache else None)
-    aligned: dict[str, dict] = {}
-
-    def aligned_for(arm_cfg) -> dict:
-        key = arm_cfg.align.model_dump_json() + f"k={arm_cfg.fusion.top_k}"
-        if key not in aligned:
-            aligned[key] = q.align_all(arm_cfg.model_copy(update={"sources": scored.sources}), samples, raw, tokenizer)
-        return aligned[key]
+    aligned_for = q.alignments(samples, raw, tokenizer, scored.sources)
 
     def save() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -413,6 +413,72 @@ def plot(result: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The run's shape and its start, shared with bench/experts.py.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def schedule(cfg, size_name: str, steps: int | None, budgets: str | None):
+    """``(cfg, size, steps, budgets)``: the size's settings, the steps of every arm (``--steps``, else the largest
+    budget) and the budgets it is evaluated at (``--budgets``, else the size's), and the run config with its train
+    section set to one epoch of exactly those steps (no checkpoint within, a log row per step)."""
+    size = dict(SIZES[size_name])
+    budgets = tuple(int(b) for b in budgets.split(",")) if budgets else size["budgets"]
+    steps = steps or max(budgets)
+    budgets = tuple(b for b in budgets if b <= steps) or (steps,)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "max_steps": steps, "checkpoint_every": steps + 1, "log_every": 1, "epochs": 1})})
+    return cfg, size, steps, budgets
+
+
+def corpus_of(sample) -> str:
+    """The corpus a training sample came from (its id's prefix in a mix; "corpus" for a single source)."""
+    return sample.id.partition("/")[0] if "/" in sample.id else "corpus"
+
+
+def describe(samples, texts, groups) -> tuple[dict, dict]:
+    """``(corpora, mix)``: the evaluated documents and bytes per corpus, and the training samples per corpus."""
+    corpora = {g: {"documents": groups.count(g), "bytes": sum(len(t.encode()) for t, x in zip(texts, groups) if x == g)}
+               for g in dict.fromkeys(groups)}
+    return corpora, {g: sum(1 for s in samples if corpus_of(s) == g) for g in corpora}
+
+
+def evaluate_start(cfg, texts, groups, result: dict, sources: bool = True) -> None:
+    """Into ``result``: every source that is not the target (``sources``), then the target as the arms start
+    (``start``, and ``target (start)`` among the sources), on the evaluated texts."""
+    from fuseflow.models import load
+
+    for src in cfg.sources if sources else ():
+        if src.model == cfg.target.model:
+            continue  # the target's start is evaluated below
+        lm = load(src.model, device=cfg.device)
+        r = evaluate(lm.model, lm.tokenizer, texts, groups, cfg)
+        result["sources"][f"source {src.key}"] = {"bpb": r["bpb"], "per_corpus": r["per_corpus"]}
+        del lm
+        gc.collect()
+    target = load(cfg.target.model, device=cfg.device)
+    result["start"] = evaluate(target.model, target.tokenizer, texts, groups, cfg)
+    result["sources"]["target (start)"] = {"bpb": result["start"]["bpb"], "per_corpus": result["start"]["per_corpus"]}
+    del target
+    gc.collect()
+
+
+def alignments(samples, raw: dict, tokenizer, sources=None):
+    """``aligned_for(arm_cfg)``: the teachers' distributions under an arm's alignment settings, aligned once per
+    setting (arms that share one share them) from the raw scores; ``sources``: the teachers to align (default:
+    the arm config's)."""
+    aligned: dict[str, dict] = {}
+
+    def aligned_for(arm_cfg) -> dict:
+        key = arm_cfg.align.model_dump_json() + f"k={arm_cfg.fusion.top_k}"
+        if key not in aligned:
+            use = arm_cfg if sources is None else arm_cfg.model_copy(update={"sources": sources})
+            aligned[key] = align_all(use, samples, raw, tokenizer)
+        return aligned[key]
+
+    return aligned_for
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Main.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -445,36 +511,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     from fuseflow.config import FuseConfig, load_config
-    from fuseflow.models import load, load_tokenizer
+    from fuseflow.models import load_tokenizer
 
     t_start = time.perf_counter()
-    cfg = load_config(FuseConfig, args.config, list(args.overrides))
-    size = dict(SIZES[args.size])
-    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else size["budgets"]
-    steps = args.steps or max(budgets)
-    budgets = tuple(b for b in budgets if b <= steps) or (steps,)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "max_steps": steps, "checkpoint_every": steps + 1, "log_every": 1, "epochs": 1})})
+    cfg, size, steps, budgets = schedule(load_config(FuseConfig, args.config, list(args.overrides)), args.size,
+                                         args.steps, args.budgets)
     teachers = [s.key for s in cfg.sources]
     arms = parse_arms(args.arms, teachers)
     num_samples = steps * cfg.train.samples_per_step()
 
     tokenizer = load_tokenizer(cfg.target.model)
     samples, texts, groups = prepare(cfg, size, args.split, num_samples, tokenizer)
-    corpora = {g: {"documents": groups.count(g), "bytes": sum(len(t.encode()) for t, x in zip(texts, groups) if x == g)}
-               for g in dict.fromkeys(groups)}
-    mix = {g: sum(1 for s in samples if (s.id.partition("/")[0] if "/" in s.id else "corpus") == g) for g in corpora}
+    corpora, mix = describe(samples, texts, groups)
     log.info("%d training samples %s; %d %s documents %s", len(samples), mix, len(texts), args.split, corpora)
 
     needs_teachers = any(a.teachers for a in arms)
     raw, score_seconds = score_all(cfg, samples, tokenizer, Path(args.cache) if args.cache else None) if needs_teachers else ({}, {})
-    aligned: dict[str, dict] = {}  # per alignment setting: arms that share one share the distributions
-
-    def aligned_for(arm_cfg) -> dict:
-        key = arm_cfg.align.model_dump_json() + f"k={arm_cfg.fusion.top_k}"
-        if key not in aligned:
-            aligned[key] = align_all(arm_cfg, samples, raw, tokenizer)
-        return aligned[key]
+    aligned_for = alignments(samples, raw, tokenizer)
 
     result: dict = {
         "command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -483,20 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_samples": len(samples), "train_mix": mix, "corpora": corpora, "eval_groups": groups, "score_seconds": score_seconds,
         "sources": {}, "arms": {},
     }
-    if not args.no_sources:
-        for src in cfg.sources:
-            if src.model == cfg.target.model:
-                continue  # the target's start is evaluated below
-            lm = load(src.model, device=cfg.device)
-            r = evaluate(lm.model, lm.tokenizer, texts, groups, cfg)
-            result["sources"][f"source {src.key}"] = {"bpb": r["bpb"], "per_corpus": r["per_corpus"]}
-            del lm
-            gc.collect()
-    target = load(cfg.target.model, device=cfg.device)
-    result["start"] = evaluate(target.model, target.tokenizer, texts, groups, cfg)
-    result["sources"]["target (start)"] = {"bpb": result["start"]["bpb"], "per_corpus": result["start"]["per_corpus"]}
-    del target
-    gc.collect()
+    evaluate_start(cfg, texts, groups, result, sources=not args.no_sources)
 
     with tempfile.TemporaryDirectory(prefix="fuseflow-quality-") as work:
         for arm in arms:
