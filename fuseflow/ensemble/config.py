@@ -117,12 +117,27 @@ class EvalConfig(_Strict):
     split: Literal["test", "dev"] = Field(
         "test", description="next-word: 'test' (reported) or 'dev' (for tuning): alternate held-out documents"
     )
+    held_out_documents: int | None = Field(
+        None, ge=2, description="next-word: hold out this many documents per language (a run config's "
+        "corpus.held_out_documents: text its fine-tuned models never read) instead of a fifth of them",
+    )
+    corpora: dict[str, str] = Field(
+        default_factory=dict, description="next-word: language → corpus source (a JSONL file …) instead of the "
+        "language's own (en: builtin, others: manpages:LANG)",
+    )
     shots: int = Field(4, ge=0, description="solved examples in front of each problem")
     seed: int = 0
     max_tokens: int = Field(16, ge=1, description="tokens generated per answer")
     heldout_chars: int = Field(4000, ge=0, description="held-out text for bits per byte (0: skip)")
     heldout_chunk_chars: int = Field(1000, ge=50, description="held-out text is scored in pieces of this size")
     out: str | None = Field(None, description="JSON results file")
+
+    @model_validator(mode="after")
+    def _corpora_of_languages(self) -> "EvalConfig":
+        extra = sorted(set(self.corpora) - set(self.languages))
+        if extra:
+            raise ValueError(f"corpora: {extra} are not in eval.languages {self.languages}")
+        return self
 
     @field_validator("task")
     @classmethod

@@ -86,6 +86,10 @@ class DecodeParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Not an OpenAI field: a function of the text generated so far giving the index where it ends (as a stop
+    # string's start does: the text is cut there) or None. It must be stable: once it gives an index, a longer
+    # text gives the same. eval-ensemble ends an answer with it as soon as the answer is decided.
+    stop_at: Callable[[str], int | None] | None = None
 
     def validate(self) -> None:
         if self.max_tokens < 0:
@@ -386,7 +390,7 @@ class CoolFusionDecoder:
                 keep = max(0, params.max_tokens - before_count)
                 text = before_text + self._first_tokens(req, winner, keep, before_ids, before_text)
                 count, finish = params.max_tokens, "length"
-            hit = find_stop(text, stops, len(before_text))
+            hit = _first_stop(text, stops, params.stop_at, len(before_text))
             if hit is not None:
                 text, finish = text[:hit], "stop"
                 count = self._canonical_count(req, text)
@@ -625,6 +629,12 @@ class CoolFusionDecoder:
         return int((enc.offsets[:, 1] > len(req.prompt.texts[0])).sum())
 
 
+def _first_stop(text: str, stops: Sequence[str], stop_at, search_from: int = 0) -> int | None:
+    """Where ``text`` ends: the earliest stop string (:func:`find_stop`) or ``stop_at``'s index, or ``None``."""
+    hits = [h for h in (find_stop(text, stops, search_from), stop_at(text) if stop_at else None) if h is not None]
+    return min(hits) if hits else None
+
+
 def _continuation_logprobs(teacher, items: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """Per ``(context, tokens)``, the logprobs (float64) of ``tokens`` after ``context``. An in-process hf
     engine scores all candidates that share a context in one batched forward on its prefix KV cache
@@ -693,9 +703,10 @@ def stream_single(
 
     ids = np.zeros(0, dtype=np.int32)
     shown = ""  # the text streamed so far
-    for ids in _single_tokens(source, enc.ids, budget, params, seed, lambda t: find_stop(text_of(t)[0], stops) is not None):
+    for ids in _single_tokens(source, enc.ids, budget, params, seed,
+                              lambda t: _first_stop(text_of(t)[0], stops, params.stop_at) is not None):
         text, stopped = text_of(ids)
-        if find_stop(text, stops) is not None or stopped:
+        if _first_stop(text, stops, params.stop_at) is not None or stopped:
             break
         safe = len(text.rstrip("\ufffd"))
         safe -= stop_holdback(text[:safe], stops)
@@ -706,7 +717,7 @@ def stream_single(
     body = ids[:-1] if stopped else ids  # [M]
     count = int(body.size)
     finish = "stop" if stopped else "length"
-    hit = find_stop(text, stops)
+    hit = _first_stop(text, stops, params.stop_at)
     if hit is not None:
         text, finish = text[:hit], "stop"
         (full,) = source.encode([prompt_text + text], add_special_tokens)

@@ -4,7 +4,11 @@
    next-word prediction on held-out passages of the mixed corpus (``next-word``, per language). Each
    accuracy comes with its count and a 95 % Wilson interval; Cool-Fusion is compared with each source on
    the same problems (paired: the difference with a bootstrap interval, the problems only one of them got
-   right, and McNemar's exact test on those).
+   right, and McNemar's exact test on those; for next-word also an interval that resamples whole documents).
+   Next-word runs also replay the first segment's recorded candidates under every rerank rule and give the
+   **oracle bound**: the passages where any source's first candidate is right, the most any rule could score.
+   An answer ends as soon as it is decided (:meth:`Task.answer_end`): the check is the same, the tokens past
+   it are not generated.
 2. **Latency per generated token**: decode wall time / completion tokens, each system in the tokens it
    counts (a source alone: its own; Cool-Fusion: the first source's), plus milliseconds per generated
    character, which compares across tokenizers.
@@ -15,7 +19,8 @@
    chunk** (an oracle that chooses after seeing the text: not a density, a bound on what choosing among
    the sources could gain). Chunks start and end on token boundaries common to every source (as
    Cool-Fusion's segments do), so every source scores exactly the same bytes, each after the same
-   preceding context.
+   preceding context. Next-word: per language, on the documents its passages come from; otherwise on the
+   built-in corpus.
 
 Prints a markdown table; ``--out`` (or ``eval.out``) writes every number and every answer as JSON.
 """
@@ -98,7 +103,9 @@ def run_task(
     problems, examples = task.problems(num_problems, seed, **options), task.shots(shots, seed)
     if not problems:
         raise ValueError(f"task {task.name!r} made no problems (eval.num_problems, eval.languages)")
-    params = DecodeParams(max_tokens=max_tokens, temperature=0.0, stop=task.stop)
+    # An answer ends where it is decided (next-word: its first word is whole): the check is unchanged, the
+    # tokens after it are not generated.
+    params = DecodeParams(max_tokens=max_tokens, temperature=0.0, stop=task.stop, stop_at=task.answer_end)
     names = [s.name for s in sources] + ["cool-fusion"]
     wanted = set(systems) if systems else set(names)
     unknown = wanted - set(names)
@@ -169,13 +176,49 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
             "only_first_right": a_only, "only_second_right": b_only, "mcnemar_p": p}
 
 
+def cluster_bootstrap(a: np.ndarray, b: np.ndarray, clusters: Sequence[str], n_boot: int = 2000,
+                      seed: int = 0) -> dict:
+    """95 % interval of ``mean(a) - mean(b)`` resampling whole clusters (the documents the problems come
+    from) with replacement: passages of one document are not independent, and this interval says how much
+    of the difference a different draw of documents could undo. {"clusters": K, "ci95": [lo, hi]}."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    names, k = np.unique(np.asarray(clusters), return_inverse=True)  # k [N] cluster of each problem
+    K = names.size
+    diff_k = np.bincount(k, weights=a - b, minlength=K)  # [K] summed difference per cluster
+    n_k = np.bincount(k, minlength=K).astype(np.float64)  # [K] problems per cluster
+    draws = np.random.default_rng(seed).integers(0, K, size=(n_boot, K))  # [B, K]
+    mult = np.zeros((n_boot, K))
+    np.add.at(mult, (np.arange(n_boot)[:, None], draws), 1.0)  # [B, K] times each cluster is drawn
+    diffs = (mult @ diff_k) / (mult @ n_k)  # [B]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"clusters": int(K), "ci95": [float(lo), float(hi)]}
+
+
 def comparisons(results: list[SystemResult]) -> dict[str, dict]:
     """Cool-Fusion vs each source alone, paired on the same problems (whole set)."""
     fused = next((r for r in results if r.mode == "cool-fusion"), None)
     if fused is None:
         return {}
     ok = {r.system: np.array([a["correct"] for a in r.answers], dtype=bool) for r in results}
-    return {r.system: paired_comparison(ok[fused.system], ok[r.system]) for r in results if r.mode == "single"}
+    docs = [a["id"].rsplit("@", 1)[0] for a in fused.answers]  # next-word ids: LANG/DOC@POSITION
+    by_doc = len(set(docs)) < len(docs)
+    out = {}
+    for r in results:
+        if r.mode == "single":
+            out[r.system] = paired_comparison(ok[fused.system], ok[r.system])
+            if by_doc:
+                out[r.system]["documents"] = cluster_bootstrap(ok[fused.system], ok[r.system], docs)
+    return out
+
+
+ORACLE = "oracle: any first candidate right (the bound of every rule)"
+
+
+def oracle_share(replay: dict[str, dict[str, list[int]]], rule: str) -> dict[str, float | int]:
+    """The rule's first-segment score against the oracle bound, over all groups: {rule, oracle, share}."""
+    total = lambda name: sum(c[0] for c in replay.get(name, {}).values())  # noqa: E731
+    got, bound = total(f"cool-fusion, rerank {rule} (first segment)"), total(ORACLE)
+    return {"rule": got, "oracle": bound, "share": got / bound if bound else float("nan")}
 
 
 def replay_first_segment(task: Task, fused: SystemResult) -> dict[str, dict[str, list[int]]]:
@@ -185,7 +228,9 @@ def replay_first_segment(task: Task, fused: SystemResult) -> dict[str, dict[str,
 
     Exact for the first segment (the first-step candidates do not depend on the rule); an answer decided
     after it (a first segment that is only punctuation or is cut inside a long word) counts as its first
-    segment does. Returns {rule or "<source> (first proposal)": {group: [correct, n]}}."""
+    segment does. :data:`ORACLE` is the bound: a passage where any first candidate is right (what a rule that
+    knew the answer would score with these proposals). Returns {rule, "<source> (first proposal)" or
+    ORACLE: {group: [correct, n]}}."""
     from fuseflow.ensemble.rerank import RERANKERS
 
     out: dict[str, dict[str, list[int]]] = {}
@@ -202,6 +247,7 @@ def replay_first_segment(task: Task, fused: SystemResult) -> dict[str, dict[str,
         for c in cands:
             for source in c["sources"]:
                 tally(f"{source} (first proposal)", a["group"], task.correct(c["text"], problem))
+        tally(ORACLE, a["group"], any(task.correct(c["text"], problem) for c in cands))
         scored = [c for c in cands if "logprob_sum" in c]
         for rule in sorted(RERANKERS):
             if len(scored) < 2:  # uncontested: every rule keeps the one candidate
@@ -218,13 +264,16 @@ def replay_first_segment(task: Task, fused: SystemResult) -> dict[str, dict[str,
     return out
 
 
-def format_replay(replay: dict[str, dict[str, list[int]]]) -> str:
+def format_replay(replay: dict[str, dict[str, list[int]]], rule: str | None = None) -> str:
     groups = list(dict.fromkeys(g for cells in replay.values() for g in cells))
     lines = ["| what-if, first segment only | " + " | ".join(groups) + " | all |", "|---|" + "---|" * (len(groups) + 1)]
     for name, cells in replay.items():
         row = [cells.get(g, [0, 0]) for g in groups]
         total = [sum(c[0] for c in row), sum(c[1] for c in row)]
         lines.append(f"| {name} | " + " | ".join(f"{k}/{n}" for k, n in row + [total]) + " |")
+    if rule is not None and ORACLE in replay:
+        o = oracle_share(replay, rule)
+        lines.append(f"\nrerank {rule}: {o['rule']} of the oracle's {o['oracle']} ({o['share']:.0%} of the bound)")
     return "\n".join(lines)
 
 
@@ -244,6 +293,24 @@ def common_cuts(sources: Sequence[EnsembleSource], text: str, every: int, start:
     picks = np.searchsorted(common, targets)
     picks = picks[picks < common.size]
     return np.unique(np.append(common[picks], len(text)))
+
+
+def heldout_texts(task: Task, e) -> dict[str, str] | None:
+    """The held-out text(s) of the bits-per-byte measure, ``eval.heldout_chars`` of each, or ``None`` (0).
+    Next-word: per language, the documents of the split its passages come from (joined by blank lines), so
+    the likelihood is measured in the domains the accuracy is; otherwise the built-in corpus past the part
+    the tiny test tokenizers are trained on."""
+    if not e.heldout_chars:
+        return None
+    if task.kind == "next-word":
+        from fuseflow.ensemble.tasks import split_documents
+
+        return {lang: "\n\n".join(d.text for d in split_documents(lang, e.seed, e.split, e.held_out_documents,
+                                                                   corpora=e.corpora))[: e.heldout_chars]
+                for lang in e.languages}
+    from fuseflow.models import builtin_text
+
+    return {"builtin": builtin_text(HELDOUT_OFFSET + e.heldout_chars)[HELDOUT_OFFSET:]}
 
 
 def heldout_bits_per_byte(sources: Sequence[EnsembleSource], text: str, chunk_chars: int,
@@ -291,28 +358,31 @@ def heldout_bits_per_byte(sources: Sequence[EnsembleSource], text: str, chunk_ch
 # ----------------------------------------------------------------------------------------------------------
 
 
-def format_table(results: list[SystemResult], bpb: dict | None) -> str:
+def format_table(results: list[SystemResult], bpb: dict[str, dict] | None) -> str:
+    """``bpb``: {held-out text name: :func:`heldout_bits_per_byte`}, one column each."""
+    texts = list(bpb or {}) or [None]
+    heads = "".join(f"| held-out bits / byte{f' ({t})' if t and len(texts) > 1 else ''} " for t in texts)
     lines = [
-        "| system | accuracy | correct / n | ms / token | tokens of | ms / char | segments / answer "
-        "| held-out bits / byte |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | accuracy | correct / n | ms / token | tokens of | ms / char | segments / answer " + heads + "|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(texts),
     ]
     for r in results:
         if bpb is None:
-            b = "—"
+            b = ["—"]
         elif r.mode == "single":
-            b = f"{bpb['sources'][r.system]:.3f}"
+            b = [f"{bpb[t]['sources'][r.system]:.3f}" for t in texts]
         else:
-            b = "n/a (no density)"
+            b = ["n/a (no density)"] * len(texts)
         seg = f"{r.segments / r.n:.1f}" if r.mode == "cool-fusion" and r.n else "—"
         lines.append(
             f"| {r.system}{' alone' if r.mode == 'single' else ''} | {r.accuracy:.1%} | {r.correct} / {r.n} | "
-            f"{r.ms_per_token:.1f} | {r.token_source} | {r.ms_per_char:.1f} | {seg} | {b} |"
+            f"{r.ms_per_token:.1f} | {r.token_source} | {r.ms_per_char:.1f} | {seg} | " + " | ".join(b) + " |"
         )
     if bpb is not None:
-        lines.append(f"| uniform mixture of the sources | — | — | — | — | — | — | {bpb['mixture']:.3f} |")
-        oracle = bpb["best_source_per_chunk"]
-        lines.append(f"| best source per chunk (oracle, no density) | — | — | — | — | — | — | {oracle:.3f} |")
+        dash = "| — " * 6
+        lines.append(f"| uniform mixture of the sources {dash}| " + " | ".join(f"{bpb[t]['mixture']:.3f}" for t in texts) + " |")
+        lines.append(f"| best source per chunk (oracle, no density) {dash}| "
+                     + " | ".join(f"{bpb[t]['best_source_per_chunk']:.3f}" for t in texts) + " |")
     groups = list(dict.fromkeys(g for r in results for g in r.groups()))
     if len(groups) > 1 or groups != [""]:
         lines += ["", "| system | " + " | ".join(groups) + " | all |", "|---|" + "---|" * (len(groups) + 1)]
@@ -328,6 +398,8 @@ def format_table(results: list[SystemResult], bpb: dict | None) -> str:
             f"\ncool-fusion vs {name} alone (paired, n = {c['n']}): {c['difference']:+.1%} "
             f"[{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}] (95 % bootstrap); right only with cool-fusion "
             f"{c['only_first_right']}, only with {name} {c['only_second_right']}; McNemar p = {c['mcnemar_p']:.3f}"
+            + (f"; resampling the {c['documents']['clusters']} documents instead: [{c['documents']['ci95'][0]:+.1%}, "
+               f"{c['documents']['ci95'][1]:+.1%}]" if "documents" in c else "")
         )
     for r in results:
         if r.mode == "cool-fusion" and r.segments:
@@ -346,20 +418,22 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
         task = get_task(e.task)
         t0 = time.perf_counter()
         results = run_task(decoder, task, e.num_problems, e.shots, e.seed, e.max_tokens, systems,
-                           languages=e.languages, context_chars=e.context_chars, split=e.split)
+                           languages=e.languages, context_chars=e.context_chars, split=e.split,
+                           held_out_documents=e.held_out_documents, corpora=e.corpora)
         replay = None
         fused = next((r for r in results if r.mode == "cool-fusion"), None)
         if task.kind == "next-word" and fused is not None:
             replay = replay_first_segment(task, fused)
-        bpb = None
-        if e.heldout_chars:
-            from fuseflow.models import builtin_text
-
-            text = builtin_text(HELDOUT_OFFSET + e.heldout_chars)[HELDOUT_OFFSET:]
-            bpb = heldout_bits_per_byte(sources, text, e.heldout_chunk_chars)
+        texts = heldout_texts(task, e)
+        bpb = None if texts is None else {
+            name: heldout_bits_per_byte(sources, text, e.heldout_chunk_chars) for name, text in texts.items()
+        }
         return {
             "task": e.task,
             "split": e.split,
+            "held_out_documents": e.held_out_documents,
+            "corpora": dict(e.corpora),
+            "context_chars": e.context_chars,
             "languages": list(e.languages),
             "num_problems": e.num_problems,
             "shots": e.shots,
@@ -377,8 +451,9 @@ def evaluate(cfg: EnsembleConfig, sources: Sequence[EnsembleSource], systems: Se
             "paired": comparisons(results),
             "heldout_bits_per_byte": bpb,
             "first_segment_replay": replay,
+            "oracle": oracle_share(replay, cfg.decoding.rerank) if replay else None,
             "seconds": time.perf_counter() - t0,
-            "table": format_table(results, bpb) + (f"\n\n{format_replay(replay)}" if replay else ""),
+            "table": format_table(results, bpb) + (f"\n\n{format_replay(replay, cfg.decoding.rerank)}" if replay else ""),
         }
     finally:
         decoder.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,16 @@ class Task:
     make: Callable[..., list[Problem]]  # (n, seed, **options) → problems
     stop: tuple[str, ...]
     kind: str = "arithmetic"  # "arithmetic": few-shot Question/Answer, integer answers; "next-word"
+
+    def answer_end(self, text: str) -> int | None:
+        """Where the answer in ``text`` is decided (generation can end there, the check unchanged), or ``None``
+        while more text could change it. Next-word: after the first word once a non-word character follows it,
+        or at a first character that is neither space nor a word character (no first word: wrong whatever
+        follows). Arithmetic ends at its stop strings."""
+        if self.kind != "next-word":
+            return None
+        m = _DECIDED.match(text)
+        return m.end() if m else None
 
     def problems(self, n: int, seed: int, **options) -> list[Problem]:
         return self.make(n, seed, **options)
@@ -84,6 +94,7 @@ TASKS: Registry[Task] = Registry("task", field="eval.task")
 
 
 _FIRST_WORD = re.compile(r"\s*(\w+)")
+_DECIDED = re.compile(r"\s*(?:\w+(?=\W)|[^\w\s])")  # a whole first word, or no first word at all
 
 
 def register_task(name: str, stop: tuple[str, ...] = ("\n",), kind: str = "arithmetic"):
@@ -190,26 +201,44 @@ def passage_problems(text: str, doc_id: str, group: str, context_chars: int, rng
 SPLITS = ("test", "dev")
 
 
+def split_documents(language: str, seed: int, split: str, held_out_documents: int | None = None,
+                    held_out_fraction: float = 0.2, corpora: Mapping[str, str] | None = None) -> list:
+    """The held-out documents of ``language``'s corpus in ``split`` (with text): the corpus split of
+    :func:`fuseflow.corpus.split_held_out` (``held_out_documents`` per corpus, else ``held_out_fraction``),
+    its documents alternating between ``test`` (even positions) and ``dev`` (odd). ``corpora``: language →
+    corpus source (a JSONL file …) where it is not :func:`corpus_source_of` the code."""
+    from fuseflow.corpus import CorpusConfig, iter_documents
+
+    if split not in SPLITS:
+        raise ValueError(f"next-word: split must be one of {SPLITS} (eval.split), got {split!r}")
+    split_by = {"held_out_documents": held_out_documents} if held_out_documents else {"held_out_fraction": held_out_fraction}
+    cfg = CorpusConfig(source=(corpora or {}).get(language) or corpus_source_of(language), seed=seed, **split_by)
+    return [doc for k, doc in enumerate(iter_documents(cfg, "held_out"))
+            if k % 2 == SPLITS.index(split) and doc.text and doc.text.strip()]
+
+
 @register_task("next-word", stop=(), kind="next-word")
 def next_word(n: int, seed: int, languages: Sequence[str] = ("en", "de", "fr", "es"), context_chars: int = 600,
-              held_out_fraction: float = 0.2, per_document: int = 2, split: str = "test", **_) -> list[Problem]:
+              held_out_fraction: float = 0.2, per_document: int = 2, split: str = "test",
+              held_out_documents: int | None = None, corpora: Mapping[str, str] | None = None,
+              **_) -> list[Problem]:
     """``n`` problems per language from the held-out documents of that language's corpus (the split of
     :func:`fuseflow.corpus.split_held_out`, never training text), at most ``per_document`` per document
     (more where the split has fewer than ``n / per_document`` documents).
 
     ``split``: the held-out documents alternate between ``test`` (even positions in the held-out stream: the
     reported figures) and ``dev`` (odd positions: for choosing a decoding setting), so the two never share a
-    passage, whatever ``n``."""
-    from fuseflow.corpus import CorpusConfig, iter_documents
+    passage, whatever ``n``.
 
-    if split not in SPLITS:
-        raise ValueError(f"next-word: split must be one of {SPLITS} (eval.split), got {split!r}")
+    ``held_out_documents``: hold out this many documents per corpus (the run config's ``corpus.held_out_documents``,
+    same seed: the same documents) instead of ``held_out_fraction``; for models fine-tuned on the rest of the
+    corpus (the experts of ``bench/experts.py``), whose training never read them. ``corpora``: language → corpus
+    source instead of the code's own (``bench/experts.py --write-unread`` writes the documents no expert read)."""
     out = []
     for language in languages:
-        cfg = CorpusConfig(source=corpus_source_of(language), held_out_fraction=held_out_fraction, seed=seed)
         rng = np.random.default_rng([seed, len(out)])
-        docs = [doc for k, doc in enumerate(iter_documents(cfg, "held_out"))
-                if k % 2 == SPLITS.index(split) and doc.text and len(doc.text) > context_chars + 20]
+        docs = [doc for doc in split_documents(language, seed, split, held_out_documents, held_out_fraction, corpora)
+                if len(doc.text) > context_chars + 20]
         # A corpus with few, long documents (the built-in one holds out about ten) gives more per document.
         k = max(per_document, -(-n // max(len(docs), 1)))
         problems: list[Problem] = []

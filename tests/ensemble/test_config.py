@@ -74,3 +74,27 @@ def test_unknown_task_and_rerank_rule_are_named_at_load():
         load_ensemble_config(example, ["eval.task=sums"])
     with pytest.raises(ConfigError, match=r"decoding\.rerank: unknown rerank method 'vote'; choose one of .*mean_logprob"):
         load_ensemble_config(example, ["decoding.rerank=vote"])
+
+
+def test_experts_example_evaluates_where_no_expert_trained():
+    """examples/ensemble-experts.yaml: the experts bench/experts.py links, in their own domains, on the
+    documents the run config they were built from holds out (which no expert reads)."""
+    import sys
+
+    from fuseflow.config import FuseConfig, load_config
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import experts
+    finally:
+        sys.path.remove(str(root / "bench"))
+    cfg = load_ensemble_config(root / "examples" / "ensemble-experts.yaml")
+    built = {e.name: e for e in experts.parse_experts(experts.DEFAULT_EXPERTS)}
+    assert [s.name for s in cfg.sources] == list(built)
+    assert [s.model for s in cfg.sources] == [f"runs/experts/{name}" for name in built]  # link_expert's path
+    assert sorted(cfg.eval.languages) == sorted(e.domain for e in built.values())
+    run = load_config(FuseConfig, root / "examples" / "quickstart.yaml", [])  # bench/experts.py's default config
+    assert cfg.eval.task == "next-word" and cfg.eval.held_out_documents == run.corpus.held_out_documents
+    assert cfg.eval.seed == run.corpus.seed  # the eval's seed is its corpus split's seed too
+    assert cfg.eval.num_problems >= 60 and cfg.eval.split == "test"
