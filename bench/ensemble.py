@@ -12,7 +12,12 @@ alone: its own tokens; the ensemble: the first source's, as its ``usage`` counts
 ms/token, ms/char (which compares across tokenizers), forward calls per generated token; for the ensemble
 also the segments, how many were contested (distinct candidates scored) and the forward calls per source.
 
+``--config ENSEMBLE.yaml``: that ensemble's in-process sources, rerank rule and segment length instead (issue 23:
+``examples/ensemble-experts.yaml``); with a next-word ``eval`` section the prompts are passages of its
+languages' held-out documents (the dev split: the test split's passages stay unseen), one language after another.
+
     nice -n 10 python bench/ensemble.py --threads 2 --out runs/bench-ensemble.json
+    python bench/ensemble.py --config examples/ensemble-experts.yaml --threads 2 --out runs/bench-ensemble-experts.json
     python bench/ensemble.py --tiny --prompts 2 --max-tokens 16
 """
 
@@ -41,6 +46,26 @@ def prompts_from_corpus(n: int, chars: int, offset: int = 300_000) -> list[str]:
         piece = " ".join(piece[: cut if cut > 0 else len(piece)].split())  # one line, no trailing space
         out.append(piece)
         pos += chars + 500
+    return out
+
+
+def prompts_from_documents(n: int, chars: int, languages, seed: int, held_out_documents: int | None,
+                           corpora=None) -> list[str]:
+    """``n`` passages of about ``chars`` characters, taken in turn from each language's dev-split held-out
+    documents (:func:`fuseflow.ensemble.tasks.split_documents`), each cut after a word."""
+    from fuseflow.ensemble.tasks import split_documents
+
+    pools = [[d.text for d in split_documents(lang, seed, "dev", held_out_documents, corpora=corpora) if len(d.text) > chars]
+             for lang in languages]
+    out = []
+    for i in range(n):
+        pool = pools[i % len(pools)]
+        if not pool:
+            raise SystemExit(f"no dev document of {languages[i % len(pools)]!r} is longer than {chars} characters")
+        text = pool[(i // len(pools)) % len(pool)]
+        piece = text[:chars]
+        cut = piece.rfind(" ")
+        out.append(" ".join(piece[: cut if cut > 0 else len(piece)].split()))
     return out
 
 
@@ -98,6 +123,13 @@ def build_sources(args):
     from fuseflow.ensemble.sources import EnsembleSource
     from fuseflow.score.engine import create_engine
 
+    if args.config:
+        from fuseflow.ensemble.config import build_sources as from_config
+
+        sources = from_config(args.ensemble)
+        if any(s.remote for s in sources):
+            raise SystemExit("--config: every source must be in-process (`model:`); forwards are counted on the model")
+        return sources
     if args.tiny:
         from fuseflow.models import make_tiny_model, make_tiny_tokenizer
 
@@ -160,8 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4, help="number of prompts")
     p.add_argument("--prompt-chars", type=int, default=400, help="characters per prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--rerank", default="mean_perplexity")
-    p.add_argument("--segment-max-tokens", type=int, default=8)
+    p.add_argument("--config", default=None, help="ensemble config: its sources, rerank and segment length "
+                   "(and, for a next-word eval, prompts from its languages' dev documents)")
+    p.add_argument("--rerank", default=None, help="rerank rule (default: the config's, else mean_perplexity)")
+    p.add_argument("--segment-max-tokens", type=int, default=None, help="default: the config's, else 8")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args(argv)
@@ -172,10 +206,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from fuseflow.ensemble.decoder import CoolFusionDecoder
 
+    args.ensemble = None
+    if args.config:
+        from fuseflow.ensemble.config import load_ensemble_config
+
+        args.ensemble = load_ensemble_config(args.config)
+    d = args.ensemble.decoding if args.ensemble else None
+    args.rerank = args.rerank or (d.rerank if d else "mean_perplexity")
+    args.segment_max_tokens = args.segment_max_tokens or (d.segment_max_tokens if d else 8)
     sources = build_sources(args)
     counters = [ForwardCounter(s.teacher) for s in sources]
-    decoder = CoolFusionDecoder(sources, rerank=args.rerank, segment_max_tokens=args.segment_max_tokens)
-    prompts = prompts_from_corpus(args.prompts, args.prompt_chars)
+    decoder = CoolFusionDecoder(sources, rerank=args.rerank, segment_max_tokens=args.segment_max_tokens,
+                                **({"segment_min_chars": d.segment_min_chars, "boundary": d.boundary} if d else {}))
+    e = args.ensemble.eval if args.ensemble else None
+    if e is not None and e.task == "next-word":
+        prompts = prompts_from_documents(args.prompts, args.prompt_chars, e.languages, e.seed, e.held_out_documents,
+                                         e.corpora)
+    else:
+        prompts = prompts_from_corpus(args.prompts, args.prompt_chars)
     systems = [s.name for s in sources] + ["cool-fusion"]
     run_system("cool-fusion", sources, counters, decoder, prompts[:1], 4)  # warm-up: first-call costs
     rows = [run_system(name, sources, counters, decoder, prompts, args.max_tokens) for name in systems]
@@ -211,6 +259,7 @@ def main(argv=None) -> int:
     print("\n".join(lines) + summary)
     result = {
         "sources": [s.name for s in sources],
+        "config": args.config,
         "tiny": args.tiny,
         "prompts": prompts,
         "max_tokens": args.max_tokens,

@@ -23,6 +23,8 @@ Tune on ``--split dev`` (documents of the training part kept out of training and
     python bench/experts.py --split dev --arms …              # tuning runs
     python bench/experts.py                                   # held-out, the default size and arms
     python bench/experts.py --experts-only                    # build (or find) the experts, print their lead
+    python bench/experts.py --build-only                      # build (or find) them, link runs/experts/NAME
+    python bench/experts.py --build-only --write-unread DIR   # … and write each domain's unread documents
     python bench/experts.py --experts en=HF_DIR:en:200:1e-4,…   # other experts (NAME=BASE:DOMAIN:STEPS:LR)
 
 Writes ``--out`` (JSON: every figure) and ``--plot`` (PNG learning curves).
@@ -35,6 +37,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -128,12 +131,34 @@ def _domain(cfg, name: str):
 def expert_documents(cfg, expert: Expert) -> list[str]:
     """The texts an expert trains on: its corpus's training part (the held-out documents are never read) less
     the dev documents of every bench size (the most any size keeps out: the smaller sets are its prefix)."""
+    docs, dev = _train_part(cfg, expert.domain)
+    return [d.text for d in docs if d.index not in dev]
+
+
+def _train_part(cfg, domain: str) -> tuple[list, set[int]]:
+    """The domain corpus's training-part documents (with text) and the indices of its dev documents of every
+    bench size (the most any size keeps out: the smaller sets are its prefix)."""
     from fuseflow.corpus import iter_documents
 
-    sub = _domain(cfg, expert.domain)
-    docs = [d for d in iter_documents(sub, "train") if d.text and d.text.strip()]
+    docs = [d for d in iter_documents(_domain(cfg, domain), "train") if d.text and d.text.strip()]
     dev = q.dev_indices(np.array([d.index for d in docs]), cfg.corpus.seed, max(s["dev_documents"] for s in q.SIZES.values()))
-    return [d.text for d in docs if d.index not in dev]
+    return docs, dev
+
+
+def write_unread(cfg, domain: str, out_dir: Path) -> Path:
+    """``OUT_DIR/DOMAIN.jsonl``: the domain corpus's documents of the training part that :func:`expert_documents`
+    leaves out (the dev documents of every bench size), in corpus order; no expert of that domain reads them,
+    nor are they the run config's held-out documents. A document whose text is also a trained one's (a corpus
+    can hold the same page twice) is left out too."""
+    docs, dev = _train_part(cfg, domain)
+    trained = {d.text for d in docs if d.index not in dev}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{domain}.jsonl"
+    with path.open("w") as f:
+        for d in docs:
+            if d.index in dev and d.text not in trained:
+                f.write(json.dumps({"text": d.text}, ensure_ascii=False) + "\n")
+    return path
 
 
 def _expert_key(cfg, expert: Expert) -> str:
@@ -142,6 +167,17 @@ def _expert_key(cfg, expert: Expert) -> str:
                  cfg.train.max_length, cfg.train.micro_batch_size, max(s["dev_documents"] for s in q.SIZES.values())):
         h.update(repr(part).encode())
     return h.hexdigest()[:12]
+
+
+def link_expert(cache: Path, name: str, model_dir: Path) -> None:
+    """``CACHE/NAME`` → the expert's HF directory (relative link): the stable path configs name the expert by
+    (``examples/ensemble-experts.yaml``), pointing at the newest build of that name."""
+    link = cache / name
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise SystemExit(f"{link} exists and is not a link; move it away to let the bench link expert {name!r} there")
+    link.symlink_to(os.path.relpath(model_dir.resolve(), cache.resolve()), target_is_directory=True)
 
 
 def build_expert(cfg, expert: Expert, cache: Path) -> dict:
@@ -155,6 +191,7 @@ def build_expert(cfg, expert: Expert, cache: Path) -> dict:
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         log.info("expert %s: cached at %s (built in %.0f s)", expert.name, meta["model_dir"], meta["seconds"])
+        link_expert(cache, expert.name, Path(meta["model_dir"]))
         return {**meta, "cached": True}
     texts = expert_documents(cfg, expert)
     n_samples = expert.steps * cfg.train.micro_batch_size
@@ -192,6 +229,7 @@ def build_expert(cfg, expert: Expert, cache: Path) -> dict:
             "train_bytes": sum(len(s.text.encode()) for s in trained), "documents": len(texts),
             "command": " ".join(shlex.quote(c) for c in command)}
     meta_path.write_text(json.dumps(meta, indent=1))
+    link_expert(cache, expert.name, Path(meta["model_dir"]))
     log.info("expert %s: built in %.0f s", expert.name, seconds)
     return {**meta, "cached": False}
 
@@ -301,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experts", default=DEFAULT_EXPERTS, help=f"NAME=BASE:DOMAIN:STEPS:LR,… (default {DEFAULT_EXPERTS}); "
                    "DOMAIN: a corpus of the run config's corpus.sources")
     p.add_argument("--experts-only", action="store_true", help="build (or find) the experts, evaluate them, stop")
+    p.add_argument("--write-unread", metavar="DIR", help="write DIR/DOMAIN.jsonl: each expert domain's documents "
+                   "that no expert reads (the dev documents every bench size keeps out of training), for "
+                   "`fuseflow eval-ensemble … eval.corpora` (with --build-only: no evaluation)")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find) the experts and link each as EXPERTS_CACHE/NAME (what "
+                   "examples/ensemble-experts.yaml loads), no evaluation")
     p.add_argument("--experts-cache", default=str(ROOT / "runs" / "experts"), help="where the experts are kept")
     p.add_argument("--cache", default=str(ROOT / "runs" / "quality-cache"), help="teacher-score cache ('' for none)")
     p.add_argument("--vs", help="comma-separated arms every arm is also compared with (default: distil:target, "
@@ -328,6 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     experts = parse_experts(args.experts)
     built = {e.name: build_expert(cfg, e, Path(args.experts_cache)) for e in experts}
+    if args.write_unread:
+        for domain in dict.fromkeys(e.domain for e in experts):
+            path = write_unread(cfg, domain, Path(args.write_unread))
+            print(f"{domain}: {path} ({sum(1 for _ in path.open())} documents no expert read)")
+    if args.build_only:
+        for e in experts:
+            print(f"{e.name}: {Path(args.experts_cache) / e.name} -> {built[e.name]['model_dir']}")
+        return 0
     sources = [SourceConfig(name=e.name, model=built[e.name]["model_dir"]) for e in experts]
     sources.append(SourceConfig(name=TARGET, model=cfg.target.model))
     gemma = next((s for s in cfg.sources if "gemma" in s.model), None)  # the quickstart's Gemma settings

@@ -287,6 +287,19 @@ eval: {{max_length: 32}}
     # the experts are cached: a second run builds none
     assert experts.main(base + ["--experts-only"]) == 0
     assert all(e["cached"] for e in json.loads(out.read_text())["experts"].values())
+    # --build-only links each expert by name; --write-unread gives each domain's documents no expert read
+    unread_dir = tmp_path / "unread"
+    assert experts.main(base + ["--build-only", "--write-unread", str(unread_dir)]) == 0
+    from fuseflow.config import FuseConfig, load_config
+    from fuseflow.corpus import iter_documents
+
+    held_out = {d.text for d in iter_documents(load_config(FuseConfig, run).corpus, "held_out")}
+    for e in built.values():
+        link = tmp_path / "experts" / e["name"]
+        assert link.is_symlink() and link.resolve() == Path(e["model_dir"]).resolve()
+        trained = {json.loads(line)["text"] for line in (Path(e["model_dir"]).parents[2] / "corpus.jsonl").read_text().splitlines()}
+        unread = [json.loads(line)["text"] for line in (unread_dir / f"{e['domain']}.jsonl").read_text().splitlines()]
+        assert len(unread) == 100 and not set(unread) & trained and not set(unread) & held_out
 
 
 def _eval_texts(experts, run) -> set[str]:
@@ -302,3 +315,30 @@ def _eval_texts(experts, run) -> set[str]:
         dev = experts.q.dev_indices(np.array([d.index for d in docs]), cfg.corpus.seed, n)
         texts |= {d.text for d in docs if d.index in dev}
     return texts
+
+
+def test_ensemble_script_runs_an_ensemble_config_on_its_dev_documents(tmp_path, tiny_llama, tiny_gemma):
+    """``bench/ensemble.py --config``: the config's sources and decoding, prompts from its next-word languages'
+    dev documents (never the test split's), forward calls counted per source."""
+    from fuseflow.ensemble.tasks import split_documents
+
+    bench = _load("ensemble")
+    cfg = tmp_path / "ensemble.yaml"
+    cfg.write_text(
+        f"sources:\n  - {{name: llama, model: {tiny_llama}}}\n  - {{name: gemma, model: {tiny_gemma}}}\n"
+        "decoding: {rerank: mixture_likelihood, segment_max_tokens: 4}\n"
+        "eval: {task: next-word, languages: [en], held_out_documents: 4}\n"
+    )
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", str(cfg), "--prompts", "2", "--prompt-chars", "120", "--max-tokens", "6",
+                       "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sources"] == ["llama", "gemma"] and result["rerank"] == "mixture_likelihood"
+    assert result["segment_max_tokens"] == 4
+    dev = [" ".join(d.text.split()) for d in split_documents("en", 0, "dev", 4)]
+    test = [" ".join(d.text.split()) for d in split_documents("en", 0, "test", 4)]
+    for prompt in result["prompts"]:
+        assert any(t.startswith(prompt) for t in dev) and not any(t.startswith(prompt) for t in test)
+    fused = result["systems"][-1]
+    assert fused["system"] == "cool-fusion" and all(v > 0 for v in fused["forward_calls"].values())
+    assert _positive(result["ratio_ms_per_token_vs_slower_source"])
