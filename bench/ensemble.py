@@ -34,19 +34,18 @@ from pathlib import Path
 import numpy as np
 
 
+def _after_a_word(piece: str) -> str:
+    """``piece`` cut at its last space (so it ends after a word), on one line, no trailing space."""
+    cut = piece.rfind(" ")
+    return " ".join(piece[: cut if cut > 0 else len(piece)].split())
+
+
 def prompts_from_corpus(n: int, chars: int, offset: int = 300_000) -> list[str]:
     """``n`` passages of about ``chars`` characters, each cut after a word (ending before a space)."""
     from fuseflow.models import builtin_text
 
     text = builtin_text(offset + n * (chars + 500))[offset:]
-    out, pos = [], 0
-    for _ in range(n):
-        piece = text[pos : pos + chars]
-        cut = piece.rfind(" ")
-        piece = " ".join(piece[: cut if cut > 0 else len(piece)].split())  # one line, no trailing space
-        out.append(piece)
-        pos += chars + 500
-    return out
+    return [_after_a_word(text[pos : pos + chars]) for pos in range(0, n * (chars + 500), chars + 500)]
 
 
 def prompts_from_documents(n: int, chars: int, languages, seed: int, held_out_documents: int | None,
@@ -62,10 +61,7 @@ def prompts_from_documents(n: int, chars: int, languages, seed: int, held_out_do
         pool = pools[i % len(pools)]
         if not pool:
             raise SystemExit(f"no dev document of {languages[i % len(pools)]!r} is longer than {chars} characters")
-        text = pool[(i // len(pools)) % len(pool)]
-        piece = text[:chars]
-        cut = piece.rfind(" ")
-        out.append(" ".join(piece[: cut if cut > 0 else len(piece)].split()))
+        out.append(_after_a_word(pool[(i // len(pools)) % len(pool)][:chars]))
     return out
 
 
